@@ -1,0 +1,384 @@
+r"""Special functions of the von Mises–Fisher distribution, exact in every dimension.
+
+Notation: p is the ambient dimension of the sphere $S^{p-1} \subset \mathbb{R}^p$, $\nu = p/2 - 1$,
+and $I_\nu$ is the modified Bessel function of the first kind. The vMF density is
+$f(x; \mu, \kappa) = C_p(\kappa) \exp(\kappa \mu^\top x)$ with
+
+$$
+\log C_p(\kappa) = \nu \log \kappa - \tfrac{p}{2} \log(2\pi) - \log I_\nu(\kappa),
+\qquad
+A_p(\kappa) = \frac{I_{p/2}(\kappa)}{I_{p/2-1}(\kappa)} = -\frac{d}{d\kappa} \log C_p(\kappa).
+$$
+
+All functions
+
+* broadcast over their tensor arguments and return the dtype and device of the input (float32 and
+  half-precision inputs are computed internally in float64 and rounded once at the end);
+* are differentiable in their tensor argument through custom backward formulas (never by
+  differentiating a series);
+* are accurate to a few float64 ulps in $\log$ space for every order and every argument, including
+  $x = 0$ and $x \to \infty$ — see the [numerics page](../numerics.md) for the method and the
+  measured accuracy;
+* raise `ValueError` naming the argument on bad input. Value checks (e.g. $\kappa \ge 0$) read the
+  tensor on the host; they follow `torch.distributions.Distribution`'s global switch
+  (`Distribution.set_default_validate_args`) or the per-call ``validate_args`` keyword, so hot loops
+  can turn them off.
+
+References:
+    * F. W. J. Olver, "The asymptotic expansion of Bessel functions of large order", Phil. Trans. R.
+      Soc. A 247 (1954); DLMF §10.41 (uniform asymptotic expansions).
+    * D. E. Amos, "Computation of modified Bessel functions and their ratios", Math. Comp. 28 (1974).
+    * S. Sra, "A short note on parameter approximation for von Mises–Fisher distributions",
+      Comput. Stat. 27 (2012).
+    * A. Banerjee, I. Dhillon, J. Ghosh, S. Sra, "Clustering on the unit hypersphere using von
+      Mises–Fisher distributions", JMLR 6 (2005).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from vmf_dists._bessel import log_iv_ratio_core
+
+__all__ = [
+    "log_bessel_iv",
+    "bessel_iv_ratio",
+    "vmf_log_normalizer",
+    "mean_resultant_length",
+    "inverse_mean_resultant_length",
+]
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+# --------------------------------------------------------------------------------------------------
+# argument handling
+
+
+def _validation_enabled(validate_args: bool | None) -> bool:
+    if validate_args is None:
+        return torch.distributions.Distribution._validate_args
+    return bool(validate_args)
+
+
+def _as_float_tensor(value, name: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        if value.dtype == torch.bool or value.is_complex():
+            raise ValueError(f"{name} must be a real floating tensor, got dtype {value.dtype}")
+        return value if value.is_floating_point() else value.to(torch.get_default_dtype())
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number or a tensor, got {type(value).__name__}")
+    return torch.tensor(float(value), dtype=torch.get_default_dtype())
+
+
+def _check_dim(dim) -> int:
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+        raise ValueError(f"dim must be an integer ≥ 2 (the ambient dimension p), got {dim!r}")
+    if dim < 2:
+        raise ValueError(f"dim must be an integer ≥ 2 (the ambient dimension p), got {dim}")
+    return int(dim)
+
+
+def _check_order(v, validate: bool):
+    """Return the order as a Python float or a float64 tensor, after checking v ≥ 0."""
+    if isinstance(v, torch.Tensor):
+        if v.requires_grad:
+            raise NotImplementedError("the gradient with respect to the order v is not implemented; pass v.detach()")
+        if validate and not bool((v >= 0).all()):
+            raise ValueError(f"v must be a non-negative order, got min {v.min().item()}")
+        return v.to(torch.float64)
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise ValueError(f"v must be a real number or a tensor, got {type(v).__name__}")
+    if not v >= 0 or math.isinf(v):
+        raise ValueError(f"v must be a finite non-negative order, got {v}")
+    return float(v)
+
+
+def _check_nonnegative(x: torch.Tensor, name: str, validate: bool) -> None:
+    if validate and not bool((x >= 0).all()):
+        bad = x[~(x >= 0)].flatten()[0].item()
+        raise ValueError(f"{name} must be non-negative, got {bad}")
+
+
+def _check_unit_interval(r: torch.Tensor, validate: bool) -> None:
+    if validate and not bool(((r >= 0) & (r < 1)).all()):
+        bad = r[~((r >= 0) & (r < 1))].flatten()[0].item()
+        raise ValueError(f"r must lie in [0, 1), got {bad}")
+
+
+def _broadcast_with_order(x: torch.Tensor, order) -> torch.Tensor:
+    """Expand x to the broadcast shape with a tensor order, so its gradient reduces correctly."""
+    if isinstance(order, torch.Tensor):
+        return x.expand(torch.broadcast_shapes(x.shape, order.shape))
+    return x
+
+
+def _order_on(v, x: torch.Tensor):
+    return v.to(x.device) if isinstance(v, torch.Tensor) else v
+
+
+# --------------------------------------------------------------------------------------------------
+# autograd functions (float64 inside, the input's dtype outside)
+
+
+class _LogBesselIv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, v):
+        x64 = x.to(torch.float64)
+        order = _order_on(v, x64)
+        log_scaled, _, _ = log_iv_ratio_core(order, x64)
+        out = log_scaled + torch.xlogy(torch.as_tensor(order, dtype=torch.float64, device=x64.device), x64)
+        ctx.save_for_backward(x)
+        ctx.order = order
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        order = ctx.order
+        # d/dx log I_v(x) = I_{v+1}/I_v + v/x; v/x is taken as 0 when v = 0 (including at x = 0).
+        order_t = torch.as_tensor(order, dtype=x.dtype, device=x.device)
+        v_over_x = order_t / torch.where(order_t == 0, torch.ones_like(x), x)
+        return grad * (bessel_iv_ratio(order, x, validate_args=False) + v_over_x), None
+
+
+class _BesselIvRatio(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, v):
+        x64 = x.to(torch.float64)
+        _, rho, _ = log_iv_ratio_core(_order_on(v, x64), x64)
+        ratio = torch.where(torch.isinf(x64), torch.ones_like(rho), x64 * rho)
+        ctx.save_for_backward(x)
+        ctx.order = v
+        return ratio.to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        x64 = x.to(torch.float64)
+        _, _, deriv = log_iv_ratio_core(_order_on(ctx.order, x64), x64, with_derivative=True)
+        return grad * deriv.to(grad.dtype), None
+
+
+class _VmfLogNormalizer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, kappa: torch.Tensor, dim: int):
+        k64 = kappa.to(torch.float64)
+        log_scaled, _, _ = log_iv_ratio_core(dim / 2.0 - 1.0, k64)
+        ctx.save_for_backward(kappa)
+        ctx.dim = dim
+        return (-0.5 * dim * _LOG_2PI - log_scaled).to(kappa.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (kappa,) = ctx.saved_tensors
+        return -grad * mean_resultant_length(ctx.dim, kappa, validate_args=False), None
+
+
+class _InverseMeanResultantLength(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, r: torch.Tensor, dim: int):
+        kappa64 = _solve_mean_resultant_length(dim, r.to(torch.float64))
+        ctx.save_for_backward(kappa64)
+        ctx.dim = dim
+        return kappa64.to(r.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (kappa64,) = ctx.saved_tensors
+        _, _, deriv = log_iv_ratio_core(ctx.dim / 2.0 - 1.0, kappa64, with_derivative=True)
+        return grad / deriv.to(grad.dtype), None
+
+
+# --------------------------------------------------------------------------------------------------
+# public functions
+
+
+def log_bessel_iv(v: float | torch.Tensor, x: float | torch.Tensor, *, validate_args: bool | None = None) -> torch.Tensor:
+    r"""Logarithm of the modified Bessel function of the first kind, $\log I_v(x)$.
+
+    Exact in float64 to a few ulps of the result for every real order $v \ge 0$ and every
+    $x \ge 0$ (no overflow for large $x$, no underflow for large $v$). Limits:
+    $\log I_0(0) = 0$, $\log I_v(0) = -\infty$ for $v > 0$, $\log I_v(\infty) = \infty$.
+
+    The gradient is $\frac{\partial}{\partial x} \log I_v(x) = \frac{I_{v+1}(x)}{I_v(x)} + \frac{v}{x}$
+    (DLMF 10.29.2), computed from `bessel_iv_ratio`, so it is itself differentiable.
+
+    Args:
+        v: order $v \ge 0$, a Python number or a tensor broadcastable with ``x`` (no gradient).
+        x: argument $x \ge 0$, a Python number or a tensor.
+        validate_args: check $v \ge 0$ and $x \ge 0$ (default: torch.distributions' global switch).
+
+    Returns:
+        $\log I_v(x)$ with the broadcast shape and the dtype and device of ``x``.
+
+    Raises:
+        ValueError: if ``v`` or ``x`` is negative or NaN.
+
+    Example:
+        >>> import torch
+        >>> from vmf_dists.special import log_bessel_iv
+        >>> log_bessel_iv(255.0, torch.tensor([1.0]))  # scipy.special.ive underflows to 0 here
+        tensor([-1338.4636])
+    """
+    validate = _validation_enabled(validate_args)
+    x = _as_float_tensor(x, "x")
+    order = _check_order(v, validate)
+    _check_nonnegative(x, "x", validate)
+    return _LogBesselIv.apply(_broadcast_with_order(x, order), order)
+
+
+def bessel_iv_ratio(v: float | torch.Tensor, x: float | torch.Tensor, *, validate_args: bool | None = None) -> torch.Tensor:
+    r"""The ratio $R_v(x) = I_{v+1}(x) / I_v(x) \in [0, 1)$, stable for all $x \ge 0$.
+
+    Limits: $R_v(x) \approx x/(2v+2)$ as $x \to 0$ and $R_v(x) \to 1$ as $x \to \infty$; it satisfies
+    Amos' bounds $x / (v + 1 + \sqrt{(v+1)^2 + x^2}) \le R_v(x) \le x / (v + \tfrac12 + \sqrt{(v+\tfrac12)^2 + x^2})$.
+
+    The gradient is $R_v'(x) = 1 - R_v^2 - \frac{2v+1}{x} R_v$ (from DLMF 10.29.2), evaluated from its
+    own uniform expansion so it keeps relative precision where this formula cancels (large $x$).
+    Higher derivatives are not implemented (the backward is once-differentiable).
+
+    Args:
+        v: order $v \ge 0$, a Python number or a tensor broadcastable with ``x`` (no gradient).
+        x: argument $x \ge 0$, a Python number or a tensor.
+        validate_args: check $v \ge 0$ and $x \ge 0$ (default: torch.distributions' global switch).
+
+    Returns:
+        $R_v(x)$ with the broadcast shape and the dtype and device of ``x``.
+
+    Raises:
+        ValueError: if ``v`` or ``x`` is negative or NaN.
+    """
+    validate = _validation_enabled(validate_args)
+    x = _as_float_tensor(x, "x")
+    order = _check_order(v, validate)
+    _check_nonnegative(x, "x", validate)
+    return _BesselIvRatio.apply(_broadcast_with_order(x, order), order)
+
+
+def vmf_log_normalizer(dim: int, kappa: float | torch.Tensor, *, validate_args: bool | None = None) -> torch.Tensor:
+    r"""Log normaliser $\log C_p(\kappa)$ of the von Mises–Fisher distribution on $S^{p-1}$.
+
+    $$
+    \log C_p(\kappa) = \nu \log\kappa - \tfrac{p}{2}\log(2\pi) - \log I_\nu(\kappa), \quad \nu = \tfrac p2 - 1,
+    $$
+
+    computed as $-\tfrac p2 \log(2\pi) - [\log I_\nu(\kappa) - \nu\log\kappa]$ with the bracket evaluated
+    directly (no cancellation between two large logarithms at small $\kappa$). At $\kappa = 0$ it is
+    exactly $\log\Gamma(p/2) - \log 2 - \tfrac p2 \log\pi$, minus the log surface area of $S^{p-1}$.
+    The gradient is $\frac{d}{d\kappa}\log C_p(\kappa) = -A_p(\kappa)$ (see `mean_resultant_length`).
+
+    Args:
+        dim: the ambient dimension $p \ge 2$ (an integer).
+        kappa: concentration $\kappa \ge 0$, a Python number or a tensor.
+        validate_args: check $\kappa \ge 0$ (default: torch.distributions' global switch).
+
+    Returns:
+        $\log C_p(\kappa)$ with the shape, dtype and device of ``kappa``.
+
+    Raises:
+        ValueError: if ``dim`` is not an integer ≥ 2 or ``kappa`` is negative or NaN.
+
+    Example:
+        >>> from vmf_dists.special import vmf_log_normalizer
+        >>> vmf_log_normalizer(3, 0.0)  # -log(4π)
+        tensor(-2.5310)
+    """
+    dim = _check_dim(dim)
+    validate = _validation_enabled(validate_args)
+    kappa = _as_float_tensor(kappa, "kappa")
+    _check_nonnegative(kappa, "kappa", validate)
+    return _VmfLogNormalizer.apply(kappa, dim)
+
+
+def mean_resultant_length(dim: int, kappa: float | torch.Tensor, *, validate_args: bool | None = None) -> torch.Tensor:
+    r"""Mean resultant length $A_p(\kappa) = I_{p/2}(\kappa) / I_{p/2-1}(\kappa) \in [0, 1)$.
+
+    For $x \sim \mathrm{vMF}(\mu, \kappa)$ on $S^{p-1}$, $\mathbb{E}[x] = A_p(\kappa)\,\mu$ and
+    $A_p(\kappa) = -\frac{d}{d\kappa}\log C_p(\kappa)$. Its derivative is the variance of $\mu^\top x$,
+
+    $$
+    A_p'(\kappa) = 1 - A_p(\kappa)^2 - \frac{p-1}{\kappa} A_p(\kappa) \quad (= 1/p \text{ at } \kappa = 0),
+    $$
+
+    which the backward evaluates from its own expansion, keeping relative precision at large
+    $\kappa$ where this formula cancels ($A_p' \approx (p-1)/(2\kappa^2)$).
+
+    Args:
+        dim: the ambient dimension $p \ge 2$ (an integer).
+        kappa: concentration $\kappa \ge 0$, a Python number or a tensor.
+        validate_args: check $\kappa \ge 0$ (default: torch.distributions' global switch).
+
+    Returns:
+        $A_p(\kappa)$ with the shape, dtype and device of ``kappa``.
+
+    Raises:
+        ValueError: if ``dim`` is not an integer ≥ 2 or ``kappa`` is negative or NaN.
+    """
+    dim = _check_dim(dim)
+    validate = _validation_enabled(validate_args)
+    kappa = _as_float_tensor(kappa, "kappa")
+    _check_nonnegative(kappa, "kappa", validate)
+    return _BesselIvRatio.apply(kappa, dim / 2.0 - 1.0)
+
+
+def inverse_mean_resultant_length(dim: int, r: float | torch.Tensor, *, validate_args: bool | None = None) -> torch.Tensor:
+    r"""The concentration $\kappa$ with $A_p(\kappa) = r$, for $r \in [0, 1)$ (the vMF MLE of $\kappa$).
+
+    Given the mean resultant length $\bar r = \|\sum_i x_i\| / n$ of unit vectors, the maximum
+    likelihood concentration is $\hat\kappa = A_p^{-1}(\bar r)$. The solve starts from Banerjee et al.'s
+    approximation $\kappa_0 = r(p - r^2)/(1 - r^2)$, brackets the root with Amos' bounds on the
+    Bessel ratio inverted in closed form, and runs a fixed number of Newton steps clamped to the
+    bracket (vectorised, no host synchronisation). $r = 0$ gives $\kappa = 0$.
+    The gradient is $d\kappa/dr = 1/A_p'(\kappa)$.
+
+    Args:
+        dim: the ambient dimension $p \ge 2$ (an integer).
+        r: mean resultant length in $[0, 1)$, a Python number or a tensor.
+        validate_args: check $0 \le r < 1$ (default: torch.distributions' global switch).
+
+    Returns:
+        $\kappa = A_p^{-1}(r)$ with the shape, dtype and device of ``r``.
+
+    Raises:
+        ValueError: if ``dim`` is not an integer ≥ 2 or ``r`` lies outside $[0, 1)$.
+    """
+    dim = _check_dim(dim)
+    validate = _validation_enabled(validate_args)
+    r = _as_float_tensor(r, "r")
+    _check_unit_interval(r, validate)
+    return _InverseMeanResultantLength.apply(r, dim)
+
+
+# --------------------------------------------------------------------------------------------------
+# the inverse
+
+
+def _invert_amos_bound(r: torch.Tensor, a: float, b: float) -> torch.Tensor:
+    """Solve r = x / (a + √(b² + x²)) for x ≥ 0 (monotone in x for a ≥ 0)."""
+    one_minus_r2 = (1.0 - r) * (1.0 + r)
+    return r * (a + torch.sqrt(b * b + r * r * (a * a - b * b))) / one_minus_r2
+
+
+_NEWTON_STEPS = 8
+
+
+def _solve_mean_resultant_length(dim: int, r: torch.Tensor) -> torch.Tensor:
+    nu = dim / 2.0 - 1.0
+    r = r.clamp(min=0.0)
+    # A_p(κ) lies between the two Amos bounds, so inverting them brackets the root.
+    lower = _invert_amos_bound(r, nu + 0.5, nu + 0.5)
+    upper = _invert_amos_bound(r, nu + 1.0, nu + 1.0)
+    banerjee = r * (dim - r * r) / ((1.0 - r) * (1.0 + r))
+    kappa = torch.minimum(torch.maximum(banerjee, lower), upper)
+    for _ in range(_NEWTON_STEPS):
+        _, rho, deriv = log_iv_ratio_core(nu, kappa, with_derivative=True)
+        step = (kappa * rho - r) / deriv
+        kappa = torch.minimum(torch.maximum(kappa - step, lower), upper)
+    return torch.where(r == 0, torch.zeros_like(kappa), kappa)
