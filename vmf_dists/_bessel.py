@@ -45,9 +45,10 @@ def _series_in_inverse_order(table: tuple[tuple[float, ...], ...], order: float 
 
 
 def _horner(coeffs, t: torch.Tensor) -> torch.Tensor:
-    acc = torch.zeros_like(t) + coeffs[-1]
+    # In place: at 1e6 elements a fresh buffer per step costs more (page faults) than the arithmetic.
+    acc = torch.zeros_like(t).add_(coeffs[-1])
     for c in reversed(coeffs[:-1]):
-        acc = acc * t + c
+        acc.mul_(t).add_(c)
     return acc
 
 
@@ -57,27 +58,28 @@ def _horner_derivative(coeffs, t: torch.Tensor) -> torch.Tensor:
 
 
 def _uniform_expansion(order: float | torch.Tensor, x: torch.Tensor, with_derivative: bool):
-    """(log I_μ(x) − μ log x, ρ_μ(x), R'_μ(x) or None) by the uniform expansion, for μ ≥ MIN_ORDER."""
-    if isinstance(order, torch.Tensor):
-        num_terms = _debye.terms_needed(_debye.MIN_ORDER)
-    else:
-        num_terms = _debye.terms_needed(order)
+    """(log I_μ(x) − μ log x, ρ_μ(x), R'_μ(x) or None) by the uniform expansion, for μ ≥ MIN_ORDER.
+
+    A tensor ``order`` keeps its own (small) shape for the coefficient sums and broadcasts against
+    ``x`` only in the Horner steps.
+    """
+    is_tensor = isinstance(order, torch.Tensor)
+    num_terms = _debye.terms_needed(_debye.MIN_ORDER if is_tensor else order)
     u_table, w_table = _debye.combined_coefficients(num_terms)
     u_coeffs = _series_in_inverse_order(u_table, order)
     w_coeffs = _series_in_inverse_order(w_table, order)
+    log_order = torch.log(order) if is_tensor else math.log(order)
 
     z = x / order
     s = torch.hypot(torch.ones_like(z), z)
-    t = 1.0 / s
+    t = torch.reciprocal(s)
     u = _horner(u_coeffs, t)
     w = _horner(w_coeffs, t)
-    if isinstance(order, torch.Tensor):
-        log_order = torch.log(order)
-    else:
-        log_order = math.log(order)
-    log_i = order * (s - torch.log1p(s) - log_order) - 0.5 * log_order - _HALF_LOG_2PI - 0.5 * torch.log(s) + torch.log(u)
-    g = 1.0 / (1.0 + t) + w / u
-    rho = t / order * g
+    # μ (s − log(1+s) − log μ) − ½ log μ − ½ log 2π − ½ log s + log U
+    log_i = torch.log1p(s).neg_().add_(s).sub_(log_order).mul_(order)
+    log_i.sub_(torch.log(s).mul_(0.5)).add_(torch.log(u)).sub_(0.5 * log_order + _HALF_LOG_2PI)
+    g = torch.div(w, u).add_(torch.reciprocal(t + 1.0))  # 1/(1+t) + W/U
+    rho = torch.mul(t, g).div_(order)
     deriv = None
     if with_derivative:
         du = _horner_derivative(u_coeffs, t)
@@ -88,6 +90,7 @@ def _uniform_expansion(order: float | torch.Tensor, x: torch.Tensor, with_deriva
     return log_i, rho, deriv
 
 
+@torch.no_grad()
 def log_iv_ratio_core(order, x: torch.Tensor, with_derivative: bool = False):
     """Float64 core: (log I_ν(x) − ν log x, ρ_ν(x) = I_{ν+1}(x)/(x I_ν(x)), R'_ν(x) or None).
 
@@ -96,39 +99,39 @@ def log_iv_ratio_core(order, x: torch.Tensor, with_derivative: bool = False):
         x: float64 tensor with x ≥ 0 (inf allowed).
         with_derivative: also return d/dx I_{ν+1}(x)/I_ν(x).
     """
-    finite_x = torch.where(torch.isinf(x), torch.zeros_like(x), x)
+    inf_x = torch.isinf(x)
+    finite_x = torch.where(inf_x, torch.zeros_like(x), x)
     if isinstance(order, torch.Tensor):
-        order, finite_x = torch.broadcast_tensors(order, finite_x)
         lift = torch.clamp(torch.ceil(_debye.MIN_ORDER - order), min=0.0)
         steps = _LIFT_STEPS
     else:
         lift = float(max(0, math.ceil(_debye.MIN_ORDER - order)))
         steps = int(lift)
-    top = order + lift
-    log_i, rho, deriv = _uniform_expansion(top, finite_x, with_derivative)
+    log_i, rho, deriv = _uniform_expansion(order + lift, finite_x, with_derivative)
 
     if steps:
         x2 = finite_x * finite_x
-        scaled_product = torch.ones_like(finite_x)
+        one_plus_x = 1.0 + finite_x
+        # Π ρ_o (1+x) over the lifted orders: each factor lies in [1/(2o+2), 1], so no under/overflow.
+        scaled_product = torch.ones_like(log_i)
         for j in range(steps - 1, -1, -1):
-            o = order + j  # the order computed in this step
-            denom = 2.0 * (o + 1.0) + x2 * rho
-            new_rho = 1.0 / denom
-            new_deriv = (2.0 * (o + 1.0) - x2 * deriv) / (denom * denom) if with_derivative else None
-            factor = new_rho * (1.0 + finite_x)
+            two_o_plus_2 = 2.0 * (order + j + 1.0)  # 2(o+1) for the order o = ν + j computed here
+            denom = torch.mul(x2, rho).add_(two_o_plus_2)
+            if with_derivative:
+                new_deriv = (two_o_plus_2 - x2 * deriv) / (denom * denom)
             if isinstance(lift, torch.Tensor):
                 active = lift > j
-                rho = torch.where(active, new_rho, rho)
-                scaled_product = torch.where(active, scaled_product * factor, scaled_product)
+                rho = torch.where(active, torch.reciprocal(denom), rho)
+                scaled_product = torch.where(active, scaled_product * rho * one_plus_x, scaled_product)
                 if with_derivative:
                     deriv = torch.where(active, new_deriv, deriv)
             else:
-                rho = new_rho
-                scaled_product = scaled_product * factor
-                deriv = new_deriv
+                rho = denom.reciprocal_()
+                scaled_product.mul_(rho).mul_(one_plus_x)
+                if with_derivative:
+                    deriv = new_deriv
         log_i = log_i - torch.log(scaled_product) + lift * torch.log1p(finite_x)
 
-    inf_x = torch.isinf(x)
     log_i = torch.where(inf_x, torch.full_like(log_i, math.inf), log_i)
     rho = torch.where(inf_x, torch.zeros_like(rho), rho)
     if with_derivative:

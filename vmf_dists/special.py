@@ -125,25 +125,31 @@ def _order_on(v, x: torch.Tensor):
 # autograd functions (float64 inside, the input's dtype outside)
 
 
+def _ratio_from_rho(x64: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isinf(x64), torch.ones_like(rho), x64 * rho)
+
+
 class _LogBesselIv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, v):
         x64 = x.to(torch.float64)
         order = _order_on(v, x64)
-        log_scaled, _, _ = log_iv_ratio_core(order, x64)
+        log_scaled, rho, _ = log_iv_ratio_core(order, x64)
         out = log_scaled + torch.xlogy(torch.as_tensor(order, dtype=torch.float64, device=x64.device), x64)
-        ctx.save_for_backward(x)
+        ctx.save_for_backward(x, _ratio_from_rho(x64, rho).to(x.dtype))
         ctx.order = order
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
+        x, ratio = ctx.saved_tensors
         order = ctx.order
+        if torch.is_grad_enabled():  # create_graph: recompute the ratio differentiably
+            ratio = bessel_iv_ratio(order, x, validate_args=False)
         # d/dx log I_v(x) = I_{v+1}/I_v + v/x; v/x is taken as 0 when v = 0 (including at x = 0).
         order_t = torch.as_tensor(order, dtype=x.dtype, device=x.device)
         v_over_x = order_t / torch.where(order_t == 0, torch.ones_like(x), x)
-        return grad * (bessel_iv_ratio(order, x, validate_args=False) + v_over_x), None
+        return grad * (ratio + v_over_x), None
 
 
 class _BesselIvRatio(torch.autograd.Function):
@@ -151,10 +157,9 @@ class _BesselIvRatio(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, v):
         x64 = x.to(torch.float64)
         _, rho, _ = log_iv_ratio_core(_order_on(v, x64), x64)
-        ratio = torch.where(torch.isinf(x64), torch.ones_like(rho), x64 * rho)
         ctx.save_for_backward(x)
         ctx.order = v
-        return ratio.to(x.dtype)
+        return _ratio_from_rho(x64, rho).to(x.dtype)
 
     @staticmethod
     @once_differentiable
@@ -169,15 +174,17 @@ class _VmfLogNormalizer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kappa: torch.Tensor, dim: int):
         k64 = kappa.to(torch.float64)
-        log_scaled, _, _ = log_iv_ratio_core(dim / 2.0 - 1.0, k64)
-        ctx.save_for_backward(kappa)
+        log_scaled, rho, _ = log_iv_ratio_core(dim / 2.0 - 1.0, k64)
+        ctx.save_for_backward(kappa, _ratio_from_rho(k64, rho).to(kappa.dtype))
         ctx.dim = dim
         return (-0.5 * dim * _LOG_2PI - log_scaled).to(kappa.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        (kappa,) = ctx.saved_tensors
-        return -grad * mean_resultant_length(ctx.dim, kappa, validate_args=False), None
+        kappa, mean_length = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: recompute A_p differentiably
+            mean_length = mean_resultant_length(ctx.dim, kappa, validate_args=False)
+        return -grad * mean_length, None
 
 
 class _InverseMeanResultantLength(torch.autograd.Function):

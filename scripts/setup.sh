@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# One-command setup from a fresh clone: creates .venv and installs the package with everything the
+# tests, benchmarks and docs need. The CPU torch build is pinned here (the tested version), never in
+# the library's own dependencies (pyproject.toml declares torch>=2.3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet "torch==2.13.0" -e ".[dev,docs]"
+.venv/bin/python -c "import torch, pyro, vmf_dists; print('setup ok: torch', torch.__version__, '| pyro', pyro.__version__)"

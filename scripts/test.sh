@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# One-command test run. One BLAS/OpenMP thread per process: two threads on two busy cores is
+# 10-1000x slower; pytest-xdist uses the cores instead. Extra arguments go to pytest
+# (e.g. `bash scripts/test.sh -m slow` for the long statistical suites).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
+exec .venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" "$@"
