@@ -5,7 +5,7 @@ Method (see docs/numerics.md):
 * For orders μ ≥ `MIN_ORDER` the uniform (Debye) expansion of `vmf_dists._debye` gives, with
   z = x/μ, t = 1/√(1+z²), s = 1/t, U = Σ u_k(t) μ^{−k}, W = Σ w_k(t) μ^{−k},
 
-      log I_μ(x) − μ log x = μ (s − log(1+s) − log μ) − ½ log(2πμ) − ½ log s + log U,
+      log I_μ(x) − μ log x − x = μ (1/(s+z) − log(1+s) − log μ) − ½ log(2πμ) − ½ log s + log U,
       ρ_μ(x) := I_{μ+1}(x) / (x I_μ(x)) = (t/μ) [1/(1+t) + W/U],
       R'_μ(x) = (t³/μ) [1/(1+t) + W/U + z²t/(1+t)² − z²t (W'U − WU')/U²].
 
@@ -23,6 +23,7 @@ Everything works on ρ = R/x rather than R, so x = 0 needs no special case (ρ_�
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -57,11 +58,21 @@ def _horner_derivative(coeffs, t: torch.Tensor) -> torch.Tensor:
     return _horner(deriv, t) if deriv else torch.zeros_like(t)
 
 
-def _uniform_expansion(order: float | torch.Tensor, x: torch.Tensor, with_derivative: bool):
-    """(log I_μ(x) − μ log x, ρ_μ(x), R'_μ(x) or None) by the uniform expansion, for μ ≥ MIN_ORDER.
+class BesselParts(NamedTuple):
+    """Float64 results of `log_iv_ratio_core` (optional ones are None unless requested)."""
+
+    log_scaled: torch.Tensor  # log I_ν(x) − ν log x − x
+    rho: torch.Tensor  # I_{ν+1}(x) / (x I_ν(x))
+    derivative: torch.Tensor | None = None  # d/dx I_{ν+1}(x)/I_ν(x)
+    complement: torch.Tensor | None = None  # 1 − I_{ν+1}(x)/I_ν(x)
+
+
+def _uniform_expansion(order: float | torch.Tensor, x: torch.Tensor, with_derivative: bool, with_complement: bool):
+    """`BesselParts` by the uniform expansion, for orders μ ≥ MIN_ORDER.
 
     A tensor ``order`` keeps its own (small) shape for the coefficient sums and broadcasts against
-    ``x`` only in the Horner steps.
+    ``x`` only in the Horner steps. The complement 1 − R = t(1 + t/(1+zt))/(1+t) − zt W/U has no
+    cancellation at large z (both terms are positive there since W < 0).
     """
     is_tensor = isinstance(order, torch.Tensor)
     num_terms = _debye.terms_needed(_debye.MIN_ORDER if is_tensor else order)
@@ -75,8 +86,8 @@ def _uniform_expansion(order: float | torch.Tensor, x: torch.Tensor, with_deriva
     t = torch.reciprocal(s)
     u = _horner(u_coeffs, t)
     w = _horner(w_coeffs, t)
-    # μ (s − log(1+s) − log μ) − ½ log μ − ½ log 2π − ½ log s + log U
-    log_i = torch.log1p(s).neg_().add_(s).sub_(log_order).mul_(order)
+    # μ (s − z − log(1+s) − log μ) − ½ log μ − ½ log 2π − ½ log s + log U, with s − z = 1/(s + z)
+    log_i = torch.log1p(s).neg_().add_(torch.reciprocal(s + z)).sub_(log_order).mul_(order)
     log_i.sub_(torch.log(s).mul_(0.5)).add_(torch.log(u)).sub_(0.5 * log_order + _HALF_LOG_2PI)
     g = torch.div(w, u).add_(torch.reciprocal(t + 1.0))  # 1/(1+t) + W/U
     rho = torch.mul(t, g).div_(order)
@@ -87,17 +98,25 @@ def _uniform_expansion(order: float | torch.Tensor, x: torch.Tensor, with_deriva
         z2t = z * z * t
         one_plus_t = 1.0 + t
         deriv = t**3 / order * (g + z2t / (one_plus_t * one_plus_t) - z2t * (dw * u - w * du) / (u * u))
-    return log_i, rho, deriv
+    complement = None
+    if with_complement:
+        zt = z * t
+        complement = t * (1.0 + t / (1.0 + zt)) / (1.0 + t) - zt * w / u
+    return BesselParts(log_i, rho, deriv, complement)
 
 
 @torch.no_grad()
-def log_iv_ratio_core(order, x: torch.Tensor, with_derivative: bool = False):
-    """Float64 core: (log I_ν(x) − ν log x, ρ_ν(x) = I_{ν+1}(x)/(x I_ν(x)), R'_ν(x) or None).
+def log_iv_ratio_core(order, x: torch.Tensor, with_derivative: bool = False, with_complement: bool = False) -> BesselParts:
+    """Float64 core: log I_ν(x) − ν log x − x, ρ_ν(x) = I_{ν+1}(x)/(x I_ν(x)), and optionally R'_ν(x), 1 − R_ν(x).
+
+    The first value is the exponentially scaled log, so that callers who need log I_ν(x) − x (the
+    vMF log-likelihood at its mode, KL divergences, kernels) never subtract two numbers of size x.
 
     Args:
         order: ν ≥ 0, a Python float or a float64 tensor broadcastable with ``x``.
         x: float64 tensor with x ≥ 0 (inf allowed).
         with_derivative: also return d/dx I_{ν+1}(x)/I_ν(x).
+        with_complement: also return 1 − I_{ν+1}(x)/I_ν(x) with relative precision at large x.
     """
     inf_x = torch.isinf(x)
     finite_x = torch.where(inf_x, torch.zeros_like(x), x)
@@ -107,7 +126,7 @@ def log_iv_ratio_core(order, x: torch.Tensor, with_derivative: bool = False):
     else:
         lift = float(max(0, math.ceil(_debye.MIN_ORDER - order)))
         steps = int(lift)
-    log_i, rho, deriv = _uniform_expansion(order + lift, finite_x, with_derivative)
+    log_i, rho, deriv, complement = _uniform_expansion(order + lift, finite_x, with_derivative, with_complement)
 
     if steps:
         x2 = finite_x * finite_x
@@ -119,21 +138,29 @@ def log_iv_ratio_core(order, x: torch.Tensor, with_derivative: bool = False):
             denom = torch.mul(x2, rho).add_(two_o_plus_2)
             if with_derivative:
                 new_deriv = (two_o_plus_2 - x2 * deriv) / (denom * denom)
+            if with_complement:  # 1 − R_o = (2(o+1) − x(1 − R_{o+1})) / denom
+                new_complement = (two_o_plus_2 - finite_x * complement) / denom
             if isinstance(lift, torch.Tensor):
                 active = lift > j
                 rho = torch.where(active, torch.reciprocal(denom), rho)
                 scaled_product = torch.where(active, scaled_product * rho * one_plus_x, scaled_product)
                 if with_derivative:
                     deriv = torch.where(active, new_deriv, deriv)
+                if with_complement:
+                    complement = torch.where(active, new_complement, complement)
             else:
                 rho = denom.reciprocal_()
                 scaled_product.mul_(rho).mul_(one_plus_x)
                 if with_derivative:
                     deriv = new_deriv
+                if with_complement:
+                    complement = new_complement
         log_i = log_i - torch.log(scaled_product) + lift * torch.log1p(finite_x)
 
-    log_i = torch.where(inf_x, torch.full_like(log_i, math.inf), log_i)
+    log_i = torch.where(inf_x, torch.full_like(log_i, -math.inf), log_i)
     rho = torch.where(inf_x, torch.zeros_like(rho), rho)
     if with_derivative:
         deriv = torch.where(inf_x, torch.zeros_like(deriv), deriv)
-    return log_i, rho, deriv
+    if with_complement:
+        complement = torch.where(inf_x, torch.zeros_like(complement), complement)
+    return BesselParts(log_i, rho, deriv, complement)

@@ -134,8 +134,9 @@ class _LogBesselIv(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, v):
         x64 = x.to(torch.float64)
         order = _order_on(v, x64)
-        log_scaled, rho, _ = log_iv_ratio_core(order, x64)
-        out = log_scaled + torch.xlogy(torch.as_tensor(order, dtype=torch.float64, device=x64.device), x64)
+        log_scaled, rho, _, _ = log_iv_ratio_core(order, x64)
+        out = log_scaled + x64 + torch.xlogy(torch.as_tensor(order, dtype=torch.float64, device=x64.device), x64)
+        out = torch.where(torch.isinf(x64), x64, out)
         ctx.save_for_backward(x, _ratio_from_rho(x64, rho).to(x.dtype))
         ctx.order = order
         return out.to(x.dtype)
@@ -156,7 +157,7 @@ class _BesselIvRatio(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, v):
         x64 = x.to(torch.float64)
-        _, rho, _ = log_iv_ratio_core(_order_on(v, x64), x64)
+        rho = log_iv_ratio_core(_order_on(v, x64), x64).rho
         ctx.save_for_backward(x)
         ctx.order = v
         return _ratio_from_rho(x64, rho).to(x.dtype)
@@ -166,7 +167,7 @@ class _BesselIvRatio(torch.autograd.Function):
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         x64 = x.to(torch.float64)
-        _, _, deriv = log_iv_ratio_core(_order_on(ctx.order, x64), x64, with_derivative=True)
+        deriv = log_iv_ratio_core(_order_on(ctx.order, x64), x64, with_derivative=True).derivative
         return grad * deriv.to(grad.dtype), None
 
 
@@ -174,10 +175,10 @@ class _VmfLogNormalizer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kappa: torch.Tensor, dim: int):
         k64 = kappa.to(torch.float64)
-        log_scaled, rho, _ = log_iv_ratio_core(dim / 2.0 - 1.0, k64)
+        log_scaled, rho, _, _ = log_iv_ratio_core(dim / 2.0 - 1.0, k64)
         ctx.save_for_backward(kappa, _ratio_from_rho(k64, rho).to(kappa.dtype))
         ctx.dim = dim
-        return (-0.5 * dim * _LOG_2PI - log_scaled).to(kappa.dtype)
+        return (-0.5 * dim * _LOG_2PI - log_scaled - k64).to(kappa.dtype)
 
     @staticmethod
     def backward(ctx, grad):
@@ -199,7 +200,7 @@ class _InverseMeanResultantLength(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         (kappa64,) = ctx.saved_tensors
-        _, _, deriv = log_iv_ratio_core(ctx.dim / 2.0 - 1.0, kappa64, with_derivative=True)
+        deriv = log_iv_ratio_core(ctx.dim / 2.0 - 1.0, kappa64, with_derivative=True).derivative
         return grad / deriv.to(grad.dtype), None
 
 
@@ -385,7 +386,109 @@ def _solve_mean_resultant_length(dim: int, r: torch.Tensor) -> torch.Tensor:
     banerjee = r * (dim - r * r) / ((1.0 - r) * (1.0 + r))
     kappa = torch.minimum(torch.maximum(banerjee, lower), upper)
     for _ in range(_NEWTON_STEPS):
-        _, rho, deriv = log_iv_ratio_core(nu, kappa, with_derivative=True)
+        _, rho, deriv, _ = log_iv_ratio_core(nu, kappa, with_derivative=True)
         step = (kappa * rho - r) / deriv
         kappa = torch.minimum(torch.maximum(kappa - step, lower), upper)
     return torch.where(r == 0, torch.zeros_like(kappa), kappa)
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers for the distributions: float64 inside, no cancellation at small or large κ
+
+
+class _LogNormalizerPlusKappa(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, kappa: torch.Tensor, dim: int):
+        k64 = kappa.to(torch.float64)
+        log_scaled, _, _, complement = log_iv_ratio_core(dim / 2.0 - 1.0, k64, with_complement=True)
+        ctx.save_for_backward(kappa, complement.to(kappa.dtype))
+        ctx.dim = dim
+        return (-0.5 * dim * _LOG_2PI - log_scaled).to(kappa.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        kappa, one_minus_a = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            one_minus_a = mean_resultant_length_complement(ctx.dim, kappa)
+        return grad * one_minus_a, None
+
+
+def log_normalizer_plus_kappa(dim: int, kappa: torch.Tensor) -> torch.Tensor:
+    r"""$\log C_p(\kappa) + \kappa$, the vMF log-density at its mode, without the cancellation of two
+    numbers of size κ (what ``vmf_log_normalizer(dim, κ) + κ`` suffers in float32 at large κ).
+    Derivative $1 - A_p(\kappa)$, formed in float64. No validation (internal)."""
+    return _LogNormalizerPlusKappa.apply(kappa, dim)
+
+
+_GAP_SERIES_LIMIT = 16.0  # use the series for κ²/4 ≤ 16 (ν+1), i.e. while log 0F1 ≲ 16
+_GAP_SERIES_TERMS = 64  # term ratio ≤ 16/(k+1): 64 terms leave < 1e-20 of the sum
+
+
+def _hypergeometric_0f1_minus_one(nu: float, q: torch.Tensor) -> torch.Tensor:
+    """Σ_{k≥1} q^k / (k! (ν+1)_k), all terms positive, for q ≤ 16 (ν+1)."""
+    term = q / (nu + 1.0)
+    total = term.clone()
+    for k in range(1, _GAP_SERIES_TERMS):
+        term = term * q / ((k + 1.0) * (nu + k + 1.0))
+        total = total + term
+    return total
+
+
+class _UniformLogNormalizerGap(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, kappa: torch.Tensor, dim: int):
+        nu = dim / 2.0 - 1.0
+        k64 = kappa.to(torch.float64)
+        q = 0.25 * k64 * k64
+        limit = _GAP_SERIES_LIMIT * (nu + 1.0)
+        series = torch.log1p(_hypergeometric_0f1_minus_one(nu, torch.clamp(q, max=limit)))
+        log_scaled, rho, _, _ = log_iv_ratio_core(nu, k64)
+        at_zero = -nu * math.log(2.0) - math.lgamma(nu + 1.0)
+        direct = log_scaled + k64 - at_zero
+        gap = torch.where(q <= limit, series, direct)
+        ctx.save_for_backward(kappa, _ratio_from_rho(k64, rho).to(kappa.dtype))
+        ctx.dim = dim
+        return gap.to(kappa.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        kappa, mean_length = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            mean_length = mean_resultant_length(ctx.dim, kappa, validate_args=False)
+        return grad * mean_length, None
+
+
+def uniform_log_normalizer_gap(dim: int, kappa: torch.Tensor) -> torch.Tensor:
+    r"""$\log C_p(0) - \log C_p(\kappa) = \log {}_0F_1(; p/2; \kappa^2/4) \ge 0$ with relative precision as
+    κ → 0 (≈ κ²/(2p)), by its power series where $\kappa^2/4 \le 8p$ (beyond, the difference of the two
+    log normalisers loses at most a factor |log C_p(0)|/16 of relative precision). It is KL(Uniform ‖ vMF); its
+    derivative is $A_p(\kappa)$. No validation (internal)."""
+    return _UniformLogNormalizerGap.apply(kappa, dim)
+
+
+class _MeanResultantLengthComplement(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, kappa: torch.Tensor, dim: int):
+        parts = log_iv_ratio_core(dim / 2.0 - 1.0, kappa.to(torch.float64), with_complement=True)
+        ctx.save_for_backward(kappa)
+        ctx.dim = dim
+        return parts.complement.to(kappa.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (kappa,) = ctx.saved_tensors
+        return -grad * mean_resultant_length_derivative(ctx.dim, kappa).to(grad.dtype), None
+
+
+def mean_resultant_length_complement(dim: int, kappa: torch.Tensor) -> torch.Tensor:
+    r"""$1 - A_p(\kappa)$ with relative precision at large κ (≈ (p−1)/(2κ)), where ``1 - A`` would keep
+    only $-\log_{10}(\epsilon\kappa)$ digits. Derivative $-A_p'(\kappa)$. No validation (internal)."""
+    return _MeanResultantLengthComplement.apply(kappa, dim)
+
+
+@torch.no_grad()
+def mean_resultant_length_derivative(dim: int, kappa: torch.Tensor) -> torch.Tensor:
+    r"""$A_p'(\kappa) = \operatorname{Var}(\mu^\top x)$ in float64 from its own expansion (no cancellation at
+    large κ; no gradient). No validation (internal)."""
+    return log_iv_ratio_core(dim / 2.0 - 1.0, kappa.to(torch.float64), with_derivative=True).derivative

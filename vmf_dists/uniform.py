@@ -1,0 +1,101 @@
+r"""The uniform distribution on the unit sphere $S^{p-1} \subset \mathbb{R}^p$."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pyro.distributions import TorchDistribution, constraints
+
+from vmf_dists.special import _check_dim
+
+__all__ = ["HypersphericalUniform", "log_sphere_area"]
+
+
+def log_sphere_area(dim: int) -> float:
+    r"""$\log |S^{p-1}| = \log 2 + \tfrac p2 \log\pi - \log\Gamma(p/2)$, the log surface area of the unit sphere in $\mathbb{R}^p$."""
+    return math.log(2.0) + 0.5 * dim * math.log(math.pi) - math.lgamma(0.5 * dim)
+
+
+class HypersphericalUniform(TorchDistribution):
+    r"""Uniform distribution on the unit sphere $S^{p-1} \subset \mathbb{R}^p$.
+
+    Density $1/|S^{p-1}|$ with $|S^{p-1}| = 2\pi^{p/2}/\Gamma(p/2)$; it is the von Mises–Fisher
+    distribution with $\kappa = 0$. Samples are normalised standard Gaussians (Muller 1959).
+    Moments: $\mathbb{E}[x] = 0$, $\operatorname{Cov}[x] = I/p$. The mode is undefined (NaN).
+
+    Args:
+        dim: the ambient dimension $p \ge 2$ (samples have event shape ``[p]``).
+        batch_shape: batch shape of the distribution.
+        dtype: floating dtype of samples and log-densities (default: torch's default dtype).
+        device: device of samples and log-densities.
+        validate_args: check samples passed to ``log_prob`` lie on the sphere.
+
+    Raises:
+        ValueError: if ``dim`` is not an integer ≥ 2.
+
+    Example:
+        >>> from vmf_dists import HypersphericalUniform
+        >>> u = HypersphericalUniform(3)
+        >>> u.sample((2,)).shape
+        torch.Size([2, 3])
+        >>> round(u.entropy().item(), 4)  # log(4π)
+        2.531
+    """
+
+    arg_constraints: dict = {}
+    support = constraints.sphere
+    has_rsample = True
+
+    def __init__(self, dim: int, batch_shape=(), *, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None, validate_args: bool | None = None):
+        self.dim = _check_dim(dim)
+        self._dtype = dtype if dtype is not None else torch.get_default_dtype()
+        self._device = torch.device(device) if device is not None else torch.device("cpu")
+        super().__init__(torch.Size(batch_shape), torch.Size([self.dim]), validate_args=validate_args)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(HypersphericalUniform, _instance)
+        new.dim = self.dim
+        new._dtype = self._dtype
+        new._device = self._device
+        super(HypersphericalUniform, new).__init__(torch.Size(batch_shape), self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        shape = self._extended_shape(sample_shape)
+        g = torch.randn(shape, dtype=self._dtype, device=self._device)
+        return g / torch.linalg.vector_norm(g, dim=-1, keepdim=True).clamp(min=torch.finfo(self._dtype).tiny)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
+        return torch.full(shape, -log_sphere_area(self.dim), dtype=self._dtype, device=self._device)
+
+    def entropy(self) -> torch.Tensor:
+        return torch.full(self.batch_shape, log_sphere_area(self.dim), dtype=self._dtype, device=self._device)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return torch.zeros(self._extended_shape(), dtype=self._dtype, device=self._device)
+
+    @property
+    def mode(self) -> torch.Tensor:
+        return torch.full(self._extended_shape(), math.nan, dtype=self._dtype, device=self._device)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return torch.full(self._extended_shape(), 1.0 / self.dim, dtype=self._dtype, device=self._device)
+
+    def __repr__(self) -> str:
+        return f"HypersphericalUniform(dim: {self.dim}, batch_shape: {tuple(self.batch_shape)})"

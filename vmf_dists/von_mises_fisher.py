@@ -1,0 +1,229 @@
+r"""The von Mises–Fisher distribution on the unit sphere $S^{p-1} \subset \mathbb{R}^p$."""
+
+from __future__ import annotations
+
+import torch
+from pyro.distributions import TorchDistribution, constraints
+from torch.distributions.utils import lazy_property
+
+from vmf_dists._sampling import one_minus_w_rsample, tangent_directions_sample
+from vmf_dists.special import (
+    _validation_enabled,
+    inverse_mean_resultant_length,
+    log_normalizer_plus_kappa,
+    mean_resultant_length,
+    mean_resultant_length_complement,
+    mean_resultant_length_derivative,
+)
+
+__all__ = ["VonMisesFisher"]
+
+# Below this dimension the tangent norm is computed from the projected Gaussian (‖g‖² − (μᵀg)² can
+# cancel when g is nearly parallel to μ, which is likely only in low dimensions).
+_EXACT_TANGENT_NORM_MAX_DIM = 16
+
+
+def _unit(loc: torch.Tensor) -> torch.Tensor:
+    return loc / torch.linalg.vector_norm(loc, dim=-1, keepdim=True)
+
+
+class VonMisesFisher(TorchDistribution):
+    r"""The von Mises–Fisher distribution $\mathrm{vMF}(\mu, \kappa)$ on $S^{p-1} \subset \mathbb{R}^p$.
+
+    $$
+    f(x; \mu, \kappa) = C_p(\kappa)\, e^{\kappa \mu^\top x}, \qquad
+    \log C_p(\kappa) = \nu\log\kappa - \tfrac p2 \log 2\pi - \log I_\nu(\kappa),\ \nu = \tfrac p2 - 1,
+    $$
+
+    exact for every $p \ge 2$ and $0 \le \kappa \le 10^8$ ($\kappa = 0$ is the uniform distribution,
+    exactly). Moments, with $A = A_p(\kappa)$ (`mean_resultant_length`):
+    $\mathbb{E}[x] = A\mu$, $\operatorname{Cov}[x] = \tfrac{A}{\kappa} I + (A_p'(\kappa) - \tfrac A\kappa)\mu\mu^\top$
+    (so $\operatorname{Var}[\mu^\top x] = A_p'(\kappa) = 1 - A^2 - \tfrac{p-1}{\kappa}A$), entropy
+    $H = -\log C_p(\kappa) - \kappa A$.
+
+    Numerics: everything is computed in float64 internally and rounded once to the parameters' dtype;
+    ``log_prob`` is evaluated as $[\log C_p(\kappa) + \kappa] - \kappa\|x - \mu\|^2/2$, so float32 keeps
+    relative precision at the mode up to κ = 1e8.
+
+    Sampling (`rsample`) is exact: $w = \mu^\top x$ by the inverse CDF for $p = 3$ and by Wood's
+    (1994) rejection sampler otherwise, vectorised (all proposals of a round drawn at once; one host
+    synchronisation in the common case), then $x = w\mu + \sqrt{1-w^2}\,v$ with $v$ the normalised
+    tangent part of a Gaussian (no Householder reflection). Gradients: in ``loc`` by the
+    reparameterisation; in ``concentration`` by implicit reparameterisation (Figurnov et al., 2018),
+    unbiased. ``loc`` is used as ``loc / ‖loc‖``, which is the identity on valid input and makes its
+    gradients tangent to the sphere.
+
+    Args:
+        loc: mean direction $\mu$, unit vectors of shape ``[..., p]`` with $p \ge 2$.
+        concentration: $\kappa \ge 0$, shape broadcastable with ``loc.shape[:-1]``; a Python number
+            is accepted.
+        validate_args: check the constraints (unit ``loc``, $\kappa \ge 0$, samples on the sphere).
+            Default: torch.distributions' global switch.
+
+    Raises:
+        ValueError: if ``loc`` has no last dimension of size ≥ 2, the shapes do not broadcast, or (with
+            validation) ``loc`` is not unit-norm or ``concentration`` is negative or NaN.
+
+    References:
+        * K. V. Mardia, P. E. Jupp, *Directional Statistics*, Wiley (2000), §9.3.
+        * A. T. A. Wood, "Simulation of the von Mises Fisher distribution", *Commun. Stat. Simul.
+          Comput.* 23 (1994).
+        * M. Figurnov, S. Mohamed, A. Mnih, "Implicit reparameterization gradients", NeurIPS 2018.
+        * A. Banerjee et al., "Clustering on the unit hypersphere using von Mises–Fisher
+          distributions", JMLR 6 (2005) (maximum likelihood).
+
+    Example:
+        >>> import torch
+        >>> from vmf_dists import VonMisesFisher
+        >>> d = VonMisesFisher(torch.tensor([0.0, 0.0, 1.0]), 10.0)
+        >>> x = d.rsample((5,))
+        >>> x.shape, d.log_prob(x).shape
+        (torch.Size([5, 3]), torch.Size([5]))
+    """
+
+    arg_constraints = {"loc": constraints.sphere, "concentration": constraints.nonnegative}
+    support = constraints.sphere
+    has_rsample = True
+
+    def __init__(self, loc: torch.Tensor, concentration: torch.Tensor | float, validate_args: bool | None = None):
+        if not isinstance(loc, torch.Tensor) or not loc.is_floating_point():
+            raise ValueError("loc must be a floating-point tensor of shape [..., p]")
+        if loc.dim() < 1 or loc.shape[-1] < 2:
+            raise ValueError(f"loc must have shape [..., p] with p ≥ 2, got {tuple(loc.shape)}")
+        concentration = torch.as_tensor(concentration, device=loc.device)
+        if not concentration.is_floating_point():
+            concentration = concentration.to(loc.dtype)
+        dtype = torch.promote_types(loc.dtype, concentration.dtype)
+        loc, concentration = loc.to(dtype), concentration.to(dtype)
+        try:
+            batch_shape = torch.broadcast_shapes(loc.shape[:-1], concentration.shape)
+        except RuntimeError as error:
+            raise ValueError(
+                f"concentration of shape {tuple(concentration.shape)} does not broadcast with "
+                f"loc.shape[:-1] = {tuple(loc.shape[:-1])}"
+            ) from error
+        self.loc = loc.expand(batch_shape + loc.shape[-1:])
+        self.concentration = concentration.expand(batch_shape)
+        super().__init__(batch_shape, loc.shape[-1:], validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(VonMisesFisher, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.loc = self.loc.expand(batch_shape + self.event_shape)
+        new.concentration = self.concentration.expand(batch_shape)
+        super(VonMisesFisher, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    @property
+    def dim(self) -> int:
+        """The ambient dimension $p$."""
+        return self.event_shape[0]
+
+    @lazy_property
+    def _unit_loc(self) -> torch.Tensor:
+        return _unit(self.loc)
+
+    @lazy_property
+    def _kappa64(self) -> torch.Tensor:
+        return self.concentration.to(torch.float64)
+
+    # ---------------------------------------------------------------------------------------------
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        r"""$\log f(x) = [\log C_p(\kappa) + \kappa] - \kappa\|x - \mu\|^2/2$."""
+        if self._validate_args:
+            self._validate_sample(value)
+        sq_dist = (value - self._unit_loc).square().sum(-1)
+        return log_normalizer_plus_kappa(self.dim, self.concentration) - 0.5 * self.concentration * sq_dist
+
+    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        """Exact, reparameterised samples of shape ``sample_shape + batch_shape + [p]``."""
+        shape = torch.Size(sample_shape) + self.batch_shape
+        one_minus_w = one_minus_w_rsample(self.dim, self.concentration.expand(shape))
+        return tangent_directions_sample(
+            self._unit_loc, one_minus_w, exact_tangent_norm=self.dim <= _EXACT_TANGENT_NORM_MAX_DIM
+        )
+
+    def entropy(self) -> torch.Tensor:
+        r"""$H = -[\log C_p(\kappa) + \kappa] + \kappa(1 - A_p(\kappa))$ (no cancellation at large κ)."""
+        k = self._kappa64
+        h = -log_normalizer_plus_kappa(self.dim, k) + k * mean_resultant_length_complement(self.dim, k)
+        return h.to(self.concentration.dtype)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        r"""$\mathbb{E}[x] = A_p(\kappa)\mu$."""
+        a = mean_resultant_length(self.dim, self.concentration, validate_args=False)
+        return a.unsqueeze(-1) * self._unit_loc
+
+    @property
+    def mode(self) -> torch.Tensor:
+        """The mean direction μ (for κ = 0 every point is a mode; μ is returned)."""
+        return self._unit_loc
+
+    @property
+    def variance(self) -> torch.Tensor:
+        r"""Diagonal of $\operatorname{Cov}[x] = \rho I + (A_p' - \rho)\mu\mu^\top$ with $\rho = A_p(\kappa)/\kappa$ ($1/p$ at 0)."""
+        p, k = self.dim, self._kappa64
+        a = mean_resultant_length(p, k, validate_args=False)
+        safe_k = torch.where(k > 0, k, torch.ones_like(k))
+        rho = torch.where(k > 0, a / safe_k, torch.full_like(k, 1.0 / p))
+        # A' = 1 − A² − (p−1)ρ cancels at large κ: take its value from the expansion, keep the
+        # (mathematically identical) autograd derivative of the formula.
+        naive = 1.0 - a * a - (p - 1) * rho
+        a_prime = naive + (mean_resultant_length_derivative(p, k) - naive).detach()
+        mu = self._unit_loc.to(torch.float64)
+        var = rho.unsqueeze(-1) + (a_prime - rho).unsqueeze(-1) * mu * mu
+        return var.to(self.loc.dtype)
+
+    # ---------------------------------------------------------------------------------------------
+
+    @classmethod
+    def fit(cls, x: torch.Tensor, weights: torch.Tensor | None = None, validate_args: bool | None = None) -> "VonMisesFisher":
+        r"""Maximum-likelihood vMF for unit vectors ``x`` (optionally weighted).
+
+        $\hat\mu = \sum_i w_i x_i / \|\sum_i w_i x_i\|$ and $\hat\kappa = A_p^{-1}(\bar r)$ with
+        $\bar r = \|\sum_i w_i x_i\| / \sum_i w_i$, solved exactly by `inverse_mean_resultant_length`
+        (no approximation, every dimension). If all points coincide ($\bar r = 1$) the MLE is
+        $\kappa = \infty$; $\bar r$ is then capped at $1 - 10^{-15}$, giving a large finite κ.
+
+        Args:
+            x: unit vectors, shape ``[n, *batch_shape, p]`` (samples along the first dimension).
+            weights: non-negative weights of shape ``[n, *batch_shape]`` (default: all ones), e.g.
+                responsibilities in an EM algorithm for mixtures.
+            validate_args: validation of the inputs and of the returned distribution.
+
+        Returns:
+            A `VonMisesFisher` with batch shape ``batch_shape``.
+
+        Raises:
+            ValueError: if ``x`` has fewer than 2 dimensions, is not on the sphere (with validation),
+                or ``weights`` has the wrong shape, is negative, or sums to zero.
+        """
+        if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[-1] < 2:
+            raise ValueError("x must be a tensor of unit vectors of shape [n, *batch_shape, p] with p ≥ 2")
+        validate = _validation_enabled(validate_args)
+        if validate and not bool(constraints.sphere.check(x).all()):
+            raise ValueError("x must lie on the unit sphere (unit-norm rows)")
+        x64 = x.to(torch.float64)
+        if weights is None:
+            total = x64.sum(0)
+            weight_sum = torch.full(total.shape[:-1], float(x.shape[0]), dtype=torch.float64, device=x.device)
+        else:
+            if weights.shape != x.shape[:-1]:
+                raise ValueError(f"weights must have shape {tuple(x.shape[:-1])}, got {tuple(weights.shape)}")
+            w64 = weights.to(torch.float64)
+            if validate and not bool((w64 >= 0).all() and (w64.sum(0) > 0).all()):
+                raise ValueError("weights must be non-negative with a positive sum")
+            total = (w64.unsqueeze(-1) * x64).sum(0)
+            weight_sum = w64.sum(0)
+        norm = torch.linalg.vector_norm(total, dim=-1)
+        r_bar = (norm / weight_sum).clamp(0.0, 1.0 - 1e-15)
+        kappa = inverse_mean_resultant_length(x.shape[-1], r_bar, validate_args=False)
+        loc = total / norm.clamp(min=torch.finfo(torch.float64).tiny).unsqueeze(-1)
+        # Σ wᵢxᵢ = 0: κ̂ = 0 (uniform) and every direction is an MLE; take the first basis vector.
+        first_axis = torch.zeros_like(loc)
+        first_axis[..., 0] = 1.0
+        loc = torch.where((norm > 0).unsqueeze(-1), loc, first_axis)
+        return cls(loc.to(x.dtype), kappa.to(x.dtype), validate_args=validate_args)
