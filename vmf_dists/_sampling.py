@@ -12,9 +12,11 @@ float64); √(1−w²) = √(y(2−y)).
   Gamma((p−1)/2) draws, y = 2bz/(1−(1−b)z) = 2b g₁/(g₂ + b g₁), accepted when
   2κb/(1+b) − κy + (p−1)[log1p((1−b)y/(2b)) − log1p(x₀)] ≥ log u, which is Wood's test
   κw + (p−1)log(1−x₀w) − c ≥ log u rewritten without differences of nearby numbers. Its acceptance
-  rate is at least 0.65 for every p and κ (measured), so one round of `FIRST_ROUND_PROPOSALS`
-  proposals per sample settles ~99% of them without looking at the data; the rest are compacted and
-  finished in a few small rounds.
+  rate is at least 0.65 for every p and κ (measured; ≈ 1 for κ ≲ p). The first proposal of every
+  sample costs nothing: the Gaussian g drawn for the direction gives z = (1 + μᵀg/‖g‖)/2, which is
+  Beta((p−1)/2, (p−1)/2) and independent of the tangent direction of g. The rejected samples are
+  compacted (one host synchronisation) and finished with `LATER_ROUND_PROPOSALS` Gamma-based
+  proposals per sample per round.
 * The gradient dy/dκ is implicit (Figurnov et al., 2018): with the angle θ = arccos(w),
   dθ/dκ = −∫₀^θ (cos φ − A_p(κ)) e^{κ(cos φ − cos θ)} (sin φ / sin θ)^{p−2} dφ and dy/dκ = sin θ · dθ/dκ.
   The integrand is log-concave around the mode of the angle density,
@@ -32,7 +34,7 @@ import torch
 
 from vmf_dists.special import mean_resultant_length
 
-FIRST_ROUND_PROPOSALS = 4
+FIRST_ROUND_PROPOSALS = 4  # for `sample_one_minus_w`, which has no Gaussian to reuse
 LATER_ROUND_PROPOSALS = 8
 MAX_ROUNDS = 64
 _QUADRATURE_NODES = 48
@@ -55,21 +57,40 @@ def _inverse_cdf_p3(kappa: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     return torch.where(tiny, 2.0 * uniform - 2.0 * uniform * (1.0 - uniform) * kappa, y)
 
 
-def _wood_round(dim: int, kappa: torch.Tensor, proposals: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One round of Wood's sampler with `proposals` candidates per element: (y, accepted) per element."""
+def _wood_accept(dim: int, kappa: torch.Tensor, big: torch.Tensor, small: torch.Tensor):
+    """Wood's proposal y from a Beta variate z = big/(big+small) (given as its two parts) and the test.
+
+    Returns (y, accepted); shapes broadcast between κ and the parts.
+    """
     m = float(dim - 1)
-    k = kappa.unsqueeze(-1)
-    b = m / (2.0 * k + torch.sqrt(4.0 * k * k + m * m))
+    b = m / (2.0 * kappa + torch.sqrt(4.0 * kappa * kappa + m * m))
     x0 = (1.0 - b) / (1.0 + b)
-    shape = kappa.shape + (proposals,)
-    alpha = torch.full(shape, 0.5 * m, dtype=kappa.dtype, device=kappa.device)
-    g1 = torch._standard_gamma(alpha)
-    g2 = torch._standard_gamma(alpha)
-    y = 2.0 * b * g1 / (g2 + b * g1)
-    log_ratio = 2.0 * k * b / (1.0 + b) - k * y + m * (torch.log1p((1.0 - b) * y / (2.0 * b)) - torch.log1p(x0))
+    y = 2.0 * b * big / (small + b * big)
+    log_ratio = 2.0 * kappa * b / (1.0 + b) - kappa * y + m * (torch.log1p((1.0 - b) * y / (2.0 * b)) - torch.log1p(x0))
     accepted = log_ratio >= -torch.empty_like(y).exponential_()  # log u with u ~ U(0, 1)
+    return y, accepted
+
+
+def _wood_round(dim: int, kappa: torch.Tensor, proposals: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One round of Wood's sampler with `proposals` Gamma-based candidates per element: (y, accepted)."""
+    alpha = torch.full(kappa.shape + (proposals,), 0.5 * (dim - 1), dtype=kappa.dtype, device=kappa.device)
+    y, accepted = _wood_accept(dim, kappa.unsqueeze(-1), torch._standard_gamma(alpha), torch._standard_gamma(alpha))
     first = torch.argmax(accepted.to(torch.uint8), dim=-1, keepdim=True)
     return y.gather(-1, first).squeeze(-1), accepted.any(dim=-1)
+
+
+def _finish_rejected(dim: int, kappa: torch.Tensor, y: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+    """Fill the rows not `done` with further rounds on a compacted index (flat float64 tensors)."""
+    if bool(done.all()):  # the one host synchronisation of the common case
+        return y
+    pending = torch.nonzero(~done).squeeze(-1)
+    for _ in range(MAX_ROUNDS):
+        y_new, ok = _wood_round(dim, kappa[pending], LATER_ROUND_PROPOSALS)
+        y[pending[ok]] = y_new[ok]
+        pending = pending[~ok]
+        if pending.numel() == 0:
+            return y
+    raise RuntimeError(f"vMF rejection sampler did not finish in {MAX_ROUNDS} rounds (dim={dim})")
 
 
 def sample_one_minus_w(dim: int, kappa: torch.Tensor) -> torch.Tensor:
@@ -79,17 +100,7 @@ def sample_one_minus_w(dim: int, kappa: torch.Tensor) -> torch.Tensor:
         return _inverse_cdf_p3(kappa, torch.rand_like(kappa))
     flat = kappa.reshape(-1)
     y, done = _wood_round(dim, flat, FIRST_ROUND_PROPOSALS)
-    if not bool(done.all()):  # one host sync; rare rows left, finished on a compacted index
-        pending = torch.nonzero(~done).squeeze(-1)
-        for _ in range(MAX_ROUNDS):
-            y_new, ok = _wood_round(dim, flat[pending], LATER_ROUND_PROPOSALS)
-            y[pending[ok]] = y_new[ok]
-            pending = pending[~ok]
-            if pending.numel() == 0:
-                break
-        else:
-            raise RuntimeError(f"vMF rejection sampler did not finish in {MAX_ROUNDS} rounds (dim={dim})")
-    return y.reshape(kappa.shape)
+    return _finish_rejected(dim, flat, y, done).reshape(kappa.shape)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -152,49 +163,80 @@ class ImplicitOneMinusW(torch.autograd.Function):
         return (grad * dy).to(kappa.dtype), None, None
 
 
+def _attach_kappa_gradient(dim: int, kappa: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() and kappa.requires_grad:
+        return ImplicitOneMinusW.apply(kappa, y, dim)
+    return y
+
+
 def one_minus_w_rsample(dim: int, kappa: torch.Tensor) -> torch.Tensor:
     """y = 1 − μᵀx (float64, shape of κ), reparameterised in κ when κ requires grad."""
     if dim == 3:  # the inverse CDF is an explicit reparameterisation
         return _inverse_cdf_p3(kappa.to(torch.float64), torch.rand(kappa.shape, dtype=torch.float64, device=kappa.device))
-    y = sample_one_minus_w(dim, kappa)
-    if not kappa.requires_grad:
-        return y
-    return ImplicitOneMinusW.apply(kappa, y, dim)
+    return _attach_kappa_gradient(dim, kappa, sample_one_minus_w(dim, kappa))
 
 
 # --------------------------------------------------------------------------------------------------
-# from w to x
+# the whole sample
 
 
-def tangent_directions_sample(loc: torch.Tensor, one_minus_w: torch.Tensor, exact_tangent_norm: bool) -> torch.Tensor:
-    """x = w μ + √(y(2−y)) v for unit loc μ [..., p] (broadcast to y's shape + [p]) and y = 1 − w.
+def _dot_with_loc(g: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """μᵀg over the last dimension; a matrix-vector product (no n×p temporary) for a single μ."""
+    if mu.shape[:-1].numel() == 1:
+        return g @ mu.reshape(-1)
+    return (g * mu).sum(-1)
 
-    v is the normalised tangent part of a standard Gaussian g: v = (g − (μᵀg)μ)/‖g − (μᵀg)μ‖, so
-    there is no Householder reflection and no degenerate μ. Written as x = c g + (w − c μᵀg) μ with
-    c = √(y(2−y))/‖g − (μᵀg)μ‖, computed in place on the Gaussian buffer when nothing needs a gradient.
-    ``exact_tangent_norm`` computes ‖g − (μᵀg)μ‖ from the projected vector (for small p, where
-    ‖g‖² − (μᵀg)² can cancel); otherwise from that difference (one reduction less).
+
+def rsample_vmf(loc: torch.Tensor, kappa: torch.Tensor, exact_tangent_norm: bool) -> torch.Tensor:
+    """Exact samples x = w μ + √(y(2−y)) v of vMF(loc, κ); shape ``kappa.shape + [p]``.
+
+    ``loc`` is unit-norm, broadcastable to ``kappa.shape + [p]`` (κ already expanded to the sample
+    and batch shape). With g ~ N(0, I): s = μᵀg, t = g − sμ and v = t/‖t‖, so no Householder
+    reflection and no degenerate μ; x = c g + (w − c s) μ with c = √(y(2−y))/‖t‖, in place on g when
+    nothing needs a gradient. ``exact_tangent_norm`` takes ‖t‖ from t itself (small p, where
+    ‖g‖² − s² can cancel); otherwise from that difference (one pass over g less). (s, ‖t‖) also give
+    the first Wood proposal, z = (‖g‖ + s)/(2‖g‖), independent of v.
     """
-    dtype = loc.dtype
-    shape = one_minus_w.shape + loc.shape[-1:]
-    mu = loc.expand(shape)
-    g = torch.randn(shape, dtype=dtype, device=loc.device)
-    y = one_minus_w
-    w = (1.0 - y).to(dtype)
-    sin = torch.sqrt(y * (2.0 - y)).to(dtype)
-    s = (g * mu).sum(-1)
-    in_place = not (torch.is_grad_enabled() and (loc.requires_grad or y.requires_grad))
+    dim = loc.shape[-1]
+    dtype, device = loc.dtype, loc.device
+    shape = kappa.shape
+    in_place = not (torch.is_grad_enabled() and (loc.requires_grad or kappa.requires_grad))
+    mu = loc.expand(shape + (dim,)) if loc.shape[:-1].numel() > 1 else loc
+    g = torch.randn(shape + (dim,), dtype=dtype, device=device)
+    s = _dot_with_loc(g, mu)
+    tangent = None
     if exact_tangent_norm:
-        tangent = g.addcmul_(s.unsqueeze(-1), mu, value=-1.0) if in_place else g - s.unsqueeze(-1) * mu
-        norm = torch.linalg.vector_norm(tangent, dim=-1)
-        c = sin / norm.clamp(min=torch.finfo(dtype).tiny)
+        s_mu = s.unsqueeze(-1) * mu
+        tangent = g.sub_(s_mu) if in_place else g - s_mu
+        # Project a second time ("twice is enough"): when g is nearly parallel to μ, the first pass
+        # leaves a μ-component of order ε|s| that 1/‖t‖ would amplify into a non-unit sample.
+        residual = _dot_with_loc(tangent, mu).unsqueeze(-1) * mu
+        tangent = tangent.sub_(residual) if in_place else tangent - residual
+        tangent_norm = torch.linalg.vector_norm(tangent, dim=-1)
+    else:
+        tangent_norm = torch.sqrt((torch.linalg.vector_norm(g, dim=-1).square() - s * s).clamp(min=0.0))
+    tangent_norm = tangent_norm.clamp(min=torch.finfo(dtype).tiny)
+
+    kappa64 = kappa.detach().to(torch.float64)
+    if dim == 3:
+        y = _inverse_cdf_p3(kappa.to(torch.float64), torch.rand(shape, dtype=torch.float64, device=device))
+    else:
+        s64, t64 = s.detach().to(torch.float64), tangent_norm.detach().to(torch.float64)
+        g_norm = torch.sqrt(s64 * s64 + t64 * t64)
+        # z = (‖g‖+s)/(2‖g‖): the smaller of ‖g‖ ± s is formed as ‖t‖²/(the larger), without cancellation
+        big = torch.where(s64 >= 0, g_norm + s64, t64 * t64 / (g_norm - s64))
+        small = torch.where(s64 >= 0, t64 * t64 / (g_norm + s64), g_norm - s64)
+        y, done = _wood_accept(dim, kappa64, big, small)
+        y = _finish_rejected(dim, kappa64.reshape(-1), y.reshape(-1), done.reshape(-1)).reshape(shape)
+        y = _attach_kappa_gradient(dim, kappa, y)
+
+    w = (1.0 - y).to(dtype)
+    c = torch.sqrt(y * (2.0 - y)).to(dtype) / tangent_norm
+    if tangent is not None:
         if in_place:
-            return tangent.mul_(c.unsqueeze(-1)).addcmul_(w.unsqueeze(-1), mu)
+            return tangent.mul_(c.unsqueeze(-1)).add_(w.unsqueeze(-1) * mu)
         return c.unsqueeze(-1) * tangent + w.unsqueeze(-1) * mu
-    norm2 = (g * g).sum(-1) if not in_place else torch.linalg.vector_norm(g, dim=-1).square()
-    norm = torch.sqrt((norm2 - s * s).clamp(min=torch.finfo(dtype).tiny))
-    c = sin / norm
     shift = (w - c * s).unsqueeze(-1)
     if in_place:
-        return g.mul_(c.unsqueeze(-1)).addcmul_(shift, mu)
+        return g.mul_(c.unsqueeze(-1)).add_(shift * mu)
     return c.unsqueeze(-1) * g + shift * mu

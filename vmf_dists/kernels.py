@@ -23,6 +23,7 @@ closed-form pairs here it is ignored, since the exact value beats any estimate.
 from __future__ import annotations
 
 import torch
+from torch.distributions import Distribution
 
 from vmf_dists.special import log_normalizer_plus_kappa
 from vmf_dists.uniform import HypersphericalUniform
@@ -78,7 +79,7 @@ def _log_ppk_closed_form(dim: int, k1, k2, sq_dist, rho: float) -> torch.Tensor:
     )
 
 
-def log_probability_product_kernel(p, q, rho: float, *, num_samples: int | None = None) -> torch.Tensor:
+def log_probability_product_kernel(p: Distribution, q: Distribution, rho: float, *, num_samples: int | None = None) -> torch.Tensor:
     r"""$\log \int p(x)^\rho q(x)^\rho\,dx$ for two distributions on the same sphere (closed form for vMFs).
 
     Args:
@@ -101,7 +102,7 @@ def log_probability_product_kernel(p, q, rho: float, *, num_samples: int | None 
     return _log_ppk_closed_form(dim, k1, k2, sq_dist, float(rho)).to(_result_dtype(p, q))
 
 
-def log_expected_likelihood(p, q, *, num_samples: int | None = None) -> torch.Tensor:
+def log_expected_likelihood(p: Distribution, q: Distribution, *, num_samples: int | None = None) -> torch.Tensor:
     r"""$\log \mathrm{EL}(p, q) = \log \int p\,q = \log \mathbb{E}_{x\sim p}[q(x)]$ (probability product kernel, ρ = 1).
 
     Example:
@@ -114,12 +115,12 @@ def log_expected_likelihood(p, q, *, num_samples: int | None = None) -> torch.Te
     return log_probability_product_kernel(p, q, 1.0, num_samples=num_samples)
 
 
-def log_bhattacharyya_coefficient(p, q, *, num_samples: int | None = None) -> torch.Tensor:
+def log_bhattacharyya_coefficient(p: Distribution, q: Distribution, *, num_samples: int | None = None) -> torch.Tensor:
     r"""$\log \int \sqrt{p\,q}$, the log Bhattacharyya coefficient (probability product kernel, ρ = ½); ≤ 0, = 0 iff p = q."""
     return log_probability_product_kernel(p, q, 0.5, num_samples=num_samples)
 
 
-def pairwise_log_probability_product_kernel(p, q, rho: float, *, num_samples: int | None = None) -> torch.Tensor:
+def pairwise_log_probability_product_kernel(p: Distribution, q: Distribution, rho: float, *, num_samples: int | None = None) -> torch.Tensor:
     r"""All pairs: $\log\mathrm{PPK}_\rho(p_b, q_c)$ for ``p`` with batch shape ``[B]`` and ``q`` with batch ``[C]``.
 
     Uses $\|\kappa_b\mu_b + \kappa_c\mu_c\|^2 = (\kappa_b+\kappa_c)^2 - \kappa_b\kappa_c\|\mu_b-\mu_c\|^2$ with
@@ -143,6 +144,6 @@ def pairwise_log_probability_product_kernel(p, q, rho: float, *, num_samples: in
     return _log_ppk_closed_form(dim, k1.unsqueeze(-1), k2.unsqueeze(0), sq_dist, float(rho)).to(dtype)
 
 
-def pairwise_log_expected_likelihood(p, q, *, num_samples: int | None = None) -> torch.Tensor:
+def pairwise_log_expected_likelihood(p: Distribution, q: Distribution, *, num_samples: int | None = None) -> torch.Tensor:
     r"""All pairs $\log\mathrm{EL}(p_b, q_c)$, shape ``[B, C]`` (see `pairwise_log_probability_product_kernel`)."""
     return pairwise_log_probability_product_kernel(p, q, 1.0, num_samples=num_samples)

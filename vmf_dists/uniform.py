@@ -47,7 +47,7 @@ class HypersphericalUniform(TorchDistribution):
     support = constraints.sphere
     has_rsample = True
 
-    def __init__(self, dim: int, batch_shape=(), *, dtype: torch.dtype | None = None,
+    def __init__(self, dim: int, batch_shape: torch.Size | tuple[int, ...] = (), *, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None, validate_args: bool | None = None):
         self.dim = _check_dim(dim)
         self._dtype = dtype if dtype is not None else torch.get_default_dtype()

@@ -6,7 +6,7 @@ import torch
 from pyro.distributions import TorchDistribution, constraints
 from torch.distributions.utils import lazy_property
 
-from vmf_dists._sampling import one_minus_w_rsample, tangent_directions_sample
+from vmf_dists._sampling import rsample_vmf
 from vmf_dists.special import (
     _validation_enabled,
     inverse_mean_resultant_length,
@@ -140,10 +140,8 @@ class VonMisesFisher(TorchDistribution):
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
         """Exact, reparameterised samples of shape ``sample_shape + batch_shape + [p]``."""
         shape = torch.Size(sample_shape) + self.batch_shape
-        one_minus_w = one_minus_w_rsample(self.dim, self.concentration.expand(shape))
-        return tangent_directions_sample(
-            self._unit_loc, one_minus_w, exact_tangent_norm=self.dim <= _EXACT_TANGENT_NORM_MAX_DIM
-        )
+        kappa = self.concentration.expand(shape)
+        return rsample_vmf(self._unit_loc, kappa, exact_tangent_norm=self.dim <= _EXACT_TANGENT_NORM_MAX_DIM)
 
     def entropy(self) -> torch.Tensor:
         r"""$H = -[\log C_p(\kappa) + \kappa] + \kappa(1 - A_p(\kappa))$ (no cancellation at large κ)."""
