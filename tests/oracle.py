@@ -12,8 +12,8 @@ Notes on mpmath:
 * ``mpmath.besseli`` needs ``maxterms`` well above its default for large orders at large arguments
   (e.g. ν = 4095, x = 1e5: its asymptotic expansion does not converge and it falls back to the power
   series with ~1e5 terms); `MAXTERMS` is passed on every call. Such points take seconds.
-* Quantities that cancel in float64 (A_p'(κ) = 1 − A² − (p−1)A/κ at large κ) are evaluated at
-  `WORK_DPS` digits, where the cancellation (≈ 2·log10 κ digits) is harmless.
+* Quantities that cancel in float64 (A_p'(κ) = 1 − A² − (p−1)A/κ at large κ) are evaluated with
+  2·log10(κ) extra digits, so the cancellation is harmless.
 """
 
 from __future__ import annotations
@@ -44,10 +44,14 @@ __all__ = [
 ]
 
 
+def mp_besseli(v: float, x: float, shift: int = 0, dps: int = WORK_DPS):
+    """I_{v+shift}(x) at ``dps`` digits (v + shift is formed exactly in mp arithmetic); memoised."""
+    return _besseli_cached(float(v), float(x), int(shift), int(dps))
+
+
 @lru_cache(maxsize=None)
-def mp_besseli(v: float, x: float, shift: int = 0):
-    """I_{v+shift}(x) at WORK_DPS digits (v + shift is formed exactly in mp arithmetic)."""
-    with mp.workdps(WORK_DPS):
+def _besseli_cached(v: float, x: float, shift: int, dps: int):
+    with mp.workdps(dps):
         return mp.besseli(mp.mpf(v) + shift, mp.mpf(x), maxterms=MAXTERMS)
 
 
@@ -85,17 +89,22 @@ def mp_ratio(v: float, x: float) -> float:
 
 @lru_cache(maxsize=None)
 def mp_ratio_deriv_mp(v: float, x: float):
-    """R_v'(x) = 1 − R² − (2v+1) R / x (DLMF 10.29.2) at WORK_DPS digits; 1/(2v+2) at x = 0.
+    """R_v'(x) = 1 − R² − (2v+1) R / x (DLMF 10.29.2); 1/(2v+2) at x = 0.
 
-    The formula cancels by ≈ 2·log10(x) digits at large x; at WORK_DPS = 60 digits this still leaves
-    ≳ 40 correct digits for x ≤ 1e8.
+    The formula cancels by ≈ 2·log10(x) digits at large x, so beyond x = 1e10 the Bessel functions
+    are evaluated with correspondingly more digits than WORK_DPS.
     """
-    with mp.workdps(WORK_DPS):
-        vv = mp.mpf(v)
-        if x == 0.0:
+    vv = mp.mpf(v)
+    if x == 0.0:
+        with mp.workdps(WORK_DPS):
             return 1 / (2 * vv + 2)
-        r = mp_ratio_mp(v, x)
-        return 1 - r * r - (2 * vv + 1) * r / mp.mpf(x)
+    # up to x = 1e10 the cancellation leaves ≥ 40 of the WORK_DPS digits (and reuses the cache)
+    dps = WORK_DPS + max(0, 2 * math.ceil(math.log10(x)) - 20)
+    with mp.workdps(dps):
+        r = mp_besseli(v, x, 1, dps) / mp_besseli(v, x, 0, dps)
+        d = 1 - r * r - (2 * vv + 1) * r / mp.mpf(x)
+    with mp.workdps(WORK_DPS):
+        return +d
 
 
 def mp_ratio_deriv(v: float, x: float) -> float:

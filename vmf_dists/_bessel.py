@@ -95,9 +95,10 @@ def _uniform_expansion(order: float | torch.Tensor, x: torch.Tensor, with_deriva
     if with_derivative:
         du = _horner_derivative(u_coeffs, t)
         dw = _horner_derivative(w_coeffs, t)
-        z2t = z * z * t
+        zt = z * t  # in [0, 1): the products below neither overflow nor underflow early
+        zt2t = zt * zt * t
         one_plus_t = 1.0 + t
-        deriv = t**3 / order * (g + z2t / (one_plus_t * one_plus_t) - z2t * (dw * u - w * du) / (u * u))
+        deriv = t / order * (t * t * g + zt2t / (one_plus_t * one_plus_t) - zt2t * (dw * u - w * du) / (u * u))
     complement = None
     if with_complement:
         zt = z * t
@@ -129,15 +130,15 @@ def log_iv_ratio_core(order, x: torch.Tensor, with_derivative: bool = False, wit
     log_i, rho, deriv, complement = _uniform_expansion(order + lift, finite_x, with_derivative, with_complement)
 
     if steps:
-        x2 = finite_x * finite_x
         one_plus_x = 1.0 + finite_x
         # Π ρ_o (1+x) over the lifted orders: each factor lies in [1/(2o+2), 1], so no under/overflow.
         scaled_product = torch.ones_like(log_i)
         for j in range(steps - 1, -1, -1):
             two_o_plus_2 = 2.0 * (order + j + 1.0)  # 2(o+1) for the order o = ν + j computed here
-            denom = torch.mul(x2, rho).add_(two_o_plus_2)
+            # x²ρ and x²R' formed as x(xρ), x(xR'): no overflow up to the largest float x
+            denom = torch.mul(finite_x, rho).mul_(finite_x).add_(two_o_plus_2)
             if with_derivative:
-                new_deriv = (two_o_plus_2 - x2 * deriv) / (denom * denom)
+                new_deriv = (two_o_plus_2 - finite_x * (finite_x * deriv)) / (denom * denom)
             if with_complement:  # 1 − R_o = (2(o+1) − x(1 − R_{o+1})) / denom
                 new_complement = (two_o_plus_2 - finite_x * complement) / denom
             if isinstance(lift, torch.Tensor):
