@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 from torch.distributions import Distribution
 
-from vmf_dists.special import log_normalizer_plus_kappa
-from vmf_dists.uniform import HypersphericalUniform
+from vmf_dists.special import log_normalizer_plus_kappa, uniform_log_normalizer_gap
+from vmf_dists.uniform import HypersphericalUniform, log_sphere_area
 from vmf_dists.von_mises_fisher import VonMisesFisher
 
 __all__ = [
@@ -41,15 +41,12 @@ __all__ = [
 def _as_vmf_parameters(d) -> tuple[torch.Tensor, torch.Tensor]:
     """(unit loc [..., p], κ [...]) in float64 for a vMF or a uniform (κ = 0)."""
     if isinstance(d, VonMisesFisher):
-        return d._unit_loc.to(torch.float64), d.concentration.to(torch.float64)
+        return d._unit_loc64, d.concentration.to(torch.float64)
     if isinstance(d, HypersphericalUniform):
         loc = torch.zeros(d.batch_shape + d.event_shape, dtype=torch.float64, device=d.device)
         loc[..., 0] = 1.0
         return loc, torch.zeros(d.batch_shape, dtype=torch.float64, device=d.device)
-    raise NotImplementedError(
-        f"no kernel implemented for {type(d).__name__}; closed forms exist for VonMisesFisher and "
-        "HypersphericalUniform"
-    )
+    raise NotImplementedError(f"no kernel implemented for {type(d).__name__}")
 
 
 def _result_dtype(p, q) -> torch.dtype:
@@ -60,6 +57,12 @@ def _result_dtype(p, q) -> torch.dtype:
 
 
 def _check_pair(p, q, rho: float) -> int:
+    for d in (p, q):
+        if not isinstance(d, (VonMisesFisher, HypersphericalUniform)):
+            raise NotImplementedError(
+                f"no kernel implemented for {type(d).__name__}; closed forms exist for VonMisesFisher and "
+                "HypersphericalUniform"
+            )
     if p.event_shape != q.event_shape:
         raise ValueError(f"kernel between spheres of different dimensions: {p.event_shape[0]} vs {q.event_shape[0]}")
     if not rho > 0:
@@ -67,16 +70,36 @@ def _check_pair(p, q, rho: float) -> int:
     return p.event_shape[0]
 
 
+# κ²/4 ≤ 8p: where uniform_log_normalizer_gap sums its power series (relative precision near κ = 0).
+_SERIES_KAPPA_SQ_PER_DIM = 32.0
+
+
 def _log_ppk_closed_form(dim: int, k1, k2, sq_dist, rho: float) -> torch.Tensor:
-    """The closed form from κ₁, κ₂ and ‖μ₁ − μ₂‖² (broadcast), float64."""
+    """The closed form from κ₁, κ₂ and ‖μ₁ − μ₂‖² (broadcast), float64.
+
+    Large κ: ρ[C̃(κ₁) + C̃(κ₂)] − C̃(r) − ρ κ₁κ₂‖μ₁−μ₂‖²/(κ₁+κ₂+‖κ₁μ₁+κ₂μ₂‖), with C̃ = log C + κ.
+    Small κ (all of κ₁, κ₂, r with κ² ≤ 32p): anchored at the uniform, with G(κ) = log C(0) − log C(κ),
+    (2ρ − 1) log C(0) − ρ[G(κ₁) + G(κ₂)] + G(r), so that e.g. the log Bhattacharyya coefficient
+    (≈ −κ²·const) keeps relative precision.
+    """
     norm_sq = ((k1 + k2).square() - k1 * k2 * sq_dist).clamp(min=0.0)
-    norm = torch.sqrt(norm_sq.clamp(min=torch.finfo(torch.float64).tiny))  # safe gradient at 0
+    positive = norm_sq > 0
+    norm = torch.where(positive, torch.sqrt(torch.where(positive, norm_sq, 1.0)), 0.0)  # safe gradient at 0
+    r = rho * norm
     denom = (k1 + k2 + norm).clamp(min=torch.finfo(torch.float64).tiny)
-    return (
+    large = (
         rho * (log_normalizer_plus_kappa(dim, k1) + log_normalizer_plus_kappa(dim, k2))
-        - log_normalizer_plus_kappa(dim, rho * norm)
+        - log_normalizer_plus_kappa(dim, r)
         - rho * k1 * k2 * sq_dist / denom
     )
+    anchored = (
+        -(2.0 * rho - 1.0) * log_sphere_area(dim)
+        - rho * (uniform_log_normalizer_gap(dim, k1) + uniform_log_normalizer_gap(dim, k2))
+        + uniform_log_normalizer_gap(dim, r)
+    )
+    limit = _SERIES_KAPPA_SQ_PER_DIM * dim
+    small = (k1 * k1 <= limit) & (k2 * k2 <= limit) & (r * r <= limit)
+    return torch.where(small, anchored, large)
 
 
 def log_probability_product_kernel(p: Distribution, q: Distribution, rho: float, *, num_samples: int | None = None) -> torch.Tensor:
@@ -124,8 +147,9 @@ def pairwise_log_probability_product_kernel(p: Distribution, q: Distribution, rh
     r"""All pairs: $\log\mathrm{PPK}_\rho(p_b, q_c)$ for ``p`` with batch shape ``[B]`` and ``q`` with batch ``[C]``.
 
     Uses $\|\kappa_b\mu_b + \kappa_c\mu_c\|^2 = (\kappa_b+\kappa_c)^2 - \kappa_b\kappa_c\|\mu_b-\mu_c\|^2$ with
-    $\|\mu_b - \mu_c\|^2 = 2 - 2\mu_b^\top\mu_c$ from one ``[B, p] × [p, C]`` matrix product (in the
-    parameters' dtype); no ``[B, C, p]`` tensor is formed. The rest is elementwise on ``[B, C]`` in float64.
+    $\|\mu_b - \mu_c\|^2 = 2 - 2\mu_b^\top\mu_c$ from one ``[B, p] × [p, C]`` matrix product; no
+    ``[B, C, p]`` tensor is formed. The product and the rest (elementwise on ``[B, C]``) run in float64,
+    since $2 - 2\mu_b^\top\mu_c$ cancels for nearby directions and κ multiplies that error.
 
     Returns:
         Tensor of shape ``[B, C]``.
@@ -139,8 +163,8 @@ def pairwise_log_probability_product_kernel(p: Distribution, q: Distribution, rh
     dtype = _result_dtype(p, q)
     mu1, k1 = _as_vmf_parameters(p)
     mu2, k2 = _as_vmf_parameters(q)
-    cosine = (mu1.to(dtype) @ mu2.to(dtype).T).to(torch.float64)
-    sq_dist = (2.0 - 2.0 * cosine).clamp(min=0.0)
+    # In float64: 2 − 2μ_bᵀμ_c cancels for nearby directions, and at large κ that error is multiplied by κ.
+    sq_dist = (2.0 - 2.0 * (mu1 @ mu2.T)).clamp(min=0.0)
     return _log_ppk_closed_form(dim, k1.unsqueeze(-1), k2.unsqueeze(0), sq_dist, float(rho)).to(dtype)
 
 

@@ -6,7 +6,9 @@ With $A = A_p(\kappa_1)$, $\tilde C(\kappa) = \log C_p(\kappa) + \kappa$:
 
 * $\mathrm{KL}(\mathrm{vMF}_1 \| \mathrm{vMF}_2) = \log C_p(\kappa_1) - \log C_p(\kappa_2) + A(\kappa_1 - \kappa_2\mu_1^\top\mu_2)$,
   evaluated as $\tilde C(\kappa_1) - \tilde C(\kappa_2) + (\kappa_2 - \kappa_1)(1 - A) + \kappa_2 A\|\mu_1 - \mu_2\|^2/2$
-  (no terms of size κ cancel).
+  (no terms of size κ cancel), and where both $\kappa^2 \le 32p$ as
+  $G(\kappa_2) - G(\kappa_1) + A(\kappa_1 - \kappa_2\mu_1^\top\mu_2)$ with $G(\kappa) = \log {}_0F_1(; p/2; \kappa^2/4)$
+  (relative precision as κ → 0).
 * $\mathrm{KL}(\mathrm{vMF} \| U) = \log C_p(\kappa) + \kappa A + \log|S^{p-1}| = \kappa A - \log {}_0F_1(; p/2; \kappa^2/4)$,
   which keeps relative precision as κ → 0 (value ≈ κ²/(2p)); for large κ it is evaluated as
   $\tilde C(\kappa) + \log|S^{p-1}| - \kappa(1 - A)$. Never a difference of entropies.
@@ -43,36 +45,61 @@ def _check_same_dim(p, q) -> int:
     return p.event_shape[0]
 
 
+# κ²/4 ≤ 16(ν+1) = 8p: where uniform_log_normalizer_gap sums its power series (relative precision).
+_SERIES_KAPPA_SQ_PER_DIM = 32.0
+
+
+def _in_series_region(dim: int, *kappas: torch.Tensor) -> torch.Tensor:
+    inside = [k * k <= _SERIES_KAPPA_SQ_PER_DIM * dim for k in kappas]
+    out = inside[0]
+    for more in inside[1:]:
+        out = out & more
+    return out
+
+
+def _kl_vmf_uniform64(dim: int, k: torch.Tensor) -> torch.Tensor:
+    """KL(vMF(κ) ‖ U) in float64: κA − log 0F1 near 0, log C̃ + log|S| − κ(1−A) beyond."""
+    near_zero = k * mean_resultant_length(dim, k, validate_args=False) - uniform_log_normalizer_gap(dim, k)
+    large = log_normalizer_plus_kappa(dim, k) + log_sphere_area(dim) - k * mean_resultant_length_complement(dim, k)
+    return torch.where(_in_series_region(dim, k), near_zero, large).clamp(min=0.0)
+
+
 @register_kl(VonMisesFisher, VonMisesFisher)
 def kl_vmf_vmf(p: VonMisesFisher, q: VonMisesFisher) -> torch.Tensor:
-    """KL(vMF(μ₁, κ₁) ‖ vMF(μ₂, κ₂)) in closed form (see the module docstring)."""
+    """KL(vMF(μ₁, κ₁) ‖ vMF(μ₂, κ₂)) in closed form (see the module docstring).
+
+    Where both κ are small (κ² ≤ 32p) it is anchored at the uniform distribution:
+    G(κ₂) − G(κ₁) + A(κ₁ − κ₂ μ₁ᵀμ₂) with G(κ) = log C_p(0) − log C_p(κ) = log ₀F₁(; p/2; κ²/4) from its
+    series, so that it keeps relative precision as κ → 0 (and is exactly 0 for p = q).
+    """
     dim = _check_same_dim(p, q)
     k1, k2 = p.concentration.to(torch.float64), q.concentration.to(torch.float64)
-    mu1, mu2 = p._unit_loc.to(torch.float64), q._unit_loc.to(torch.float64)
+    mu1, mu2 = p._unit_loc64, q._unit_loc64
     sq_dist = (mu1 - mu2).square().sum(-1)
-    complement = mean_resultant_length_complement(dim, k1)
-    kl = (
+    complement = mean_resultant_length_complement(dim, k1)  # 1 − A, precise at large κ
+    mean_length = mean_resultant_length(dim, k1, validate_args=False)  # A, precise at small κ
+    large = (
         log_normalizer_plus_kappa(dim, k1)
         - log_normalizer_plus_kappa(dim, k2)
         + (k2 - k1) * complement
-        + 0.5 * k2 * (1.0 - complement) * sq_dist
+        + 0.5 * k2 * mean_length * sq_dist
     )
+    # log C(κ₁) − log C(κ₂) = G(κ₂) − G(κ₁) with G(κ) = log C(0) − log C(κ) (series: relative precision)
+    anchored = (
+        uniform_log_normalizer_gap(dim, k2)
+        - uniform_log_normalizer_gap(dim, k1)
+        + mean_length * (k1 - k2 * (1.0 - 0.5 * sq_dist))
+    )
+    kl = torch.where(_in_series_region(dim, k1, k2), anchored, large).clamp(min=0.0)
     return kl.to(torch.promote_types(p.loc.dtype, q.loc.dtype))
-
-
-def _kl_vmf_uniform_value(dim: int, kappa: torch.Tensor) -> torch.Tensor:
-    k = kappa.to(torch.float64)
-    small = k * k <= 32.0 * dim  # κ²/4 ≤ 16(ν+1): where uniform_log_normalizer_gap sums its series
-    near_zero = k * mean_resultant_length(dim, k, validate_args=False) - uniform_log_normalizer_gap(dim, k)
-    large = log_normalizer_plus_kappa(dim, k) + log_sphere_area(dim) - k * mean_resultant_length_complement(dim, k)
-    return torch.where(small, near_zero, large).clamp(min=0.0).to(kappa.dtype)
 
 
 @register_kl(VonMisesFisher, HypersphericalUniform)
 def kl_vmf_uniform(p: VonMisesFisher, q: HypersphericalUniform) -> torch.Tensor:
     """KL(vMF(μ, κ) ‖ Uniform), ≥ 0, with relative precision as κ → 0."""
     dim = _check_same_dim(p, q)
-    value = _kl_vmf_uniform_value(dim, p.concentration)
+    value = _kl_vmf_uniform64(dim, p.concentration.to(torch.float64))
+    value = value.to(torch.promote_types(p.loc.dtype, q.dtype))
     return value.expand(torch.broadcast_shapes(p.batch_shape, q.batch_shape))
 
 
@@ -80,7 +107,8 @@ def kl_vmf_uniform(p: VonMisesFisher, q: HypersphericalUniform) -> torch.Tensor:
 def kl_uniform_vmf(p: HypersphericalUniform, q: VonMisesFisher) -> torch.Tensor:
     """KL(Uniform ‖ vMF(μ, κ)) = log ₀F₁(; p/2; κ²/4)."""
     dim = _check_same_dim(p, q)
-    value = uniform_log_normalizer_gap(dim, q.concentration)
+    value = uniform_log_normalizer_gap(dim, q.concentration.to(torch.float64))
+    value = value.to(torch.promote_types(p.dtype, q.loc.dtype))
     return value.expand(torch.broadcast_shapes(p.batch_shape, q.batch_shape))
 
 
@@ -89,4 +117,4 @@ def kl_uniform_uniform(p: HypersphericalUniform, q: HypersphericalUniform) -> to
     """KL(Uniform ‖ Uniform) = 0."""
     _check_same_dim(p, q)
     shape = torch.broadcast_shapes(p.batch_shape, q.batch_shape)
-    return torch.zeros(shape, dtype=p.dtype, device=p.device)
+    return torch.zeros(shape, dtype=torch.promote_types(p.dtype, q.dtype), device=p.device)

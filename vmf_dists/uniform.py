@@ -63,11 +63,18 @@ class HypersphericalUniform(TorchDistribution):
         return self._device
 
     def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        try:
+            compatible = torch.broadcast_shapes(batch_shape, self.batch_shape) == batch_shape
+        except RuntimeError:
+            compatible = False
+        if not compatible:
+            raise ValueError(f"cannot expand batch shape {tuple(self.batch_shape)} to {tuple(batch_shape)}")
         new = self._get_checked_instance(HypersphericalUniform, _instance)
         new.dim = self.dim
         new._dtype = self._dtype
         new._device = self._device
-        super(HypersphericalUniform, new).__init__(torch.Size(batch_shape), self.event_shape, validate_args=False)
+        super(HypersphericalUniform, new).__init__(batch_shape, self.event_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new
 

@@ -2,6 +2,8 @@ r"""The von Mises–Fisher distribution on the unit sphere $S^{p-1} \subset \mat
 
 from __future__ import annotations
 
+import math
+
 import torch
 from pyro.distributions import TorchDistribution, constraints
 from torch.distributions.utils import lazy_property
@@ -55,8 +57,8 @@ class VonMisesFisher(TorchDistribution):
 
     Args:
         loc: mean direction $\mu$, unit vectors of shape ``[..., p]`` with $p \ge 2$.
-        concentration: $\kappa \ge 0$, shape broadcastable with ``loc.shape[:-1]``; a Python number
-            is accepted.
+        concentration: finite $\kappa \ge 0$, shape broadcastable with ``loc.shape[:-1]``; a Python
+            number is accepted (and takes ``loc``'s dtype).
         validate_args: check the constraints (unit ``loc``, $\kappa \ge 0$, samples on the sphere).
             Default: torch.distributions' global switch.
 
@@ -81,7 +83,7 @@ class VonMisesFisher(TorchDistribution):
         (torch.Size([5, 3]), torch.Size([5]))
     """
 
-    arg_constraints = {"loc": constraints.sphere, "concentration": constraints.nonnegative}
+    arg_constraints = {"loc": constraints.sphere, "concentration": constraints.half_open_interval(0.0, math.inf)}
     support = constraints.sphere
     has_rsample = True
 
@@ -90,10 +92,13 @@ class VonMisesFisher(TorchDistribution):
             raise ValueError("loc must be a floating-point tensor of shape [..., p]")
         if loc.dim() < 1 or loc.shape[-1] < 2:
             raise ValueError(f"loc must have shape [..., p] with p ≥ 2, got {tuple(loc.shape)}")
-        concentration = torch.as_tensor(concentration, device=loc.device)
-        if not concentration.is_floating_point():
-            concentration = concentration.to(loc.dtype)
-        dtype = torch.promote_types(loc.dtype, concentration.dtype)
+        if isinstance(concentration, torch.Tensor):
+            if not concentration.is_floating_point():
+                concentration = concentration.to(loc.dtype)
+            dtype = torch.promote_types(loc.dtype, concentration.dtype)
+        else:  # a Python number takes loc's dtype, as in torch.distributions
+            concentration = torch.as_tensor(concentration, dtype=loc.dtype, device=loc.device)
+            dtype = loc.dtype
         loc, concentration = loc.to(dtype), concentration.to(dtype)
         try:
             batch_shape = torch.broadcast_shapes(loc.shape[:-1], concentration.shape)
@@ -123,6 +128,11 @@ class VonMisesFisher(TorchDistribution):
     @lazy_property
     def _unit_loc(self) -> torch.Tensor:
         return _unit(self.loc)
+
+    @lazy_property
+    def _unit_loc64(self) -> torch.Tensor:
+        # normalised in float64, so that float32 rounding of ‖loc‖ does not enter 2 − 2μ₁ᵀμ₂ and the like
+        return _unit(self.loc.to(torch.float64))
 
     @lazy_property
     def _kappa64(self) -> torch.Tensor:
@@ -167,12 +177,9 @@ class VonMisesFisher(TorchDistribution):
         a = mean_resultant_length(p, k, validate_args=False)
         safe_k = torch.where(k > 0, k, torch.ones_like(k))
         rho = torch.where(k > 0, a / safe_k, torch.full_like(k, 1.0 / p))
-        # A' = 1 − A² − (p−1)ρ cancels at large κ: take its value from the expansion, keep the
-        # (mathematically identical) autograd derivative of the formula.
-        naive = 1.0 - a * a - (p - 1) * rho
-        a_prime = naive + (mean_resultant_length_derivative(p, k) - naive).detach()
-        mu = self._unit_loc.to(torch.float64)
-        var = rho.unsqueeze(-1) + (a_prime - rho).unsqueeze(-1) * mu * mu
+        a_prime = mean_resultant_length_derivative(p, k)  # not 1 − A² − (p−1)ρ, which cancels at large κ
+        mu2 = self._unit_loc.to(torch.float64).square()
+        var = rho.unsqueeze(-1) * (1.0 - mu2) + a_prime.unsqueeze(-1) * mu2  # no cancellation along μ
         return var.to(self.loc.dtype)
 
     # ---------------------------------------------------------------------------------------------
