@@ -12,9 +12,11 @@ float64); √(1−w²) = √(y(2−y)).
   Gamma((p−1)/2) draws, y = 2bz/(1−(1−b)z) = 2b g₁/(g₂ + b g₁), accepted when
   2κb/(1+b) − κy + (p−1)[log1p((1−b)y/(2b)) − log1p(x₀)] ≥ log u, which is Wood's test
   κw + (p−1)log(1−x₀w) − c ≥ log u rewritten without differences of nearby numbers. Its acceptance
-  rate is at least 0.65 for every p and κ (measured; ≈ 1 for κ ≲ p). The first proposal of every
-  sample costs nothing: the Gaussian g drawn for the direction gives z = (1 + μᵀg/‖g‖)/2, which is
-  Beta((p−1)/2, (p−1)/2) and independent of the tangent direction of g. The rejected samples are
+  rate is at least 0.65 for every p and κ (measured; ≈ 1 for κ ≲ p). Unless a gradient in μ is
+  needed, the first proposal of every sample costs nothing: the Gaussian g drawn for the direction
+  gives z = (1 + μᵀg/‖g‖)/2, which is Beta((p−1)/2, (p−1)/2) and independent of the tangent direction
+  of g. (With a μ-gradient this reuse would make the noise depend on μ and bias that gradient, so
+  the proposals are then drawn from Gamma variates.) The rejected samples are
   compacted (one host synchronisation) and finished with `LATER_ROUND_PROPOSALS` Gamma-based
   proposals per sample per round.
 * The gradient dy/dκ is implicit (Figurnov et al., 2018): with the angle θ = arccos(w),
@@ -32,7 +34,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from vmf_dists.special import mean_resultant_length
+from vmf_dists.special import mean_resultant_length_complement
 
 FIRST_ROUND_PROPOSALS = 4  # for `sample_one_minus_w`, which has no Gaussian to reuse
 LATER_ROUND_PROPOSALS = 8
@@ -118,7 +120,7 @@ def d_one_minus_w_d_kappa(dim: int, kappa: torch.Tensor, y: torch.Tensor) -> tor
     kappa = kappa.to(torch.float64)
     y = y.to(torch.float64)
     m = float(dim - 2)
-    one_minus_a = 1.0 - mean_resultant_length(dim, kappa, validate_args=False)
+    one_minus_a = mean_resultant_length_complement(dim, kappa)  # 1 − A keeps its digits at large κ
     theta = 2.0 * torch.asin(torch.sqrt(0.5 * y).clamp(max=1.0))
     sin_theta = torch.sqrt((y * (2.0 - y)).clamp(min=0.0))
 
@@ -220,6 +222,10 @@ def rsample_vmf(loc: torch.Tensor, kappa: torch.Tensor, exact_tangent_norm: bool
     kappa64 = kappa.detach().to(torch.float64)
     if dim == 3:
         y = _inverse_cdf_p3(kappa.to(torch.float64), torch.rand(shape, dtype=torch.float64, device=device))
+    elif torch.is_grad_enabled() and loc.requires_grad:
+        # Reusing μᵀg for the proposal would make the noise (g, y) depend on μ and bias the loc
+        # gradient; with a loc gradient the w-sampler draws its own proposals.
+        y = _attach_kappa_gradient(dim, kappa, sample_one_minus_w(dim, kappa64))
     else:
         s64, t64 = s.detach().to(torch.float64), tangent_norm.detach().to(torch.float64)
         g_norm = torch.sqrt(s64 * s64 + t64 * t64)
