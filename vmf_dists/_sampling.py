@@ -37,7 +37,7 @@ import torch
 from vmf_dists.special import mean_resultant_length_complement
 
 FIRST_ROUND_PROPOSALS = 4  # for `sample_one_minus_w`, which has no Gaussian to reuse
-LATER_ROUND_PROPOSALS = 8
+LATER_ROUND_PROPOSALS = 4
 MAX_ROUNDS = 64
 _QUADRATURE_NODES = 48
 _WINDOW_SDS = 12.0
@@ -208,12 +208,11 @@ def rsample_vmf(loc: torch.Tensor, kappa: torch.Tensor, exact_tangent_norm: bool
     s = _dot_with_loc(g, mu)
     tangent = None
     if exact_tangent_norm:
-        s_mu = s.unsqueeze(-1) * mu
-        tangent = g.sub_(s_mu) if in_place else g - s_mu
+        tangent = g.addcmul_(s.unsqueeze(-1), mu, value=-1.0) if in_place else g - s.unsqueeze(-1) * mu
         # Project a second time ("twice is enough"): when g is nearly parallel to μ, the first pass
         # leaves a μ-component of order ε|s| that 1/‖t‖ would amplify into a non-unit sample.
-        residual = _dot_with_loc(tangent, mu).unsqueeze(-1) * mu
-        tangent = tangent.sub_(residual) if in_place else tangent - residual
+        residual = _dot_with_loc(tangent, mu).unsqueeze(-1)
+        tangent = tangent.addcmul_(residual, mu, value=-1.0) if in_place else tangent - residual * mu
         tangent_norm = torch.linalg.vector_norm(tangent, dim=-1)
     else:
         tangent_norm = torch.sqrt((torch.linalg.vector_norm(g, dim=-1).square() - s * s).clamp(min=0.0))
@@ -240,9 +239,9 @@ def rsample_vmf(loc: torch.Tensor, kappa: torch.Tensor, exact_tangent_norm: bool
     c = torch.sqrt(y * (2.0 - y)).to(dtype) / tangent_norm
     if tangent is not None:
         if in_place:
-            return tangent.mul_(c.unsqueeze(-1)).add_(w.unsqueeze(-1) * mu)
+            return tangent.mul_(c.unsqueeze(-1)).addcmul_(w.unsqueeze(-1), mu)
         return c.unsqueeze(-1) * tangent + w.unsqueeze(-1) * mu
     shift = (w - c * s).unsqueeze(-1)
     if in_place:
-        return g.mul_(c.unsqueeze(-1)).add_(shift * mu)
+        return g.mul_(c.unsqueeze(-1)).addcmul_(shift, mu)
     return c.unsqueeze(-1) * g + shift * mu
