@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch.distributions import Distribution
 
-from vmf_dists.special import log_normalizer_plus_kappa, uniform_log_normalizer_gap
+from vmf_dists.special import in_gap_series_region, log_normalizer_plus_kappa, uniform_log_normalizer_gap
 from vmf_dists.uniform import HypersphericalUniform, log_sphere_area
 from vmf_dists.von_mises_fisher import VonMisesFisher
 
@@ -38,15 +38,15 @@ __all__ = [
 ]
 
 
-def _as_vmf_parameters(d) -> tuple[torch.Tensor, torch.Tensor]:
-    """(unit loc [..., p], κ [...]) in float64 for a vMF or a uniform (κ = 0)."""
+def _as_vmf_parameters(d, other) -> tuple[torch.Tensor, torch.Tensor]:
+    """(unit loc [..., p], κ [...]) in float64 for a vMF, or for a uniform (κ = 0, any loc), the latter
+    on the device of the ``other`` argument when that is a vMF (a uniform's own device is irrelevant)."""
     if isinstance(d, VonMisesFisher):
         return d._unit_loc64, d.concentration.to(torch.float64)
-    if isinstance(d, HypersphericalUniform):
-        loc = torch.zeros(d.batch_shape + d.event_shape, dtype=torch.float64, device=d.device)
-        loc[..., 0] = 1.0
-        return loc, torch.zeros(d.batch_shape, dtype=torch.float64, device=d.device)
-    raise NotImplementedError(f"no kernel implemented for {type(d).__name__}")
+    device = other.loc.device if isinstance(other, VonMisesFisher) else d.device
+    loc = torch.zeros(d.batch_shape + d.event_shape, dtype=torch.float64, device=device)
+    loc[..., 0] = 1.0
+    return loc, torch.zeros(d.batch_shape, dtype=torch.float64, device=device)
 
 
 def _result_dtype(p, q) -> torch.dtype:
@@ -68,10 +68,6 @@ def _check_pair(p, q, rho: float) -> int:
     if not rho > 0:
         raise ValueError(f"rho must be positive, got {rho}")
     return p.event_shape[0]
-
-
-# κ²/4 ≤ 8p: where uniform_log_normalizer_gap sums its power series (relative precision near κ = 0).
-_SERIES_KAPPA_SQ_PER_DIM = 32.0
 
 
 def _log_ppk_closed_form(dim: int, k1, k2, sq_dist, rho: float) -> torch.Tensor:
@@ -97,8 +93,7 @@ def _log_ppk_closed_form(dim: int, k1, k2, sq_dist, rho: float) -> torch.Tensor:
         - rho * (uniform_log_normalizer_gap(dim, k1) + uniform_log_normalizer_gap(dim, k2))
         + uniform_log_normalizer_gap(dim, r)
     )
-    limit = _SERIES_KAPPA_SQ_PER_DIM * dim
-    small = (k1 * k1 <= limit) & (k2 * k2 <= limit) & (r * r <= limit)
+    small = in_gap_series_region(dim, k1) & in_gap_series_region(dim, k2) & in_gap_series_region(dim, r)
     return torch.where(small, anchored, large)
 
 
@@ -119,8 +114,8 @@ def log_probability_product_kernel(p: Distribution, q: Distribution, rho: float,
         NotImplementedError: for distribution types without a kernel.
     """
     dim = _check_pair(p, q, rho)
-    mu1, k1 = _as_vmf_parameters(p)
-    mu2, k2 = _as_vmf_parameters(q)
+    mu1, k1 = _as_vmf_parameters(p, q)
+    mu2, k2 = _as_vmf_parameters(q, p)
     sq_dist = (mu1 - mu2).square().sum(-1)
     return _log_ppk_closed_form(dim, k1, k2, sq_dist, float(rho)).to(_result_dtype(p, q))
 
@@ -161,8 +156,8 @@ def pairwise_log_probability_product_kernel(p: Distribution, q: Distribution, rh
     if len(p.batch_shape) != 1 or len(q.batch_shape) != 1:
         raise ValueError(f"pairwise kernels need batch shapes [B] and [C], got {tuple(p.batch_shape)} and {tuple(q.batch_shape)}")
     dtype = _result_dtype(p, q)
-    mu1, k1 = _as_vmf_parameters(p)
-    mu2, k2 = _as_vmf_parameters(q)
+    mu1, k1 = _as_vmf_parameters(p, q)
+    mu2, k2 = _as_vmf_parameters(q, p)
     # In float64: 2 − 2μ_bᵀμ_c cancels for nearby directions, and at large κ that error is multiplied by κ.
     sq_dist = (2.0 - 2.0 * (mu1 @ mu2.T)).clamp(min=0.0)
     return _log_ppk_closed_form(dim, k1.unsqueeze(-1), k2.unsqueeze(0), sq_dist, float(rho)).to(dtype)

@@ -25,6 +25,7 @@ import torch
 from torch.distributions.kl import register_kl
 
 from vmf_dists.special import (
+    in_gap_series_region,
     log_normalizer_plus_kappa,
     mean_resultant_length,
     mean_resultant_length_complement,
@@ -45,12 +46,8 @@ def _check_same_dim(p, q) -> int:
     return p.event_shape[0]
 
 
-# κ²/4 ≤ 16(ν+1) = 8p: where uniform_log_normalizer_gap sums its power series (relative precision).
-_SERIES_KAPPA_SQ_PER_DIM = 32.0
-
-
 def _in_series_region(dim: int, *kappas: torch.Tensor) -> torch.Tensor:
-    inside = [k * k <= _SERIES_KAPPA_SQ_PER_DIM * dim for k in kappas]
+    inside = [in_gap_series_region(dim, k) for k in kappas]
     out = inside[0]
     for more in inside[1:]:
         out = out & more
@@ -100,7 +97,7 @@ def kl_vmf_uniform(p: VonMisesFisher, q: HypersphericalUniform) -> torch.Tensor:
     dim = _check_same_dim(p, q)
     value = _kl_vmf_uniform64(dim, p.concentration.to(torch.float64))
     value = value.to(torch.promote_types(p.loc.dtype, q.dtype))
-    return value.expand(torch.broadcast_shapes(p.batch_shape, q.batch_shape))
+    return value.expand(torch.broadcast_shapes(p.batch_shape, q.batch_shape)).clone()
 
 
 @register_kl(HypersphericalUniform, VonMisesFisher)
@@ -109,7 +106,7 @@ def kl_uniform_vmf(p: HypersphericalUniform, q: VonMisesFisher) -> torch.Tensor:
     dim = _check_same_dim(p, q)
     value = uniform_log_normalizer_gap(dim, q.concentration.to(torch.float64))
     value = value.to(torch.promote_types(p.dtype, q.loc.dtype))
-    return value.expand(torch.broadcast_shapes(p.batch_shape, q.batch_shape))
+    return value.expand(torch.broadcast_shapes(p.batch_shape, q.batch_shape)).clone()
 
 
 @register_kl(HypersphericalUniform, HypersphericalUniform)

@@ -40,7 +40,6 @@ import math
 import numbers
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from vmf_dists._bessel import log_iv_ratio_core
 
@@ -92,8 +91,8 @@ def _check_order(v, validate: bool):
     if isinstance(v, torch.Tensor):
         if v.requires_grad:
             raise NotImplementedError("the gradient with respect to the order v is not implemented; pass v.detach()")
-        if validate and not bool((v >= 0).all()):
-            raise ValueError(f"v must be a non-negative order, got min {v.min().item()}")
+        if validate and not bool(((v >= 0) & torch.isfinite(v)).all()):
+            raise ValueError("v must be a finite non-negative order")
         return v.to(torch.float64)
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise ValueError(f"v must be a real number or a tensor, got {type(v).__name__}")
@@ -180,12 +179,53 @@ class _BesselIvRatio(torch.autograd.Function):
         return _ratio_from_rho(x64, rho).to(x.dtype)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: R' as a differentiable function of x
+            return grad * _RatioDerivative.apply(x, ctx.order), None
         x64 = x.to(torch.float64)
         deriv = log_iv_ratio_core(_order_on(ctx.order, x64), x64, with_derivative=True).derivative
         return grad * deriv.to(grad.dtype), None
+
+
+def _no_higher_derivatives(what: str) -> None:
+    # once_differentiable only notices a graph on the incoming gradient; a Hessian through a constant
+    # incoming gradient would silently drop terms, so refuse explicitly.
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"derivatives of order higher than implemented for {what} (create_graph=True)")
+
+
+class _RatioDerivative(torch.autograd.Function):
+    """R_v'(x), differentiable once: R_v'' by Richardson-extrapolated central differences of the exact R_v'."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, v):
+        ctx.save_for_backward(x)
+        ctx.order = v
+        return _ratio_derivative64(v, x.to(torch.float64)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # R_v' is an even function of x, so |x ± h| is fine near 0. It varies on the scale
+        # max(x, √(2v+2)), so h = 2e-3·max(x, √(2v+2)): truncation O((h/scale)^4), rounding O(ε·scale/h);
+        # ~1e-11 relative. The closed forms (e.g. −2AA' − (p−1)(A' − A/κ)/κ) cancel by a factor x at
+        # large x and (p/x)² at small x.
+        _no_higher_derivatives("the Bessel ratio (third derivative)")
+        (x,) = ctx.saved_tensors
+        order = ctx.order
+        x64 = x.to(torch.float64)
+        scale = torch.sqrt(2.0 * torch.as_tensor(order, dtype=torch.float64, device=x.device) + 2.0)
+        h = 2e-3 * torch.maximum(x64, scale)
+
+        def central(step):
+            return (_ratio_derivative64(order, (x64 + step).abs()) - _ratio_derivative64(order, (x64 - step).abs())) / (2.0 * step)
+
+        second = (4.0 * central(0.5 * h) - central(h)) / 3.0
+        return grad * second.to(grad.dtype), None
+
+
+def _ratio_derivative64(order, x64: torch.Tensor) -> torch.Tensor:
+    return log_iv_ratio_core(_order_on(order, x64), x64, with_derivative=True).derivative
 
 
 class _VmfLogNormalizer(torch.autograd.Function):
@@ -195,7 +235,8 @@ class _VmfLogNormalizer(torch.autograd.Function):
         log_scaled, rho, _, _ = log_iv_ratio_core(dim / 2.0 - 1.0, k64)
         ctx.save_for_backward(kappa, _ratio_from_rho(k64, rho).to(kappa.dtype))
         ctx.dim = dim
-        return (-0.5 * dim * _LOG_2PI - log_scaled - k64).to(kappa.dtype)
+        out = -0.5 * dim * _LOG_2PI - log_scaled - k64
+        return torch.where(torch.isinf(k64), -k64, out).to(kappa.dtype)  # log C_p(∞) = −∞
 
     @staticmethod
     def backward(ctx, grad):
@@ -209,14 +250,16 @@ class _InverseMeanResultantLength(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r: torch.Tensor, dim: int):
         kappa64 = _solve_mean_resultant_length(dim, r.to(torch.float64))
-        ctx.save_for_backward(kappa64)
+        ctx.save_for_backward(kappa64, r)
         ctx.dim = dim
         return kappa64.to(r.dtype)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
-        (kappa64,) = ctx.saved_tensors
+        kappa64, r = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: κ(r) and A_p'(κ) as differentiable functions of r
+            kappa = _InverseMeanResultantLength.apply(r, ctx.dim)
+            return grad / _RatioDerivative.apply(kappa, ctx.dim / 2.0 - 1.0), None
         deriv = log_iv_ratio_core(ctx.dim / 2.0 - 1.0, kappa64, with_derivative=True).derivative
         return grad / deriv.to(grad.dtype), None
 
@@ -269,7 +312,8 @@ def bessel_iv_ratio(v: float | torch.Tensor, x: float | torch.Tensor, *, validat
 
     The gradient is $R_v'(x) = 1 - R_v^2 - \frac{2v+1}{x} R_v$ (from DLMF 10.29.2), evaluated from its
     own uniform expansion so it keeps relative precision where this formula cancels (large $x$).
-    Higher derivatives are not implemented (the backward is once-differentiable).
+    Twice differentiable ($R_v^{\prime\prime}$ by Richardson-extrapolated differences of the exact $R_v^\prime$,
+    ~1e-11 relative); a third derivative raises.
 
     Args:
         v: order $v \ge 0$, a Python number or a tensor broadcastable with ``x`` (no gradient).
@@ -362,7 +406,8 @@ def inverse_mean_resultant_length(dim: int, r: float | torch.Tensor, *, validate
     likelihood concentration is $\hat\kappa = A_p^{-1}(\bar r)$. The solve starts from Banerjee et al.'s
     approximation $\kappa_0 = r(p - r^2)/(1 - r^2)$, brackets the root with Amos' bounds on the
     Bessel ratio inverted in closed form, and runs a fixed number of Newton steps clamped to the
-    bracket (vectorised, no host synchronisation). $r = 0$ gives $\kappa = 0$.
+    bracket (vectorised; the solve itself never synchronises with the host — the optional input
+    validation does). $r = 0$ gives $\kappa = 0$.
     The gradient is $d\kappa/dr = 1/A_p'(\kappa)$.
 
     Args:
@@ -478,6 +523,12 @@ class _UniformLogNormalizerGap(torch.autograd.Function):
         return grad * mean_length, None
 
 
+def in_gap_series_region(dim: int, kappa: torch.Tensor) -> torch.Tensor:
+    """Where `uniform_log_normalizer_gap` sums its power series (κ²/4 ≤ 16(ν+1), i.e. κ² ≤ 32p): there it
+    has relative precision, so formulas anchored at the uniform distribution should be used."""
+    return kappa * kappa <= 2.0 * _GAP_SERIES_LIMIT * dim
+
+
 def uniform_log_normalizer_gap(dim: int, kappa: torch.Tensor) -> torch.Tensor:
     r"""$\log C_p(0) - \log C_p(\kappa) = \log {}_0F_1(; p/2; \kappa^2/4) \ge 0$ with relative precision as
     κ → 0 (≈ κ²/(2p)), by its power series where $\kappa^2/4 \le 8p$ (beyond, the difference of the two
@@ -495,10 +546,11 @@ class _MeanResultantLengthComplement(torch.autograd.Function):
         return parts.complement.to(kappa.dtype)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
         (kappa,) = ctx.saved_tensors
-        return -grad * _derivative64(ctx.dim, kappa.to(torch.float64)).to(grad.dtype), None
+        if torch.is_grad_enabled():
+            return -grad * _RatioDerivative.apply(kappa, ctx.dim / 2.0 - 1.0), None
+        return -grad * _ratio_derivative64(ctx.dim / 2.0 - 1.0, kappa.to(torch.float64)).to(grad.dtype), None
 
 
 def mean_resultant_length_complement(dim: int, kappa: torch.Tensor) -> torch.Tensor:
@@ -507,37 +559,8 @@ def mean_resultant_length_complement(dim: int, kappa: torch.Tensor) -> torch.Ten
     return _MeanResultantLengthComplement.apply(kappa, dim)
 
 
-class _MeanResultantLengthDerivative(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, kappa: torch.Tensor, dim: int):
-        ctx.save_for_backward(kappa)
-        ctx.dim = dim
-        return _derivative64(dim, kappa.to(torch.float64)).to(kappa.dtype)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        # A_p'' by Richardson-extrapolated central differences of the exact A_p' (an even function of κ,
-        # so |κ ± h| is fine at κ ≈ 0). A_p' varies on the scale max(κ, √p), so h = 2e-3·max(κ, √p):
-        # truncation O((h/scale)^4), rounding O(ε/h·scale); ~1e-11 relative. The closed form
-        # −2AA' − (p−1)(A' − A/κ)/κ cancels by a factor κ at large κ and p²/κ² at small κ.
-        (kappa,) = ctx.saved_tensors
-        k = kappa.to(torch.float64)
-        h = 2e-3 * torch.clamp(k, min=math.sqrt(ctx.dim))
-
-        def central(step):
-            return (_derivative64(ctx.dim, (k + step).abs()) - _derivative64(ctx.dim, (k - step).abs())) / (2.0 * step)
-
-        second = (4.0 * central(0.5 * h) - central(h)) / 3.0
-        return grad * second.to(grad.dtype), None
-
-
-def _derivative64(dim: int, kappa64: torch.Tensor) -> torch.Tensor:
-    return log_iv_ratio_core(dim / 2.0 - 1.0, kappa64, with_derivative=True).derivative
-
-
 def mean_resultant_length_derivative(dim: int, kappa: torch.Tensor) -> torch.Tensor:
     r"""$A_p'(\kappa) = \operatorname{Var}(\mu^\top x)$ from its own expansion (no cancellation at large κ),
     in the dtype of κ; differentiable once ($A_p''$ by extrapolated differences, ~1e-11 relative).
     No validation (internal)."""
-    return _MeanResultantLengthDerivative.apply(kappa, dim)
+    return _RatioDerivative.apply(kappa, dim / 2.0 - 1.0)

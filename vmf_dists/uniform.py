@@ -17,6 +17,11 @@ def log_sphere_area(dim: int) -> float:
     return math.log(2.0) + 0.5 * dim * math.log(math.pi) - math.lgamma(0.5 * dim)
 
 
+def _default_device() -> torch.device:
+    get = getattr(torch, "get_default_device", None)  # torch ≥ 2.3 follows torch.set_default_device
+    return get() if get is not None else torch.device("cpu")
+
+
 class HypersphericalUniform(TorchDistribution):
     r"""Uniform distribution on the unit sphere $S^{p-1} \subset \mathbb{R}^p$.
 
@@ -28,7 +33,8 @@ class HypersphericalUniform(TorchDistribution):
         dim: the ambient dimension $p \ge 2$ (samples have event shape ``[p]``).
         batch_shape: batch shape of the distribution.
         dtype: floating dtype of samples and log-densities (default: torch's default dtype).
-        device: device of samples and log-densities.
+        device: device of samples (default: torch's default device); ``log_prob`` follows the value's
+            device.
         validate_args: check samples passed to ``log_prob`` lie on the sphere.
 
     Raises:
@@ -51,7 +57,7 @@ class HypersphericalUniform(TorchDistribution):
                  device: torch.device | str | None = None, validate_args: bool | None = None):
         self.dim = _check_dim(dim)
         self._dtype = dtype if dtype is not None else torch.get_default_dtype()
-        self._device = torch.device(device) if device is not None else torch.device("cpu")
+        self._device = torch.device(device) if device is not None else _default_device()
         super().__init__(torch.Size(batch_shape), torch.Size([self.dim]), validate_args=validate_args)
 
     @property
@@ -87,7 +93,8 @@ class HypersphericalUniform(TorchDistribution):
         if self._validate_args:
             self._validate_sample(value)
         shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
-        return torch.full(shape, -log_sphere_area(self.dim), dtype=self._dtype, device=self._device)
+        dtype = torch.promote_types(value.dtype, self._dtype) if value.is_floating_point() else self._dtype
+        return torch.full(shape, -log_sphere_area(self.dim), dtype=dtype, device=value.device)
 
     def entropy(self) -> torch.Tensor:
         return torch.full(self.batch_shape, log_sphere_area(self.dim), dtype=self._dtype, device=self._device)
