@@ -16,11 +16,15 @@ with $r = \rho\|\kappa_1\mu_1 + \kappa_2\mu_2\|$, so nothing of size κ cancels 
 $(\kappa_1+\kappa_2)^2 - \|\kappa_1\mu_1+\kappa_2\mu_2\|^2 = \kappa_1\kappa_2\|\mu_1-\mu_2\|^2$).
 `HypersphericalUniform` arguments are treated as vMFs with κ = 0.
 
-The keyword ``num_samples`` is reserved for pairs without a closed form (Monte Carlo); for the
-closed-form pairs here it is ignored, since the exact value beats any estimate.
+`log_expected_likelihood` and `pairwise_log_expected_likelihood` also take a `NonIsotropicVMF` as the
+second argument; there is no closed form, and they estimate by Monte Carlo over ``num_samples``
+reparameterised samples (log-mean-exp, biased low by Jensen's inequality, bias O(1/S)). For closed-form
+pairs ``num_samples`` is ignored, since the exact value beats any estimate.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch.distributions import Distribution
@@ -120,8 +124,75 @@ def log_probability_product_kernel(p: Distribution, q: Distribution, rho: float,
     return _log_ppk_closed_form(dim, k1, k2, sq_dist, float(rho)).to(_result_dtype(p, q))
 
 
-def log_expected_likelihood(p: Distribution, q: Distribution, *, num_samples: int | None = None) -> torch.Tensor:
-    r"""$\log \mathrm{EL}(p, q) = \log \int p\,q = \log \mathbb{E}_{x\sim p}[q(x)]$ (probability product kernel, ρ = 1).
+def _closed_form_pair(p, q) -> bool:
+    closed = (VonMisesFisher, HypersphericalUniform)
+    return isinstance(p, closed) and isinstance(q, closed)
+
+
+def _check_temperature(temperature: float) -> float:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    return float(temperature)
+
+
+def _check_num_samples(num_samples) -> int:
+    if num_samples is None:
+        raise ValueError("num_samples is required: this pair has no closed form and is estimated by Monte Carlo")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    return num_samples
+
+
+def _log_tempered_closed_form(dim: int, kp, kq, sq_dist, temperature: float) -> torch.Tensor:
+    """log E_{x~vMF(μp,κp)}[exp(log vMF(x; μq, κq)/T)] = C̃(κq)/T − κq/T + log C(κp) − log C(‖κpμp + (κq/T)μq‖).
+
+    Written with C̃ = log C + κ as C̃(κq)/T + C̃(κp) − C̃(r) − κp a ‖μp − μq‖²/(κp + a + r), a = κq/T.
+    """
+    a = kq / temperature
+    norm_sq = ((kp + a).square() - kp * a * sq_dist).clamp(min=0.0)
+    positive = norm_sq > 0
+    r = torch.where(positive, torch.sqrt(torch.where(positive, norm_sq, 1.0)), 0.0)
+    denom = (kp + a + r).clamp(min=torch.finfo(torch.float64).tiny)
+    return (
+        log_normalizer_plus_kappa(dim, kq) / temperature
+        + log_normalizer_plus_kappa(dim, kp)
+        - log_normalizer_plus_kappa(dim, r)
+        - kp * a * sq_dist / denom
+    )
+
+
+def _log_mean_exp(values: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(values, dim=0) - math.log(values.shape[0])
+
+
+def log_expected_likelihood(
+    p: Distribution, q: Distribution, *, num_samples: int | None = None, temperature: float = 1.0
+) -> torch.Tensor:
+    r"""$\log \mathrm{EL}(p, q) = \log \int p\,q = \log \mathbb{E}_{x\sim p}[q(x)]$, or its tempered form
+    $\log \mathbb{E}_{x\sim p}[\exp(\log q(x)/T)]$.
+
+    * Two `VonMisesFisher` / `HypersphericalUniform`: closed form (the probability product kernel with
+      ρ = 1; for $T 
+e 1$ the moment generating function gives
+      $\log C_p(\kappa_q)/T + \log C_p(\kappa_p) - \log C_p(\|\kappa_p\mu_p + \kappa_q\mu_q/T\|)$).
+      ``num_samples`` is ignored.
+    * Otherwise (e.g. a `VonMisesFisher` p and a `NonIsotropicVMF` q): Monte Carlo over $S$ =
+      ``num_samples`` reparameterised samples of p, $\log rac1S\sum_s \exp(\log q(x_s)/T)$. This
+      log-mean-exp is biased low (Jensen); by the delta method the bias is
+      $pprox -\operatorname{Var}[e^{\log q(x)/T}] / (2S\,\mathbb{E}[e^{\log q(x)/T}]^2)$, i.e. it shrinks as $1/S$,
+      and it is differentiable in the parameters of both p and q.
+
+    Args:
+        p: the distribution averaged over (must have ``rsample`` for the Monte-Carlo path).
+        q: the distribution whose (tempered) likelihood is averaged.
+        num_samples: $S$, required when there is no closed form.
+        temperature: $T > 0$.
+
+    Returns:
+        Tensor of the broadcast batch shape.
+
+    Raises:
+        ValueError: on different dimensions, $T \le 0$, or a missing ``num_samples`` where needed.
 
     Example:
         >>> import torch
@@ -130,7 +201,19 @@ def log_expected_likelihood(p: Distribution, q: Distribution, *, num_samples: in
         >>> log_expected_likelihood(VonMisesFisher(mu, 5.0), VonMisesFisher(mu, 5.0)).item() > 0
         True
     """
-    return log_probability_product_kernel(p, q, 1.0, num_samples=num_samples)
+    temperature = _check_temperature(temperature)
+    if _closed_form_pair(p, q):
+        if temperature == 1.0:
+            return log_probability_product_kernel(p, q, 1.0)
+        dim = _check_pair(p, q, 1.0)
+        mu1, k1 = _as_vmf_parameters(p, q)
+        mu2, k2 = _as_vmf_parameters(q, p)
+        sq_dist = (mu1 - mu2).square().sum(-1)
+        return _log_tempered_closed_form(dim, k1, k2, sq_dist, temperature).to(_result_dtype(p, q))
+    if p.event_shape != q.event_shape:
+        raise ValueError(f"p and q have different event shapes: {tuple(p.event_shape)} vs {tuple(q.event_shape)}")
+    x = p.rsample((_check_num_samples(num_samples),))
+    return _log_mean_exp(q.log_prob(x) / temperature)
 
 
 def log_bhattacharyya_coefficient(p: Distribution, q: Distribution, *, num_samples: int | None = None) -> torch.Tensor:
@@ -153,8 +236,7 @@ def pairwise_log_probability_product_kernel(p: Distribution, q: Distribution, rh
         ValueError: if the batch shapes are not one-dimensional, on different dimensions or $\rho \le 0$.
     """
     dim = _check_pair(p, q, rho)
-    if len(p.batch_shape) != 1 or len(q.batch_shape) != 1:
-        raise ValueError(f"pairwise kernels need batch shapes [B] and [C], got {tuple(p.batch_shape)} and {tuple(q.batch_shape)}")
+    _check_pairwise_shapes(p, q)
     dtype = _result_dtype(p, q)
     mu1, k1 = _as_vmf_parameters(p, q)
     mu2, k2 = _as_vmf_parameters(q, p)
@@ -163,6 +245,69 @@ def pairwise_log_probability_product_kernel(p: Distribution, q: Distribution, rh
     return _log_ppk_closed_form(dim, k1.unsqueeze(-1), k2.unsqueeze(0), sq_dist, float(rho)).to(dtype)
 
 
-def pairwise_log_expected_likelihood(p: Distribution, q: Distribution, *, num_samples: int | None = None) -> torch.Tensor:
-    r"""All pairs $\log\mathrm{EL}(p_b, q_c)$, shape ``[B, C]`` (see `pairwise_log_probability_product_kernel`)."""
-    return pairwise_log_probability_product_kernel(p, q, 1.0, num_samples=num_samples)
+def pairwise_log_expected_likelihood(
+    p: Distribution, q: Distribution, *, num_samples: int | None = None, temperature: float = 1.0
+) -> torch.Tensor:
+    r"""All pairs $\log\mathrm{EL}(p_b, q_c)$ (tempered by $T$), shape ``[B, C]`` for batch shapes ``[B]`` and ``[C]``.
+
+    * Two vMF / uniform families: closed form from one ``[B, p] × [p, C]`` matrix product (see
+      `pairwise_log_probability_product_kernel`; $T 
+e 1$ as in `log_expected_likelihood`).
+    * ``p`` a `VonMisesFisher` (images) and ``q`` a `NonIsotropicVMF` (proxies): Monte Carlo over
+      $S$ = ``num_samples`` reparameterised samples $x$ of each $p_b$. With $k_c$, $\mu_c$ the proxies'
+      parameters, the two data-dependent quantities of $\log q_c(x)$ are
+      $	heta_c^	op K_c x = x \cdot (k_c^2 \odot \mu_c)$ and $\|K_c x\|^2 = (x \odot x)\cdot k_c^2$: two
+      ``[S·B, p] × [p, C]`` products in the parameters' dtype (float32 on a GPU is fine), then
+      $\log q_c(x) = [\log C_p(\|	heta_c\|) + \|	heta_c\|] - \|	heta_c\|(1 - \cos) + \sum_d \log k_{c,d} - 	frac p2\log\|K_cx\|^2$
+      with $\cos = 	heta_c^	op K_c x / (\|	heta_c\|\,\|K_c x\|)$ and a log-mean-exp over $S$. No
+      ``[S, B, C, p]`` tensor is formed. Jensen bias as in `log_expected_likelihood`.
+
+    Raises:
+        ValueError: on batch shapes that are not one-dimensional, different dimensions, $T \le 0$ or a
+            missing ``num_samples``.
+        NotImplementedError: for other pairs of families.
+    """
+    from vmf_dists.nonisotropic import NonIsotropicVMF  # kernels is imported by nonisotropic's users
+
+    temperature = _check_temperature(temperature)
+    if _closed_form_pair(p, q):
+        if temperature == 1.0:
+            return pairwise_log_probability_product_kernel(p, q, 1.0)
+        dim = _check_pair(p, q, 1.0)
+        _check_pairwise_shapes(p, q)
+        dtype = _result_dtype(p, q)
+        mu1, k1 = _as_vmf_parameters(p, q)
+        mu2, k2 = _as_vmf_parameters(q, p)
+        sq_dist = (2.0 - 2.0 * (mu1 @ mu2.T)).clamp(min=0.0)
+        return _log_tempered_closed_form(dim, k1.unsqueeze(-1), k2.unsqueeze(0), sq_dist, temperature).to(dtype)
+    if not (isinstance(p, VonMisesFisher) and isinstance(q, NonIsotropicVMF)):
+        raise NotImplementedError(
+            f"pairwise kernel for {type(p).__name__} × {type(q).__name__}; supported: vMF/uniform pairs and "
+            "VonMisesFisher × NonIsotropicVMF"
+        )
+    if p.event_shape != q.event_shape:
+        raise ValueError(f"p and q have different event shapes: {tuple(p.event_shape)} vs {tuple(q.event_shape)}")
+    _check_pairwise_shapes(p, q)
+    samples = _check_num_samples(num_samples)
+    dim = p.dim
+    x = p.rsample((samples,))  # [S, B, p]
+    flat = x.reshape(-1, dim)
+    k = q.concentration
+    k_sq = k * k
+    theta = q.theta  # k ⊙ μ, [C, p]
+    theta_norm = torch.linalg.vector_norm(theta, dim=-1)  # [C]
+    dot = flat @ (k * theta).T  # θ_cᵀ K_c x = x · (k_c² ⊙ μ_c), [S·B, C]
+    kx_sq = (flat * flat) @ k_sq.T  # ‖K_c x‖², [S·B, C]
+    kx_norm = torch.sqrt(kx_sq)
+    cosine = dot / (theta_norm * kx_norm)
+    log_q = (
+        (log_normalizer_plus_kappa(dim, theta_norm) + torch.log(k).sum(-1))
+        - theta_norm * (1.0 - cosine)
+        - dim * torch.log(kx_norm)
+    )
+    return _log_mean_exp(log_q.reshape(samples, -1, log_q.shape[-1]) / temperature)
+
+
+def _check_pairwise_shapes(p, q) -> None:
+    if len(p.batch_shape) != 1 or len(q.batch_shape) != 1:
+        raise ValueError(f"pairwise kernels need batch shapes [B] and [C], got {tuple(p.batch_shape)} and {tuple(q.batch_shape)}")

@@ -1,0 +1,76 @@
+r"""Monte-Carlo estimators, each returning an estimate and its standard error.
+
+For quantities without a closed form — the entropy of a `NonIsotropicVMF`, KL divergences and expected
+likelihoods involving one — these average over ``num_samples`` exact samples. The standard error is the
+sample standard deviation over $\sqrt{S}$ (for the entropy and the KL, the estimators are unbiased;
+for the expected likelihood $\mathbb{E}_{x\sim p}[q(x)]$ too — it is its *logarithm* that the kernels in
+`vmf_dists.kernels` estimate with a Jensen bias).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch.distributions import Distribution
+
+__all__ = ["MonteCarloEstimate", "entropy", "kl_divergence", "expected_likelihood"]
+
+
+class MonteCarloEstimate(NamedTuple):
+    """A Monte-Carlo estimate (batch-shaped tensor) and its standard error (same shape)."""
+
+    value: torch.Tensor
+    standard_error: torch.Tensor
+
+
+def _mean_and_standard_error(draws: torch.Tensor) -> MonteCarloEstimate:
+    n = draws.shape[0]
+    if n < 2:
+        raise ValueError(f"num_samples must be at least 2 for a standard error, got {n}")
+    return MonteCarloEstimate(draws.mean(0), draws.std(0) / math.sqrt(n))
+
+
+def _check_samples(num_samples: int) -> int:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
+        raise ValueError(f"num_samples must be an integer ≥ 2, got {num_samples!r}")
+    return num_samples
+
+
+def entropy(d: Distribution, num_samples: int = 1000) -> MonteCarloEstimate:
+    r"""$H[d] = -\mathbb{E}_{x\sim d}[\log d(x)]$ by $S$ samples.
+
+    Args:
+        d: any distribution of this package (or any with ``sample`` and ``log_prob``).
+        num_samples: $S \ge 2$.
+
+    Returns:
+        `MonteCarloEstimate` of batch shape ``d.batch_shape``.
+    """
+    x = d.sample((_check_samples(num_samples),))
+    return _mean_and_standard_error(-d.log_prob(x))
+
+
+def kl_divergence(p: Distribution, q: Distribution, num_samples: int = 1000) -> MonteCarloEstimate:
+    r"""$\mathrm{KL}(p\|q) = \mathbb{E}_{x\sim p}[\log p(x) - \log q(x)]$ by $S$ samples of $p$.
+
+    Raises:
+        ValueError: if p and q live on spheres of different dimensions.
+    """
+    if p.event_shape != q.event_shape:
+        raise ValueError(f"p and q have different event shapes: {tuple(p.event_shape)} vs {tuple(q.event_shape)}")
+    x = p.sample((_check_samples(num_samples),))
+    return _mean_and_standard_error(p.log_prob(x) - q.log_prob(x))
+
+
+def expected_likelihood(p: Distribution, q: Distribution, num_samples: int = 1000) -> MonteCarloEstimate:
+    r"""$\mathrm{EL}(p, q) = \int p\,q = \mathbb{E}_{x\sim p}[q(x)]$ (not its logarithm) by $S$ samples of $p$.
+
+    Raises:
+        ValueError: if p and q live on spheres of different dimensions.
+    """
+    if p.event_shape != q.event_shape:
+        raise ValueError(f"p and q have different event shapes: {tuple(p.event_shape)} vs {tuple(q.event_shape)}")
+    x = p.sample((_check_samples(num_samples),))
+    return _mean_and_standard_error(q.log_prob(x).exp())
