@@ -210,6 +210,14 @@ e 1$ the moment generating function gives
         mu2, k2 = _as_vmf_parameters(q, p)
         sq_dist = (mu1 - mu2).square().sum(-1)
         return _log_tempered_closed_form(dim, k1, k2, sq_dist, temperature).to(_result_dtype(p, q))
+    from vmf_dists.nonisotropic import NonIsotropicVMF
+
+    ours = (VonMisesFisher, HypersphericalUniform, NonIsotropicVMF)
+    if not (isinstance(p, ours) and isinstance(q, ours)):
+        raise NotImplementedError(
+            f"no kernel implemented for {type(p).__name__} × {type(q).__name__}; supported: VonMisesFisher, "
+            "HypersphericalUniform and NonIsotropicVMF"
+        )
     if p.event_shape != q.event_shape:
         raise ValueError(f"p and q have different event shapes: {tuple(p.event_shape)} vs {tuple(q.event_shape)}")
     x = p.rsample((_check_num_samples(num_samples),))
