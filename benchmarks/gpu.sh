@@ -22,10 +22,12 @@ status=0
 python3 -m pytest -q -p no:cacheprovider tests/test_devices.py 2>&1 | tee "$OUT_DIR/tests.log" || status=1
 python3 benchmarks/special.py --device cuda --n 10000000 --repeats 5 2>&1 | tee "$OUT_DIR/special.md" || status=1
 python3 benchmarks/sampling.py --device cuda --n 1000000 --no-scipy --repeats 5 2>&1 | tee "$OUT_DIR/sampling.md" || status=1
+python3 benchmarks/kernels.py --device cuda --max-naive-gb 40 --loop-images 8 2>&1 | tee "$OUT_DIR/kernels.md" || status=1
 
 echo
 echo "=== summary ==="
 tail -n 3 "$OUT_DIR/tests.log"
 sed -n '/^| p |/,/^$/p' "$OUT_DIR/special.md" | head -n 6
 grep -E '^\| (p|128|512) ' "$OUT_DIR/sampling.md" | cut -d'|' -f1-6,12-13
+grep -E '^\| (p|128|512) \| [0-9]+ \| ' "$OUT_DIR/kernels.md" | cut -d'|' -f1-7
 exit $status

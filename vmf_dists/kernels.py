@@ -172,14 +172,13 @@ def log_expected_likelihood(
     $\log \mathbb{E}_{x\sim p}[\exp(\log q(x)/T)]$.
 
     * Two `VonMisesFisher` / `HypersphericalUniform`: closed form (the probability product kernel with
-      ρ = 1; for $T 
-e 1$ the moment generating function gives
+      ρ = 1; for $T \ne 1$ the moment generating function gives
       $\log C_p(\kappa_q)/T + \log C_p(\kappa_p) - \log C_p(\|\kappa_p\mu_p + \kappa_q\mu_q/T\|)$).
       ``num_samples`` is ignored.
     * Otherwise (e.g. a `VonMisesFisher` p and a `NonIsotropicVMF` q): Monte Carlo over $S$ =
-      ``num_samples`` reparameterised samples of p, $\log rac1S\sum_s \exp(\log q(x_s)/T)$. This
+      ``num_samples`` reparameterised samples of p, $\log \frac1S\sum_s \exp(\log q(x_s)/T)$. This
       log-mean-exp is biased low (Jensen); by the delta method the bias is
-      $pprox -\operatorname{Var}[e^{\log q(x)/T}] / (2S\,\mathbb{E}[e^{\log q(x)/T}]^2)$, i.e. it shrinks as $1/S$,
+      $\approx -\operatorname{Var}[e^{\log q(x)/T}] / (2S\,\mathbb{E}[e^{\log q(x)/T}]^2)$, i.e. it shrinks as $1/S$,
       and it is differentiable in the parameters of both p and q.
 
     Args:
@@ -259,15 +258,14 @@ def pairwise_log_expected_likelihood(
     r"""All pairs $\log\mathrm{EL}(p_b, q_c)$ (tempered by $T$), shape ``[B, C]`` for batch shapes ``[B]`` and ``[C]``.
 
     * Two vMF / uniform families: closed form from one ``[B, p] × [p, C]`` matrix product (see
-      `pairwise_log_probability_product_kernel`; $T 
-e 1$ as in `log_expected_likelihood`).
+      `pairwise_log_probability_product_kernel`; $T \ne 1$ as in `log_expected_likelihood`).
     * ``p`` a `VonMisesFisher` (images) and ``q`` a `NonIsotropicVMF` (proxies): Monte Carlo over
       $S$ = ``num_samples`` reparameterised samples $x$ of each $p_b$. With $k_c$, $\mu_c$ the proxies'
       parameters, the two data-dependent quantities of $\log q_c(x)$ are
-      $	heta_c^	op K_c x = x \cdot (k_c^2 \odot \mu_c)$ and $\|K_c x\|^2 = (x \odot x)\cdot k_c^2$: two
+      $\theta_c^\top K_c x = x \cdot (k_c^2 \odot \mu_c)$ and $\|K_c x\|^2 = (x \odot x)\cdot k_c^2$: two
       ``[S·B, p] × [p, C]`` products in the parameters' dtype (float32 on a GPU is fine), then
-      $\log q_c(x) = [\log C_p(\|	heta_c\|) + \|	heta_c\|] - \|	heta_c\|(1 - \cos) + \sum_d \log k_{c,d} - 	frac p2\log\|K_cx\|^2$
-      with $\cos = 	heta_c^	op K_c x / (\|	heta_c\|\,\|K_c x\|)$ and a log-mean-exp over $S$. No
+      $\log q_c(x) = [\log C_p(\|\theta_c\|) + \|\theta_c\|] - \|\theta_c\|(1 - \cos) + \sum_d \log k_{c,d} - \tfrac p2\log\|K_cx\|^2$
+      with $\cos = \theta_c^\top K_c x / (\|\theta_c\|\,\|K_c x\|)$ and a log-mean-exp over $S$. No
       ``[S, B, C, p]`` tensor is formed. Jensen bias as in `log_expected_likelihood`.
 
     Raises:

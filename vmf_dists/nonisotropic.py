@@ -30,7 +30,9 @@ class NonIsotropicVMF(TorchDistribution):
     $$
 
     which integrates to 1 exactly, equals $\mathrm{vMF}(\mu, c)$ when $k = c\mathbf{1}$, and keeps the
-    geometry of Kirchhof et al. (2022): the density is stretched along the dimensions with large $k_d$.
+    geometry of Kirchhof et al. (2022): dividing by $k$ shrinks the coordinates with large $k_d$, so the
+    mass is tight along those dimensions and spreads along the ones with small $k_d$ (the mode is in
+    general not $\mu$).
     Sampling is exact and reparameterised in both parameters (through the vMF sampler's gradients).
     The paper's own "nivMF" log-likelihoods differ from this by the Jacobian and are not normalised; see
     the docs page "Non-isotropic vMF".
