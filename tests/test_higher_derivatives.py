@@ -1,0 +1,84 @@
+"""Second derivatives are right or refused — never silently incomplete.
+
+References are central second differences of the (float64) function values, which are exact to ~1e-14;
+with step h the difference has truncation O(h²) and rounding O(ε/h²), so ~1e-6 relative agreement is the
+resolution of the check, not a tuned tolerance.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.autograd.functional import hessian
+
+from vmf_dists import (
+    VonMisesFisher,
+    bessel_iv_ratio,
+    inverse_mean_resultant_length,
+    log_bessel_iv,
+    mean_resultant_length,
+    vmf_log_normalizer,
+)
+
+MU = torch.tensor([0.6, 0.0, 0.8, 0.0], dtype=torch.float64)
+OTHER = VonMisesFisher(torch.tensor([0.0, 1.0, 0.0, 0.0], dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64))
+
+FUNCTIONS = {
+    "log_bessel_iv": lambda t: log_bessel_iv(3.5, t),
+    "bessel_iv_ratio": lambda t: bessel_iv_ratio(0.0, t),
+    "vmf_log_normalizer": lambda t: vmf_log_normalizer(64, t),
+    "mean_resultant_length": lambda t: mean_resultant_length(4, t),
+    "entropy": lambda t: VonMisesFisher(MU, t).entropy(),
+    "kl_to_vmf": lambda t: torch.distributions.kl_divergence(VonMisesFisher(MU, t), OTHER),
+    "kl_from_vmf": lambda t: torch.distributions.kl_divergence(OTHER, VonMisesFisher(MU, t)),
+    "mean": lambda t: VonMisesFisher(MU, t).mean[0],
+}
+
+
+def second_difference(fn, x: float) -> float:
+    h = 1e-3 * max(1.0, x)
+    f = lambda z: fn(torch.tensor(z, dtype=torch.float64)).item()  # noqa: E731
+    return (f(x + h) - 2.0 * f(x) + f(x - h)) / h**2
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+@pytest.mark.parametrize("x", [0.7, 3.0, 30.0, 400.0])
+def test_hessian_matches_second_differences(name, x):
+    fn = FUNCTIONS[name]
+    got = hessian(fn, torch.tensor(x, dtype=torch.float64)).item()
+    ref = second_difference(fn, x)
+    assert got == pytest.approx(ref, rel=2e-5, abs=1e-9)
+
+
+@pytest.mark.parametrize("r", [0.05, 0.3, 0.9])
+def test_hessian_of_inverse_mean_resultant_length(r):
+    fn = lambda t: inverse_mean_resultant_length(4, t)  # noqa: E731
+    h = 1e-4
+    f = lambda z: fn(torch.tensor(z, dtype=torch.float64)).item()  # noqa: E731
+    ref = (f(r + h) - 2.0 * f(r) + f(r - h)) / h**2
+    assert hessian(fn, torch.tensor(r, dtype=torch.float64)).item() == pytest.approx(ref, rel=1e-5)
+
+
+def test_third_derivative_of_log_normalizer_and_refusal_of_the_fourth():
+    """d³/dκ³ log C_p = −A_p'' is implemented (extrapolated differences); a fourth order is refused."""
+    dim, x = 8, 3.0
+    kappa = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    (first,) = torch.autograd.grad(vmf_log_normalizer(dim, kappa), kappa, create_graph=True)
+    (second,) = torch.autograd.grad(first, kappa, create_graph=True)
+    (third,) = torch.autograd.grad(second, kappa, retain_graph=True)
+    assert third.item() == pytest.approx(-second_difference(lambda t: mean_resultant_length(dim, t), x), rel=2e-5)
+    with pytest.raises(RuntimeError, match="higher than implemented"):
+        torch.autograd.grad(second, kappa, create_graph=True)
+
+
+def test_hessian_of_variance_is_refused():
+    """The variance contains A_p'; its second derivative would need the third derivative of A_p (not implemented)."""
+    with pytest.raises(RuntimeError, match="higher than implemented"):
+        hessian(lambda t: VonMisesFisher(MU, t).variance[0], torch.tensor(3.0, dtype=torch.float64))
+
+
+def test_second_derivative_through_samples_in_kappa_raises():
+    kappa = torch.tensor(5.0, dtype=torch.float64, requires_grad=True)
+    x = VonMisesFisher(MU, kappa).rsample((3,))
+    with pytest.raises(RuntimeError, match="second derivatives through vMF samples"):
+        torch.autograd.grad(x.sum(), kappa, create_graph=True)
