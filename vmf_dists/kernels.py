@@ -29,6 +29,7 @@ import math
 import torch
 from torch.distributions import Distribution
 
+from vmf_dists._checks import check_same_sphere
 from vmf_dists.special import in_gap_series_region, log_normalizer_plus_kappa, uniform_log_normalizer_gap
 from vmf_dists.uniform import HypersphericalUniform, log_sphere_area
 from vmf_dists.von_mises_fisher import VonMisesFisher
@@ -67,8 +68,7 @@ def _check_pair(p, q, rho: float) -> int:
                 f"no kernel implemented for {type(d).__name__}; closed forms exist for VonMisesFisher and "
                 "HypersphericalUniform"
             )
-    if p.event_shape != q.event_shape:
-        raise ValueError(f"kernel between spheres of different dimensions: {p.event_shape[0]} vs {q.event_shape[0]}")
+    check_same_sphere(p, q)
     if not rho > 0:
         raise ValueError(f"rho must be positive, got {rho}")
     return p.event_shape[0]
@@ -217,8 +217,7 @@ def log_expected_likelihood(
             f"no kernel implemented for {type(p).__name__} × {type(q).__name__}; supported: VonMisesFisher, "
             "HypersphericalUniform and NonIsotropicVMF"
         )
-    if p.event_shape != q.event_shape:
-        raise ValueError(f"p and q have different event shapes: {tuple(p.event_shape)} vs {tuple(q.event_shape)}")
+    check_same_sphere(p, q)
     x = p.rsample((_check_num_samples(num_samples),))
     return _log_mean_exp(q.log_prob(x) / temperature)
 
@@ -291,8 +290,7 @@ def pairwise_log_expected_likelihood(
             f"pairwise kernel for {type(p).__name__} × {type(q).__name__}; supported: vMF/uniform pairs and "
             "VonMisesFisher × NonIsotropicVMF"
         )
-    if p.event_shape != q.event_shape:
-        raise ValueError(f"p and q have different event shapes: {tuple(p.event_shape)} vs {tuple(q.event_shape)}")
+    check_same_sphere(p, q)
     _check_pairwise_shapes(p, q)
     samples = _check_num_samples(num_samples)
     dim = p.dim

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch.distributions.kl import register_kl
 
+from vmf_dists._checks import check_same_sphere
 from vmf_dists.special import (
     in_gap_series_region,
     log_normalizer_plus_kappa,
@@ -35,15 +36,6 @@ from vmf_dists.uniform import HypersphericalUniform, log_sphere_area
 from vmf_dists.von_mises_fisher import VonMisesFisher
 
 __all__ = ["kl_vmf_vmf", "kl_vmf_uniform", "kl_uniform_vmf", "kl_uniform_uniform"]
-
-
-def _check_same_dim(p, q) -> int:
-    if p.event_shape != q.event_shape:
-        raise ValueError(
-            f"KL divergence between distributions on spheres of different dimensions: "
-            f"{p.event_shape[0]} vs {q.event_shape[0]}"
-        )
-    return p.event_shape[0]
 
 
 def _in_series_region(dim: int, *kappas: torch.Tensor) -> torch.Tensor:
@@ -69,7 +61,7 @@ def kl_vmf_vmf(p: VonMisesFisher, q: VonMisesFisher) -> torch.Tensor:
     G(κ₂) − G(κ₁) + A(κ₁ − κ₂ μ₁ᵀμ₂) with G(κ) = log C_p(0) − log C_p(κ) = log ₀F₁(; p/2; κ²/4) from its
     series, so that it keeps relative precision as κ → 0 (and is exactly 0 for p = q).
     """
-    dim = _check_same_dim(p, q)
+    dim = check_same_sphere(p, q)
     k1, k2 = p.concentration.to(torch.float64), q.concentration.to(torch.float64)
     mu1, mu2 = p._unit_loc64, q._unit_loc64
     sq_dist = (mu1 - mu2).square().sum(-1)
@@ -94,7 +86,7 @@ def kl_vmf_vmf(p: VonMisesFisher, q: VonMisesFisher) -> torch.Tensor:
 @register_kl(VonMisesFisher, HypersphericalUniform)
 def kl_vmf_uniform(p: VonMisesFisher, q: HypersphericalUniform) -> torch.Tensor:
     """KL(vMF(μ, κ) ‖ Uniform), ≥ 0, with relative precision as κ → 0."""
-    dim = _check_same_dim(p, q)
+    dim = check_same_sphere(p, q)
     value = _kl_vmf_uniform64(dim, p.concentration.to(torch.float64))
     value = value.to(torch.promote_types(p.loc.dtype, q.dtype))
     return value.expand(torch.broadcast_shapes(p.batch_shape, q.batch_shape)).clone()
@@ -103,7 +95,7 @@ def kl_vmf_uniform(p: VonMisesFisher, q: HypersphericalUniform) -> torch.Tensor:
 @register_kl(HypersphericalUniform, VonMisesFisher)
 def kl_uniform_vmf(p: HypersphericalUniform, q: VonMisesFisher) -> torch.Tensor:
     """KL(Uniform ‖ vMF(μ, κ)) = log ₀F₁(; p/2; κ²/4)."""
-    dim = _check_same_dim(p, q)
+    dim = check_same_sphere(p, q)
     value = uniform_log_normalizer_gap(dim, q.concentration.to(torch.float64))
     value = value.to(torch.promote_types(p.dtype, q.loc.dtype))
     return value.expand(torch.broadcast_shapes(p.batch_shape, q.batch_shape)).clone()
@@ -112,6 +104,6 @@ def kl_uniform_vmf(p: HypersphericalUniform, q: VonMisesFisher) -> torch.Tensor:
 @register_kl(HypersphericalUniform, HypersphericalUniform)
 def kl_uniform_uniform(p: HypersphericalUniform, q: HypersphericalUniform) -> torch.Tensor:
     """KL(Uniform ‖ Uniform) = 0."""
-    _check_same_dim(p, q)
+    check_same_sphere(p, q)
     shape = torch.broadcast_shapes(p.batch_shape, q.batch_shape)
     return torch.zeros(shape, dtype=torch.promote_types(p.dtype, q.dtype), device=p.device)

@@ -15,6 +15,8 @@ from typing import NamedTuple
 import torch
 from torch.distributions import Distribution
 
+from vmf_dists._checks import check_same_sphere
+
 __all__ = ["MonteCarloEstimate", "entropy", "kl_divergence", "expected_likelihood"]
 
 
@@ -58,8 +60,7 @@ def kl_divergence(p: Distribution, q: Distribution, num_samples: int = 1000) -> 
     Raises:
         ValueError: if p and q live on spheres of different dimensions.
     """
-    if p.event_shape != q.event_shape:
-        raise ValueError(f"p and q have different event shapes: {tuple(p.event_shape)} vs {tuple(q.event_shape)}")
+    check_same_sphere(p, q)
     x = p.sample((_check_samples(num_samples),))
     return _mean_and_standard_error(p.log_prob(x) - q.log_prob(x))
 
@@ -70,7 +71,6 @@ def expected_likelihood(p: Distribution, q: Distribution, num_samples: int = 100
     Raises:
         ValueError: if p and q live on spheres of different dimensions.
     """
-    if p.event_shape != q.event_shape:
-        raise ValueError(f"p and q have different event shapes: {tuple(p.event_shape)} vs {tuple(q.event_shape)}")
+    check_same_sphere(p, q)
     x = p.sample((_check_samples(num_samples),))
     return _mean_and_standard_error(q.log_prob(x).exp())
