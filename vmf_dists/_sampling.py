@@ -98,27 +98,24 @@ def _finish_rejected(dim: int, kappa: torch.Tensor, y: torch.Tensor, done: torch
     pending, and each later round leaves at most 0.343⁴ ≈ 1.4% of those, so one block almost always
     suffices (two synchronisations per call in all: the first check and the block's).
     """
+    if bool(done.all()):  # the common case: every row accepted in the first round
+        return y
     if not _compacts_rows(y.device):
         for _ in range(MAX_ROUNDS // _MASKED_ROUNDS):
-            if bool(done.all()):
-                return y
             for _ in range(_MASKED_ROUNDS):
                 y_new, ok = _wood_round(dim, kappa, LATER_ROUND_PROPOSALS)
-                take = ok & ~done
-                y = torch.where(take, y_new, y)
+                y = torch.where(ok & ~done, y_new, y)
                 done = done | ok
-        if bool(done.all()):
-            return y
-        raise RuntimeError(f"vMF rejection sampler did not finish in {MAX_ROUNDS} rounds (dim={dim})")
-    if bool(done.all()):
-        return y
-    pending = torch.nonzero(~done).squeeze(-1)
-    for _ in range(MAX_ROUNDS):
-        y_new, ok = _wood_round(dim, kappa[pending], LATER_ROUND_PROPOSALS)
-        y[pending[ok]] = y_new[ok]
-        pending = pending[~ok]
-        if pending.numel() == 0:
-            return y
+            if bool(done.all()):
+                return y
+    else:
+        pending = torch.nonzero(~done).squeeze(-1)
+        for _ in range(MAX_ROUNDS):
+            y_new, ok = _wood_round(dim, kappa[pending], LATER_ROUND_PROPOSALS)
+            y[pending[ok]] = y_new[ok]
+            pending = pending[~ok]
+            if pending.numel() == 0:
+                return y
     raise RuntimeError(f"vMF rejection sampler did not finish in {MAX_ROUNDS} rounds (dim={dim})")
 
 

@@ -54,6 +54,19 @@ def _as_vmf_parameters(d, other) -> tuple[torch.Tensor, torch.Tensor]:
     return loc, torch.zeros(d.batch_shape, dtype=torch.float64, device=device)
 
 
+def _closed_form_inputs(p, q, *, pairwise: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(κ₁, κ₂, ‖μ₁ − μ₂‖²) in float64: broadcast for single pairs, or [B, 1], [1, C], [B, C] for all pairs."""
+    mu1, k1 = _as_vmf_parameters(p, q)
+    mu2, k2 = _as_vmf_parameters(q, p)
+    if not pairwise:
+        return k1, k2, (mu1 - mu2).square().sum(-1)
+    _check_pairwise_shapes(p, q)
+    # One [B, p] × [p, C] product, in float64: 2 − 2μ_bᵀμ_c cancels for nearby directions, and at
+    # large κ that error is multiplied by κ.
+    sq_dist = (2.0 - 2.0 * (mu1 @ mu2.T)).clamp(min=0.0)
+    return k1.unsqueeze(-1), k2.unsqueeze(0), sq_dist
+
+
 def _result_dtype(p, q) -> torch.dtype:
     def dtype(d) -> torch.dtype:
         return d.loc.dtype if isinstance(d, VonMisesFisher) else d.dtype
@@ -97,7 +110,7 @@ def _log_ppk_closed_form(dim: int, k1, k2, sq_dist, rho: float) -> torch.Tensor:
         - rho * (uniform_log_normalizer_gap(dim, k1) + uniform_log_normalizer_gap(dim, k2))
         + uniform_log_normalizer_gap(dim, r)
     )
-    small = in_gap_series_region(dim, k1) & in_gap_series_region(dim, k2) & in_gap_series_region(dim, r)
+    small = in_gap_series_region(dim, k1, k2, r)
     return torch.where(small, anchored, large)
 
 
@@ -118,9 +131,7 @@ def log_probability_product_kernel(p: Distribution, q: Distribution, rho: float,
         NotImplementedError: for distribution types without a kernel.
     """
     dim = _check_pair(p, q, rho)
-    mu1, k1 = _as_vmf_parameters(p, q)
-    mu2, k2 = _as_vmf_parameters(q, p)
-    sq_dist = (mu1 - mu2).square().sum(-1)
+    k1, k2, sq_dist = _closed_form_inputs(p, q, pairwise=False)
     return _log_ppk_closed_form(dim, k1, k2, sq_dist, float(rho)).to(_result_dtype(p, q))
 
 
@@ -205,9 +216,7 @@ def log_expected_likelihood(
         if temperature == 1.0:
             return log_probability_product_kernel(p, q, 1.0)
         dim = _check_pair(p, q, 1.0)
-        mu1, k1 = _as_vmf_parameters(p, q)
-        mu2, k2 = _as_vmf_parameters(q, p)
-        sq_dist = (mu1 - mu2).square().sum(-1)
+        k1, k2, sq_dist = _closed_form_inputs(p, q, pairwise=False)
         return _log_tempered_closed_form(dim, k1, k2, sq_dist, temperature).to(_result_dtype(p, q))
     from vmf_dists.nonisotropic import NonIsotropicVMF
 
@@ -242,13 +251,8 @@ def pairwise_log_probability_product_kernel(p: Distribution, q: Distribution, rh
         ValueError: if the batch shapes are not one-dimensional, on different dimensions or $\rho \le 0$.
     """
     dim = _check_pair(p, q, rho)
-    _check_pairwise_shapes(p, q)
-    dtype = _result_dtype(p, q)
-    mu1, k1 = _as_vmf_parameters(p, q)
-    mu2, k2 = _as_vmf_parameters(q, p)
-    # In float64: 2 − 2μ_bᵀμ_c cancels for nearby directions, and at large κ that error is multiplied by κ.
-    sq_dist = (2.0 - 2.0 * (mu1 @ mu2.T)).clamp(min=0.0)
-    return _log_ppk_closed_form(dim, k1.unsqueeze(-1), k2.unsqueeze(0), sq_dist, float(rho)).to(dtype)
+    k1, k2, sq_dist = _closed_form_inputs(p, q, pairwise=True)
+    return _log_ppk_closed_form(dim, k1, k2, sq_dist, float(rho)).to(_result_dtype(p, q))
 
 
 def pairwise_log_expected_likelihood(
@@ -279,12 +283,8 @@ def pairwise_log_expected_likelihood(
         if temperature == 1.0:
             return pairwise_log_probability_product_kernel(p, q, 1.0)
         dim = _check_pair(p, q, 1.0)
-        _check_pairwise_shapes(p, q)
-        dtype = _result_dtype(p, q)
-        mu1, k1 = _as_vmf_parameters(p, q)
-        mu2, k2 = _as_vmf_parameters(q, p)
-        sq_dist = (2.0 - 2.0 * (mu1 @ mu2.T)).clamp(min=0.0)
-        return _log_tempered_closed_form(dim, k1.unsqueeze(-1), k2.unsqueeze(0), sq_dist, temperature).to(dtype)
+        k1, k2, sq_dist = _closed_form_inputs(p, q, pairwise=True)
+        return _log_tempered_closed_form(dim, k1, k2, sq_dist, temperature).to(_result_dtype(p, q))
     if not (isinstance(p, VonMisesFisher) and isinstance(q, NonIsotropicVMF)):
         raise NotImplementedError(
             f"pairwise kernel for {type(p).__name__} × {type(q).__name__}; supported: vMF/uniform pairs and "

@@ -38,19 +38,11 @@ from vmf_dists.von_mises_fisher import VonMisesFisher
 __all__ = ["kl_vmf_vmf", "kl_vmf_uniform", "kl_uniform_vmf", "kl_uniform_uniform"]
 
 
-def _in_series_region(dim: int, *kappas: torch.Tensor) -> torch.Tensor:
-    inside = [in_gap_series_region(dim, k) for k in kappas]
-    out = inside[0]
-    for more in inside[1:]:
-        out = out & more
-    return out
-
-
 def _kl_vmf_uniform64(dim: int, k: torch.Tensor) -> torch.Tensor:
     """KL(vMF(κ) ‖ U) in float64: κA − log 0F1 near 0, log C̃ + log|S| − κ(1−A) beyond."""
     near_zero = k * mean_resultant_length(dim, k, validate_args=False) - uniform_log_normalizer_gap(dim, k)
     large = log_normalizer_plus_kappa(dim, k) + log_sphere_area(dim) - k * mean_resultant_length_complement(dim, k)
-    return torch.where(_in_series_region(dim, k), near_zero, large).clamp(min=0.0)
+    return torch.where(in_gap_series_region(dim, k), near_zero, large).clamp(min=0.0)
 
 
 @register_kl(VonMisesFisher, VonMisesFisher)
@@ -79,7 +71,7 @@ def kl_vmf_vmf(p: VonMisesFisher, q: VonMisesFisher) -> torch.Tensor:
         - uniform_log_normalizer_gap(dim, k1)
         + mean_length * (k1 - k2 * (1.0 - 0.5 * sq_dist))
     )
-    kl = torch.where(_in_series_region(dim, k1, k2), anchored, large).clamp(min=0.0)
+    kl = torch.where(in_gap_series_region(dim, k1, k2), anchored, large).clamp(min=0.0)
     return kl.to(torch.promote_types(p.loc.dtype, q.loc.dtype))
 
 

@@ -7,7 +7,7 @@ from pyro.distributions import TorchDistribution, constraints
 from torch.distributions.utils import lazy_property
 
 from vmf_dists.special import log_normalizer_plus_kappa
-from vmf_dists.von_mises_fisher import VonMisesFisher, _unit
+from vmf_dists.von_mises_fisher import VonMisesFisher, _check_loc, _unit
 
 __all__ = ["NonIsotropicVMF"]
 
@@ -75,10 +75,7 @@ class NonIsotropicVMF(TorchDistribution):
     has_rsample = True
 
     def __init__(self, loc: torch.Tensor, concentration: torch.Tensor, validate_args: bool | None = None):
-        if not isinstance(loc, torch.Tensor) or not loc.is_floating_point():
-            raise ValueError("loc must be a floating-point tensor of shape [..., p]")
-        if loc.dim() < 1 or loc.shape[-1] < 2:
-            raise ValueError(f"loc must have shape [..., p] with p ≥ 2, got {tuple(loc.shape)}")
+        _check_loc(loc)
         concentration = torch.as_tensor(concentration, device=loc.device)
         if not concentration.is_floating_point():
             concentration = concentration.to(loc.dtype)

@@ -25,6 +25,14 @@ __all__ = ["VonMisesFisher"]
 _EXACT_TANGENT_NORM_MAX_DIM = 16
 
 
+def _check_loc(loc) -> None:
+    """A floating tensor of shape [..., p] with p ≥ 2, or ValueError (the unit norm is a constraint)."""
+    if not isinstance(loc, torch.Tensor) or not loc.is_floating_point():
+        raise ValueError("loc must be a floating-point tensor of shape [..., p]")
+    if loc.dim() < 1 or loc.shape[-1] < 2:
+        raise ValueError(f"loc must have shape [..., p] with p ≥ 2, got {tuple(loc.shape)}")
+
+
 def _unit(loc: torch.Tensor) -> torch.Tensor:
     """loc/‖loc‖, normalising only the distinct vectors of a broadcast (stride-0) loc and expanding
     back, so that a shared direction stays one vector in memory (Pyro plates expand distributions)."""
@@ -95,10 +103,7 @@ class VonMisesFisher(TorchDistribution):
     has_rsample = True
 
     def __init__(self, loc: torch.Tensor, concentration: torch.Tensor | float, validate_args: bool | None = None):
-        if not isinstance(loc, torch.Tensor) or not loc.is_floating_point():
-            raise ValueError("loc must be a floating-point tensor of shape [..., p]")
-        if loc.dim() < 1 or loc.shape[-1] < 2:
-            raise ValueError(f"loc must have shape [..., p] with p ≥ 2, got {tuple(loc.shape)}")
+        _check_loc(loc)
         if isinstance(concentration, torch.Tensor):
             if not concentration.is_floating_point():
                 concentration = concentration.to(loc.dtype)
