@@ -1046,3 +1046,50 @@ def test_pyro_svi_with_nivmf_guide_step():
     k = pyro.param("k")
     assert bool(torch.isfinite(k).all() and (k > 0).all())
     pyro.clear_param_store()
+
+
+# --------------------------------------------------------------------------------------------------
+# a learnable (tensor) temperature
+
+
+def _tempered_pairs(dtype=torch.float64):
+    g = torch.Generator().manual_seed(11)
+    p = 6
+    mu_p = torch.nn.functional.normalize(torch.randn(3, p, generator=g, dtype=dtype), dim=-1)
+    mu_q = torch.nn.functional.normalize(torch.randn(4, p, generator=g, dtype=dtype), dim=-1)
+    kp = torch.rand(3, generator=g, dtype=dtype) * 20 + 1
+    kq = torch.rand(4, generator=g, dtype=dtype) * 20 + 1
+    kvec = torch.rand(4, p, generator=g, dtype=dtype) * 20 + 1
+    return VonMisesFisher(mu_p, kp), VonMisesFisher(mu_q, kq), NonIsotropicVMF(mu_q, kvec)
+
+
+@pytest.mark.parametrize("kind", ["closed", "mc"])
+@pytest.mark.parametrize("t", [0.3, 1.0, 2.5])
+def test_tensor_temperature_equals_float_temperature(kind, t):
+    images, vmf_proxies, nivmf_proxies = _tempered_pairs()
+    q = vmf_proxies if kind == "closed" else nivmf_proxies
+    torch.manual_seed(0)
+    with_float = pairwise_log_expected_likelihood(images, q, num_samples=4, temperature=t)
+    torch.manual_seed(0)
+    with_tensor = pairwise_log_expected_likelihood(images, q, num_samples=4, temperature=torch.tensor(t, dtype=torch.float64))
+    torch.testing.assert_close(with_tensor, with_float, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["closed", "mc"])
+def test_tensor_temperature_gradcheck(kind):
+    images, vmf_proxies, nivmf_proxies = _tempered_pairs()
+    q = vmf_proxies if kind == "closed" else nivmf_proxies
+
+    def f(temperature):
+        torch.manual_seed(1)  # the same samples at every evaluation: a deterministic function of T
+        return pairwise_log_expected_likelihood(images, q, num_samples=3, temperature=temperature)
+
+    assert gradcheck(f, (torch.tensor(0.7, dtype=torch.float64, requires_grad=True),))
+
+
+def test_tensor_temperature_rejects_bad_values():
+    images, vmf_proxies, _ = _tempered_pairs()
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        pairwise_log_expected_likelihood(images, vmf_proxies, temperature=torch.tensor(-1.0, dtype=torch.float64))
+    with pytest.raises(ValueError, match="0-dim"):
+        pairwise_log_expected_likelihood(images, vmf_proxies, temperature=torch.ones(2, dtype=torch.float64))

@@ -30,7 +30,7 @@ import torch
 from torch.distributions import Distribution
 
 from vmf_dists._checks import check_same_sphere
-from vmf_dists.special import in_gap_series_region, log_normalizer_plus_kappa, uniform_log_normalizer_gap
+from vmf_dists.special import _validation_enabled, in_gap_series_region, log_normalizer_plus_kappa, uniform_log_normalizer_gap
 from vmf_dists.uniform import HypersphericalUniform, log_sphere_area
 from vmf_dists.von_mises_fisher import VonMisesFisher
 
@@ -140,10 +140,25 @@ def _closed_form_pair(p, q) -> bool:
     return isinstance(p, closed) and isinstance(q, closed)
 
 
-def _check_temperature(temperature: float) -> float:
+def _check_temperature(temperature: float | torch.Tensor) -> float | torch.Tensor:
+    """A positive float, or a positive 0-dim tensor kept as a tensor (a learnable temperature gets its gradient).
+
+    A tensor's sign is checked only under torch's validation switch: the check is a host sync.
+    """
+    if isinstance(temperature, torch.Tensor):
+        if temperature.dim() != 0 or not temperature.is_floating_point():
+            raise ValueError(f"temperature must be a float or a 0-dim floating tensor, got shape {tuple(temperature.shape)}")
+        if _validation_enabled(None) and not bool(temperature.detach() > 0):
+            raise ValueError(f"temperature must be positive, got {temperature.item()}")
+        return temperature
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     return float(temperature)
+
+
+def _is_one(temperature: float | torch.Tensor) -> bool:
+    # A tensor temperature always takes the general path (no host sync, gradient in T).
+    return not isinstance(temperature, torch.Tensor) and temperature == 1.0
 
 
 def _check_num_samples(num_samples) -> int:
@@ -154,7 +169,7 @@ def _check_num_samples(num_samples) -> int:
     return num_samples
 
 
-def _log_tempered_closed_form(dim: int, kp, kq, sq_dist, temperature: float) -> torch.Tensor:
+def _log_tempered_closed_form(dim: int, kp, kq, sq_dist, temperature) -> torch.Tensor:
     """log E_{x~vMF(μp,κp)}[exp(log vMF(x; μq, κq)/T)] = C̃(κq)/T − κq/T + log C(κp) − log C(‖κpμp + (κq/T)μq‖).
 
     Written with C̃ = log C + κ as C̃(κq)/T + C̃(κp) − C̃(r) − κp a ‖μp − μq‖²/(κp + a + r), a = κq/T.
@@ -177,7 +192,7 @@ def _log_mean_exp(values: torch.Tensor) -> torch.Tensor:
 
 
 def log_expected_likelihood(
-    p: Distribution, q: Distribution, *, num_samples: int | None = None, temperature: float = 1.0
+    p: Distribution, q: Distribution, *, num_samples: int | None = None, temperature: float | torch.Tensor = 1.0
 ) -> torch.Tensor:
     r"""$\log \mathrm{EL}(p, q) = \log \int p\,q = \log \mathbb{E}_{x\sim p}[q(x)]$, or its tempered form
     $\log \mathbb{E}_{x\sim p}[\exp(\log q(x)/T)]$.
@@ -196,7 +211,8 @@ def log_expected_likelihood(
         p: the distribution averaged over (must have ``rsample`` for the Monte-Carlo path).
         q: the distribution whose (tempered) likelihood is averaged.
         num_samples: $S$, required when there is no closed form.
-        temperature: $T > 0$.
+        temperature: $T > 0$, a float or a 0-dim tensor (e.g. a learnable temperature, which then gets its
+            gradient; its sign is checked only when torch's argument validation is on).
 
     Returns:
         Tensor of the broadcast batch shape.
@@ -213,7 +229,7 @@ def log_expected_likelihood(
     """
     temperature = _check_temperature(temperature)
     if _closed_form_pair(p, q):
-        if temperature == 1.0:
+        if _is_one(temperature):
             return log_probability_product_kernel(p, q, 1.0)
         dim = _check_pair(p, q, 1.0)
         k1, k2, sq_dist = _closed_form_inputs(p, q, pairwise=False)
@@ -256,7 +272,7 @@ def pairwise_log_probability_product_kernel(p: Distribution, q: Distribution, rh
 
 
 def pairwise_log_expected_likelihood(
-    p: Distribution, q: Distribution, *, num_samples: int | None = None, temperature: float = 1.0
+    p: Distribution, q: Distribution, *, num_samples: int | None = None, temperature: float | torch.Tensor = 1.0
 ) -> torch.Tensor:
     r"""All pairs $\log\mathrm{EL}(p_b, q_c)$ (tempered by $T$), shape ``[B, C]`` for batch shapes ``[B]`` and ``[C]``.
 
@@ -271,6 +287,9 @@ def pairwise_log_expected_likelihood(
       with $\cos = \theta_c^\top K_c x / (\|\theta_c\|\,\|K_c x\|)$ and a log-mean-exp over $S$. No
       ``[S, B, C, p]`` tensor is formed. Jensen bias as in `log_expected_likelihood`.
 
+    ``temperature`` may be a 0-dim tensor (a learnable temperature gets its gradient), as in
+    `log_expected_likelihood`.
+
     Raises:
         ValueError: on batch shapes that are not one-dimensional, different dimensions, $T \le 0$ or a
             missing ``num_samples``.
@@ -280,7 +299,7 @@ def pairwise_log_expected_likelihood(
 
     temperature = _check_temperature(temperature)
     if _closed_form_pair(p, q):
-        if temperature == 1.0:
+        if _is_one(temperature):
             return pairwise_log_probability_product_kernel(p, q, 1.0)
         dim = _check_pair(p, q, 1.0)
         k1, k2, sq_dist = _closed_form_inputs(p, q, pairwise=True)
