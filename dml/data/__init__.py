@@ -1,0 +1,21 @@
+"""Data for the deep-metric-learning trainer: class-disjoint splits, image decoding and caching,
+torch-only transforms and class-balanced batch sampling."""
+
+from .datasets import DATASETS, DatasetError, Split, Splits, default_emoji_root, load_splits
+from .images import ImageDataset, decode_image
+from .sampler import ClassBalancedBatchSampler
+from .transforms import EvalTransform, TrainTransform
+
+__all__ = [
+    "DATASETS",
+    "ClassBalancedBatchSampler",
+    "DatasetError",
+    "EvalTransform",
+    "ImageDataset",
+    "Split",
+    "Splits",
+    "TrainTransform",
+    "decode_image",
+    "default_emoji_root",
+    "load_splits",
+]
