@@ -1,0 +1,176 @@
+"""How training batches and evaluation embeddings are produced: from images (fine-tuning the whole
+network) or from cached features of a frozen trunk (head-only training, the CPU default)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from dml.data import EvalTransform, ImageDataset, Split, Splits, TrainTransform
+from dml.models import EmbeddingModel
+
+
+def _labels(split: Split, device: torch.device) -> torch.Tensor:
+    return torch.as_tensor(split.labels, dtype=torch.long, device=device)
+
+
+def step_generator(seed: int, epoch: int, step: int) -> torch.Generator:
+    """A CPU generator for the augmentation of one training step (independent of the global RNG)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_033 + step)
+
+
+class Pipeline:
+    """Interface used by the trainer."""
+
+    model: EmbeddingModel
+
+    def train_batches(self, batches: Sequence[list[int]], epoch: int, start: int = 0
+                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(inputs, labels)`` on the device for ``batches[start:]`` (lists of training indices).
+
+        The augmentation of step ``s`` of epoch ``e`` draws from its own generator seeded with
+        (seed, e, s), so a run resumed mid-epoch sees exactly the batches it would have seen.
+        """
+        raise NotImplementedError
+
+    def embed_train(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Embeddings of one training batch's inputs (with gradient)."""
+        raise NotImplementedError
+
+    def embed_split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings and labels of every image of the ``val`` or ``test`` split (model in eval mode)."""
+        raise NotImplementedError
+
+    def calibration_features(self) -> torch.Tensor:
+        """Pooled trunk features of some training images, to set the initial embedding norm."""
+        raise NotImplementedError
+
+    def describe(self) -> list[str]:
+        """Lines printed at the start of a run."""
+        raise NotImplementedError
+
+
+class ImagePipeline(Pipeline):
+    """Images decoded once (cached in memory where they fit), augmented on the fly; the whole network trains."""
+
+    def __init__(self, model: EmbeddingModel, splits: Splits, config, resolution: int, device: torch.device,
+                 log: Callable[[str], None] = print):
+        self.model, self.splits, self.config, self.device = model, splits, config, device
+        self.resolution = resolution
+        max_side = round(resolution * 256 / 224)  # the eval resize; random crops come from the same image
+        self.train_set = ImageDataset(splits.train, None, max_side=max_side)
+        self.eval_sets = {name: ImageDataset(getattr(splits, name), EvalTransform(resolution), max_side=max_side)
+                          for name in ("val", "test")}
+        self.train_labels = _labels(splits.train, device)
+
+    def train_batches(self, batches, epoch, start=0):
+        for step in range(start, len(batches)):
+            transform = TrainTransform(self.resolution, generator=step_generator(self.config.seed, epoch, step))
+            images = torch.stack([transform(self.train_set.image(i)) for i in batches[step]])
+            index = torch.as_tensor(batches[step], dtype=torch.long, device=self.device)
+            yield images.to(self.device, non_blocking=True), self.train_labels[index]
+
+    def embed_train(self, inputs):
+        return self.model(inputs)
+
+    @torch.no_grad()
+    def embed_split(self, name):
+        was_training = self.model.training
+        self.model.eval()
+        chunks = []
+        dataset = self.eval_sets[name]
+        size = self.config.eval_batch_size
+        for start in range(0, len(dataset), size):
+            images = torch.stack([dataset[i][0] for i in range(start, min(start + size, len(dataset)))])
+            chunks.append(self.model(images.to(self.device)).float())
+        self.model.train(was_training)
+        if not chunks:
+            return torch.zeros(0, self.model.embed_dim, device=self.device), _labels(getattr(self.splits, name), self.device)
+        return torch.cat(chunks), _labels(getattr(self.splits, name), self.device)
+
+    @torch.no_grad()
+    def calibration_features(self):
+        was_training = self.model.training
+        self.model.eval()
+        n = min(len(self.train_set), self.config.eval_batch_size)
+        dataset = ImageDataset(self.splits.train, EvalTransform(self.resolution))
+        images = torch.stack([dataset[i][0] for i in range(n)]).to(self.device)
+        features = self.model.features(images)
+        self.model.train(was_training)
+        return features
+
+    def describe(self):
+        s = self.splits
+        return [f"data: {s.name}: {s.train.num_classes} train / {s.val.num_classes} val / {s.test.num_classes} test "
+                f"classes ({len(s.train)} / {len(s.val)} / {len(s.test)} images)",
+                f"trunk: fine-tuning the whole {self.model.spec.name} at {self.resolution} px on {self.device}"]
+
+
+class FeaturePipeline(Pipeline):
+    """Frozen trunk: pooled features of ``feature_views`` augmented views of every training image (and of
+    the evaluation crops) are computed once; training then only runs the embedding head and the loss.
+
+    A batch picks one of the cached views of each image at random, so the head still sees augmentation.
+    The views are drawn from a generator seeded with the run's seed: a resumed run recomputes exactly
+    the same features.
+    """
+
+    def __init__(self, model: EmbeddingModel, splits: Splits, config, resolution: int, device: torch.device,
+                 log: Callable[[str], None] = print):
+        self.model, self.splits, self.config, self.device = model, splits, config, device
+        self.resolution = resolution
+        self.views = max(1, int(config.feature_views))
+        max_side = round(resolution * 256 / 224)
+        generator = torch.Generator().manual_seed(10_007 * config.seed + 1)
+        train_transform = TrainTransform(resolution, generator=generator)
+        eval_transform = EvalTransform(resolution)
+        raw_train = ImageDataset(splits.train, None, max_side=max_side)
+        log(f"caching frozen-trunk features: {len(raw_train)} training images × {self.views} augmented views, "
+            f"{len(splits.val) + len(splits.test)} evaluation images, {resolution} px, on {device}")
+        views = []
+        for v in range(self.views):
+            transform = eval_transform if v == 0 else train_transform  # view 0: the plain centre crop
+            views.append(self._features(raw_train, transform))
+        self.train_features = torch.stack(views, dim=1)  # [N, V, F]
+        self.eval_features = {name: self._features(ImageDataset(getattr(splits, name), None, max_side=max_side),
+                                                   eval_transform) for name in ("val", "test")}
+        self.train_labels = _labels(splits.train, device)
+        self.eval_labels = {name: _labels(getattr(splits, name), device) for name in ("val", "test")}
+
+    @torch.no_grad()
+    def _features(self, raw: ImageDataset, transform) -> torch.Tensor:
+        self.model.eval()
+        out = []
+        size = self.config.eval_batch_size
+        for start in range(0, len(raw), size):
+            images = torch.stack([transform(raw[i][0]) for i in range(start, min(start + size, len(raw)))])
+            out.append(self.model.features(images.to(self.device)).float())
+        self.model.train()
+        if not out:
+            return torch.zeros(0, self.model.spec.feature_dim, device=self.device)
+        return torch.cat(out)
+
+    def train_batches(self, batches, epoch, start=0):
+        for step in range(start, len(batches)):
+            index = torch.as_tensor(batches[step], dtype=torch.long, device=self.device)
+            view = torch.randint(self.views, (len(index),), generator=step_generator(self.config.seed, epoch, step))
+            yield self.train_features[index, view.to(self.device)], self.train_labels[index]
+
+    def embed_train(self, inputs):
+        return self.model.embed(inputs)
+
+    @torch.no_grad()
+    def embed_split(self, name):
+        return self.model.embed(self.eval_features[name]), self.eval_labels[name]
+
+    def calibration_features(self):
+        return self.train_features[:, 0]
+
+    def describe(self):
+        s = self.splits
+        return [f"data: {s.name}: {s.train.num_classes} train / {s.val.num_classes} val / {s.test.num_classes} test "
+                f"classes ({len(s.train)} / {len(s.val)} / {len(s.test)} images)",
+                f"trunk: FROZEN {self.model.spec.name} (device {self.device}): training only the embedding head on "
+                f"cached features of {self.views} views per training image; on a GPU, or with --trunk finetune, "
+                "the whole network is fine-tuned"]

@@ -1,0 +1,330 @@
+"""``python -m dml.train``: train an image-retrieval embedding with a proxy-based loss, select it on
+validation classes, and report it on test classes never seen in training.
+
+The default run (no flags) trains the probabilistic EL-nivMF loss on the offline emoji benchmark with an
+ImageNet EfficientNet-Lite0. On a CPU it freezes the trunk and trains the embedding head on cached
+features of augmented views (it says so); on a GPU it fine-tunes the whole network.
+
+Run directory (``--output-dir``): ``config.json`` (the effective configuration), ``history.jsonl`` (one
+line per epoch), ``last.pt`` (everything needed to resume), ``best.pt`` (the validation-selected
+weights), ``initial_metrics.json`` and ``final_metrics.json`` (test metrics of the selected checkpoint,
+of the last epoch, and before training), and ``NOTICE.txt`` (data attribution).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dml.checkpoint import (
+    atomic_write_json,
+    atomic_write_text,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
+from dml.config import ConfigError, TrainConfig, config_from_dict, parse_config
+from dml.data import ClassBalancedBatchSampler, DatasetError, Splits, load_splits
+from dml.evaluation import evaluate_embeddings
+from dml.losses import build_loss
+from dml.models import EmbeddingModel, ModelError, build_model
+from dml.pipeline import FeaturePipeline, ImagePipeline, Pipeline
+
+USAGE_ERRORS = (ConfigError, DatasetError, ModelError)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA if available, else CPU; otherwise the named device (checked)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def resolve_defaults(config: TrainConfig, device: torch.device) -> TrainConfig:
+    """Fill the device-dependent defaults (trunk mode, epochs, learning rate)."""
+    if config.trunk == "auto":
+        config.trunk = "finetune" if device.type == "cuda" else "frozen"
+    if config.trunk not in ("frozen", "finetune"):
+        raise ConfigError(f"--trunk must be finetune, frozen or auto, got {config.trunk!r}")
+    if config.epochs <= 0:
+        config.epochs = 40 if config.trunk == "frozen" else 30
+    if config.lr <= 0:
+        config.lr = 1e-4
+    return config
+
+
+def build_optimizer(config: TrainConfig, model: EmbeddingModel, loss: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW/Adam over the network's groups (with weight decay) and the loss's groups (without)."""
+    groups = model.parameter_groups(config.lr, head_lr_mult=config.head_lr_mult)
+    for g in groups:
+        g["weight_decay"] = config.weight_decay
+    for g in loss.param_groups(config.lr):
+        groups.append({**g, "weight_decay": 0.0})
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=config.lr)
+    raise ConfigError(f"--optimizer must be adamw or adam, got {config.optimizer!r}")
+
+
+def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """Per-step schedule: linear warm-up, then cosine decay to zero (or constant)."""
+    total = max(1, config.epochs * steps_per_epoch)
+    warmup = min(total - 1, int(round(config.warmup_epochs * steps_per_epoch)))
+    if config.scheduler not in ("cosine", "constant"):
+        raise ConfigError(f"--scheduler must be cosine or constant, got {config.scheduler!r}")
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if config.scheduler == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Trainer:
+    """One training run: set-up, the epoch loop, checkpoints, evaluation. See the module docstring."""
+
+    def __init__(self, config: TrainConfig, *, resume_state: dict[str, Any] | None = None, quiet: bool = False):
+        self.config = config
+        self.quiet = quiet
+        self.out = Path(config.output_dir)
+        self.device = resolve_device(config.device)
+        resolve_defaults(config, self.device)
+        seed_everything(config.seed)
+        self.splits: Splits = load_splits(config.dataset, config.data_root, val_fraction=config.val_fraction,
+                                          split_seed=config.split_seed)
+        if config.batch_size % config.samples_per_class:
+            raise ConfigError(f"--batch-size {config.batch_size} must be a multiple of --samples-per-class "
+                              f"{config.samples_per_class}")
+        self.model = build_model(config.backbone, config.embed_dim, weights=config.weights, pooling=config.pooling,
+                                 freeze_batchnorm=config.freeze_batchnorm,
+                                 freeze_trunk=config.trunk == "frozen").to(self.device)
+        try:
+            self.loss = build_loss(config.loss, num_classes=self.splits.train.num_classes,
+                                   embed_dim=config.embed_dim, **config.loss_options).to(self.device)
+        except ValueError as err:  # unknown loss or option: a usage error, reported in one line
+            raise ConfigError(str(err)) from None
+        resolution = config.resolution or self.model.spec.resolution
+        pipeline_type = FeaturePipeline if config.trunk == "frozen" else ImagePipeline
+        self.pipeline: Pipeline = pipeline_type(self.model, self.splits, config, resolution, self.device, log=self.log)
+        self.sampler = ClassBalancedBatchSampler(self.splits.train.labels, config.batch_size, config.samples_per_class,
+                                                 seed=config.seed)
+        self.steps_per_epoch = len(self.sampler)
+        if resume_state is None:
+            target = config.init_norm or getattr(self.loss, "default_init_norm", 0.0)
+            if target > 0:
+                self.model.calibrate_head(self.pipeline.calibration_features(), target)
+        self.optimizer = build_optimizer(config, self.model, self.loss)
+        self.scheduler = build_scheduler(config, self.optimizer, self.steps_per_epoch)
+        self.epoch, self.step_in_epoch = 0, 0
+        self.best: dict[str, Any] = {"metric": -math.inf, "epoch": 0}
+        self.history: list[dict[str, Any]] = []
+        if resume_state is not None:
+            self._restore(resume_state)
+
+    # ---------------------------------------------------------------------------------------------
+    def log(self, message: str) -> None:
+        if not self.quiet:
+            print(message, flush=True)
+
+    def state(self, step_rng: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "model": self.model.state_dict(),
+            "loss": self.loss.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": step_rng or rng_state(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "best": self.best,
+            "history": self.history,
+        }
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.loss.load_state_dict(state["loss"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.best, self.history = state["best"], state["history"]
+        set_rng_state(state["rng"])
+
+    def save_last(self, step_rng: dict[str, Any] | None = None) -> None:
+        save_checkpoint(self.out / "last.pt", self.state(step_rng))
+
+    # ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, split_name: str, *, with_nmi: bool = True) -> dict[str, float]:
+        """Retrieval (and clustering) metrics of the current model on ``val`` or ``test``."""
+        embeddings, labels = self.pipeline.embed_split(split_name)
+        return evaluate_embeddings(embeddings, labels, seed=self.config.seed, with_nmi=with_nmi)
+
+    def train_epoch(self) -> dict[str, float]:
+        """One epoch (resuming mid-epoch if a checkpoint says so); returns the mean loss and stats."""
+        self.model.train()
+        self.loss.train()
+        self.sampler.set_epoch(self.epoch)
+        batches = list(self.sampler)
+        total = torch.zeros((), device=self.device)
+        count = 0
+        start = self.step_in_epoch
+        progress = self._progress(len(batches), start)
+        stream = self.pipeline.train_batches(batches, self.epoch, start)
+        for step in range(start, len(batches)):
+            step_rng = rng_state()  # the state at the step's start: an interrupted step is replayed exactly
+            try:
+                inputs, labels = next(stream)
+                embeddings = self.pipeline.embed_train(inputs)
+                value = self.loss(embeddings, labels)
+                self.optimizer.zero_grad(set_to_none=True)
+                value.backward()
+                if self.config.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+                self.optimizer.step()
+                self.scheduler.step()
+            except KeyboardInterrupt:
+                self.step_in_epoch = step
+                self.save_last(step_rng)
+                raise
+            self.step_in_epoch = step + 1
+            total += value.detach()
+            count += 1
+            if progress is not None:
+                progress.update(1)
+            if (step + 1) % self.config.log_every == 0 and progress is not None:
+                progress.set_postfix(loss=f"{(total / count).item():.4f}")  # one host sync per log_every steps
+        if progress is not None:
+            progress.close()
+        stats = {"loss": (total / max(count, 1)).item() if count else float("nan")}
+        loss_stats = getattr(self.loss, "stats", None)
+        if loss_stats is not None:
+            for name in ("temperature", "mean_image_kappa", "mean_proxy_kappa", "accuracy"):
+                value = getattr(loss_stats, name, None)
+                if value is not None:
+                    stats[name] = float(value)
+        return stats
+
+    def _progress(self, total: int, start: int):
+        if self.quiet:
+            return None
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return None
+        return tqdm(total=total, initial=start, desc=f"epoch {self.epoch + 1}/{self.config.epochs}", leave=False,
+                    file=sys.stdout, dynamic_ncols=True)
+
+    def fit(self) -> dict[str, Any]:
+        """Train (from the start or from the resumed state), then evaluate and write ``final_metrics.json``."""
+        config = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        initial_path = self.out / "initial_metrics.json"
+        if not initial_path.exists():
+            atomic_write_json(self.out / "config.json", config.to_dict())
+            if self.splits.notice:
+                atomic_write_text(self.out / "NOTICE.txt", self.splits.notice + "\n")
+            initial = self.evaluate("test")
+            atomic_write_json(initial_path, initial)
+            self.log(f"test before training: R@1 {initial['recall@1']:.4f}  MAP@R {initial['map@r']:.4f}")
+            self.save_last()
+        initial = json.loads(initial_path.read_text())
+        has_val = len(self.splits.val) > 0
+        while self.epoch < config.epochs:
+            t0 = time.time()
+            stats = self.train_epoch()
+            record: dict[str, Any] = {"epoch": self.epoch + 1, "train": stats, "seconds": round(time.time() - t0, 2)}
+            if has_val:
+                val = self.evaluate("val", with_nmi=False)
+                record["val"] = val
+                score = val[config.selection_metric]
+            else:
+                score = float(self.epoch)  # no validation classes: the last epoch is selected
+            self.epoch += 1
+            self.step_in_epoch = 0
+            if score > self.best["metric"]:
+                self.best = {"metric": score, "epoch": self.epoch}
+                save_checkpoint(self.out / "best.pt", {"model": self.model.state_dict(), "loss": self.loss.state_dict(),
+                                                       "epoch": self.epoch, "config": config.to_dict()})
+            self.history.append(record)
+            atomic_write_text(self.out / "history.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+            self.save_last()
+            val_text = f"val {config.selection_metric} {score:.4f}" if has_val else "no validation split"
+            self.log(f"epoch {self.epoch}/{config.epochs}: loss {stats['loss']:.4f}  {val_text}  "
+                     f"(best epoch {self.best['epoch']})  {record['seconds']:.1f} s")
+        last = self.evaluate("test")
+        best_state = load_checkpoint(self.out / "best.pt")
+        self.model.load_state_dict(best_state["model"])
+        selected = self.evaluate("test")
+        final = {
+            **selected,
+            "recall@1_initial": initial["recall@1"],
+            "selected_epoch": self.best["epoch"],
+            "selection": f"best validation {config.selection_metric}" if has_val else "last epoch (no validation split)",
+            "last_epoch": last,
+            "initial": initial,
+            "trunk": config.trunk,
+            "device": str(self.device),
+            "wall_time_s": round(time.time() - started, 1),
+        }
+        atomic_write_json(self.out / "final_metrics.json", final)
+        self.log(f"test (epoch {self.best['epoch']}, selected on validation): R@1 {selected['recall@1']:.4f} "
+                 f"(before training {initial['recall@1']:.4f})  R@4 {selected['recall@4']:.4f}  "
+                 f"MAP@R {selected['map@r']:.4f}  NMI {selected['nmi']:.4f}")
+        self.log(f"wrote {self.out / 'final_metrics.json'}")
+        return final
+
+
+def load_resume(directory: str | Path) -> tuple[TrainConfig, dict[str, Any]]:
+    """The config and state of an interrupted run (its ``last.pt``)."""
+    directory = Path(directory)
+    path = directory / "last.pt"
+    if not path.is_file():
+        raise ConfigError(f"--resume {directory}: no checkpoint last.pt there")
+    state = load_checkpoint(path)
+    config = config_from_dict(state["config"])
+    config.output_dir = str(directory)
+    return config, state
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m dml.train``; returns the process exit code."""
+    try:
+        config = parse_config(argv)
+        state = None
+        if config.resume:
+            config, state = load_resume(config.resume)
+        elif (Path(config.output_dir) / "last.pt").exists():
+            raise ConfigError(f"{config.output_dir} already holds a run: pass --resume {config.output_dir} to "
+                              "continue it, or choose another --output-dir")
+        trainer = Trainer(config, resume_state=state)
+        for line in trainer.pipeline.describe():
+            trainer.log(line)
+        trainer.fit()
+    except USAGE_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: resume with  python -m dml.train --resume {config.output_dir}", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

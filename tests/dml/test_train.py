@@ -1,0 +1,163 @@
+"""dml.train end to end on a tiny generated dataset with the tiny backbone: a 1-epoch run writes every
+file, resume equals uninterrupted (at an epoch boundary and mid-epoch), configs and errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dml import train as train_module
+from dml.checkpoint import load_checkpoint
+from dml.config import ConfigError, parse_config
+from dml.train import main
+
+
+def _make_folder_dataset(root, classes=16, per_class=4, size=24):
+    """Class c: a coloured square at a class-specific position on noise (learnable, not trivial)."""
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        d = root / f"class_{c:02d}"
+        d.mkdir(parents=True)
+        colour = rng.integers(0, 256, 3)
+        y0, x0 = rng.integers(0, size // 2, 2)
+        for i in range(per_class):
+            img = rng.integers(0, 256, (size, size, 3)).astype(np.uint8) // 2
+            img[y0:y0 + size // 2, x0:x0 + size // 2] = colour
+            Image.fromarray(img).save(d / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return _make_folder_dataset(tmp_path_factory.mktemp("tinydata"))
+
+
+def _args(data_root, out, *extra):
+    return ["--output-dir", str(out), "--dataset", "folder", "--data-root", str(data_root), "--backbone", "tiny",
+            "--weights", "none", "--embed-dim", "16", "--batch-size", "8", "--samples-per-class", "2",
+            "--device", "cpu", "--seed", "3", "--eval-batch-size", "16", "--val-fraction", "0.25", *extra]
+
+
+@pytest.mark.parametrize("loss,trunk", [("el_nivmf", "finetune"), ("proxy_anchor", "frozen")])
+def test_one_epoch_run_writes_every_file(data_root, tmp_path, loss, trunk, capsys):
+    out = tmp_path / "run"
+    code = main(_args(data_root, out, "--loss", loss, "--trunk", trunk, "--epochs", "1", "--feature-views", "2"))
+    assert code == 0, capsys.readouterr().err
+    for name in ("config.json", "history.jsonl", "last.pt", "best.pt", "initial_metrics.json", "final_metrics.json"):
+        assert (out / name).is_file(), name
+    final = json.loads((out / "final_metrics.json").read_text())
+    for key in ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "nmi", "recall@1_initial"):
+        assert 0.0 <= final[key] <= 1.0, key
+    assert final["trunk"] == trunk and final["selected_epoch"] == 1
+    config = json.loads((out / "config.json").read_text())
+    assert config["loss"] == loss and config["epochs"] == 1
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert len(history) == 1 and np.isfinite(history[0]["train"]["loss"])
+    if trunk == "frozen":
+        assert "FROZEN" in capsys.readouterr().out
+
+
+def _weights(path):
+    state = load_checkpoint(path)
+    return state["model"], state["loss"], state["optimizer"]["state"]
+
+
+def _assert_same_state(a, b):
+    for part_a, part_b in zip(_weights(a), _weights(b)):
+        assert part_a.keys() == part_b.keys()
+        for key in part_a:
+            va, vb = part_a[key], part_b[key]
+            if isinstance(va, dict):
+                for k in va:
+                    assert torch.equal(torch.as_tensor(va[k]), torch.as_tensor(vb[k])), (key, k)
+            else:
+                assert torch.equal(va, vb), key
+
+
+@pytest.mark.parametrize("interrupt_at", [(1, 0), (0, 2)], ids=["after-epoch-1", "mid-epoch"])
+def test_resume_equals_uninterrupted(data_root, tmp_path, monkeypatch, interrupt_at):
+    extra = ["--loss", "el_nivmf", "--trunk", "finetune", "--epochs", "2"]
+    assert main(_args(data_root, tmp_path / "straight", *extra)) == 0
+
+    calls = {"n": 0}
+    original = train_module.Trainer.train_epoch
+
+    def interrupted_epoch(self):
+        if (self.epoch, self.step_in_epoch) == (interrupt_at[0], 0) and calls["n"] == 0:
+            calls["n"] += 1
+            embed = self.pipeline.embed_train
+            steps = {"n": 0}
+
+            def embed_then_stop(inputs):
+                if steps["n"] == interrupt_at[1]:
+                    raise KeyboardInterrupt  # Ctrl-C in the middle of a step
+                steps["n"] += 1
+                return embed(inputs)
+
+            self.pipeline.embed_train = embed_then_stop
+        return original(self)
+
+    monkeypatch.setattr(train_module.Trainer, "train_epoch", interrupted_epoch)
+    broken = tmp_path / "broken"
+    assert main(_args(data_root, broken, *extra)) == 130
+    monkeypatch.setattr(train_module.Trainer, "train_epoch", original)
+    state = load_checkpoint(broken / "last.pt")
+    assert (state["epoch"], state["step_in_epoch"]) == interrupt_at
+    assert main(["--resume", str(broken)]) == 0
+    _assert_same_state(tmp_path / "straight" / "last.pt", broken / "last.pt")
+    final_a = json.loads((tmp_path / "straight" / "final_metrics.json").read_text())
+    final_b = json.loads((broken / "final_metrics.json").read_text())
+    assert final_a["recall@1"] == final_b["recall@1"] and final_a["map@r"] == final_b["map@r"]
+
+
+def test_config_file_and_flags(tmp_path, data_root):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('loss = "proxy_nca"\nembed_dim = 32\n[loss_options]\ntemperature = 0.2\n')
+    config = parse_config(["--config", str(cfg), "--embed-dim", "24", "--loss-option", "proxy_lr_mult=5"])
+    assert config.loss == "proxy_nca" and config.embed_dim == 24
+    assert config.loss_options == {"temperature": 0.2, "proxy_lr_mult": 5}
+    yaml_cfg = tmp_path / "c.yaml"
+    yaml_cfg.write_text("epochs: 3\nfreeze_batchnorm: false\n")
+    config = parse_config(["--config", str(yaml_cfg)])
+    assert config.epochs == 3 and config.freeze_batchnorm is False
+    bad = tmp_path / "bad.toml"
+    bad.write_text("learning_rate = 1\n")
+    with pytest.raises(ConfigError, match="unknown key"):
+        parse_config(["--config", str(bad)])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_config(["--loss-option", "oops"])
+
+
+def test_saved_config_reruns(tmp_path, data_root):
+    out = tmp_path / "a"
+    assert main(_args(data_root, out, "--loss", "norm_softmax", "--trunk", "frozen", "--epochs", "1",
+                      "--feature-views", "1")) == 0
+    config = parse_config(["--config", str(out / "config.json"), "--output-dir", str(tmp_path / "b")])
+    assert config.loss == "norm_softmax" and config.embed_dim == 16 and config.trunk == "frozen"
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--dataset", "folder", "--data-root", "/nonexistent/place"], "/nonexistent/place"),
+    (["--dataset", "imagenet"], "imagenet"),
+    (["--loss", "triplet", "--dataset", "folder"], "triplet"),
+    (["--resume", "/nonexistent/run"], "/nonexistent/run"),
+])
+def test_usage_errors_are_one_line(argv, needle, tmp_path, capsys, data_root):
+    if "--data-root" not in argv and "--resume" not in argv:
+        argv = argv + ["--data-root", str(data_root)]
+    code = main(["--output-dir", str(tmp_path / "x"), "--backbone", "tiny", "--weights", "none", "--device", "cpu", *argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and needle in err
+
+
+def test_refuses_to_overwrite_a_run(tmp_path, data_root, capsys):
+    out = tmp_path / "run"
+    args = _args(data_root, out, "--loss", "cosine", "--trunk", "frozen", "--epochs", "1", "--feature-views", "1")
+    assert main(args) == 0
+    assert main(args) == 2
+    assert "--resume" in capsys.readouterr().err
