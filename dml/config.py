@@ -38,12 +38,13 @@ class TrainConfig:
     pooling: str = _opt("avg", "avg | max | avgmax")
     freeze_batchnorm: bool = _opt(True, "keep BatchNorm statistics frozen (as in the paper)")
     trunk: str = _opt("auto", "finetune | frozen | auto (frozen with cached features on CPU, finetune on GPU)")
-    feature_views: int = _opt(8, "frozen trunk: augmented views per training image whose features are cached")
+    feature_views: int = _opt(1, "frozen trunk: views per training image whose features are cached (1: the centre "
+                              "crop only; more add random-resized-crop + flip views)")
     resolution: int = _opt(0, "input crop size (0: the backbone's own, 224 for Lite0 / ResNet-50)")
     loss: str = _opt("el_nivmf", "loss name (see dml.losses.LOSSES)")
     loss_options: dict[str, Any] = _opt(None, "loss keyword options, e.g. --loss-option guidance_weight=1.0",
                                          flag="--loss-option")
-    init_norm: float = _opt(0.0, "calibrate the head so the mean initial embedding norm (κ) is this (0: the loss's default)")
+    init_norm: float = _opt(0.0, "initial mean embedding norm κ, set by a fixed head output scale (0: the loss's default, 2.5 × embed_dim for the vMF losses)")
     epochs: int = _opt(0, "training epochs (0: a default that fits the device: 40 frozen, 30 fine-tuning)")
     batch_size: int = _opt(112, "images per batch")
     samples_per_class: int = _opt(2, "images of one class per batch group (m)")

@@ -335,6 +335,7 @@ class EmbeddingModel(nn.Module):
         self.freeze_batchnorm = freeze_batchnorm
         self.freeze_trunk = freeze_trunk
         self.head = nn.Linear(spec.feature_dim, embed_dim)
+        self.register_buffer("output_scale", torch.tensor(1.0))  # fixed; see calibrate_head
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
         if freeze_trunk:
@@ -363,26 +364,28 @@ class EmbeddingModel(nn.Module):
         return fmap.mean((-2, -1)) + fmap.amax((-2, -1))
 
     def embed(self, features: torch.Tensor) -> torch.Tensor:
-        """The embedding head applied to pooled features."""
-        return self.head(features)
+        """The embedding head applied to pooled features (times the fixed ``output_scale``)."""
+        return self.head(features) * self.output_scale
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.embed(self.features(images))
 
     @torch.no_grad()
     def calibrate_head(self, features: torch.Tensor, target_norm: float) -> None:
-        """Rescale the head so the mean embedding norm over ``features`` is ``target_norm``.
+        r"""Set the head's fixed output scale so the mean embedding norm over ``features`` is ``target_norm``.
 
-        The embedding norm is the vMF concentration κ of the image: the paper starts it at a chosen scale
-        (its ``init_norm_multiplier``); calibrating on real features makes that scale mean the same thing
-        for every backbone.
+        The embedding norm is the vMF concentration κ of the image, and at $p = 128$ a vMF sample is
+        close to its mean direction only for κ in the hundreds ($A_p(\kappa) \approx 0.6$ at
+        κ = p), so the vMF losses start from a large norm — the paper's ``init_norm_multiplier``.
+        The scale is a constant buffer ``output_scale`` multiplying the head's output rather than a
+        rescaling of its weights: Adam's steps are of fixed size, so weights scaled up by 100 would
+        learn directions 100 times more slowly.
         """
         if not target_norm > 0:
             raise ModelError(f"target_norm must be positive, got {target_norm}")
-        current = self.head(features.to(self.head.weight.dtype)).norm(dim=-1).mean()
-        scale = target_norm / current.clamp(min=1e-12)
-        self.head.weight.mul_(scale)
-        self.head.bias.mul_(scale)
+        self.output_scale.fill_(1.0)
+        current = self.embed(features.to(self.head.weight.dtype)).norm(dim=-1).mean()
+        self.output_scale.fill_(float(target_norm / current.clamp(min=1e-12)))
 
     def parameter_groups(self, lr: float, *, head_lr_mult: float = 1.0) -> list[dict]:
         """Optimizer groups: trainable trunk parameters at ``lr``, the head at ``lr × head_lr_mult``."""

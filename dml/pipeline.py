@@ -46,8 +46,9 @@ class Pipeline:
         """Pooled trunk features of some training images, to set the initial embedding norm."""
         raise NotImplementedError
 
-    def describe(self) -> list[str]:
-        """Lines printed at the start of a run."""
+    @staticmethod
+    def describe(model: EmbeddingModel, config, resolution: int, device: torch.device) -> str:
+        """The line printed at the start of a run (before any feature is cached)."""
         raise NotImplementedError
 
 
@@ -100,11 +101,9 @@ class ImagePipeline(Pipeline):
         self.model.train(was_training)
         return features
 
-    def describe(self):
-        s = self.splits
-        return [f"data: {s.name}: {s.train.num_classes} train / {s.val.num_classes} val / {s.test.num_classes} test "
-                f"classes ({len(s.train)} / {len(s.val)} / {len(s.test)} images)",
-                f"trunk: fine-tuning the whole {self.model.spec.name} at {self.resolution} px on {self.device}"]
+    @staticmethod
+    def describe(model: EmbeddingModel, config, resolution: int, device: torch.device) -> str:
+        return f"trunk: fine-tuning the whole {model.spec.name} at {resolution} px on {device}"
 
 
 class FeaturePipeline(Pipeline):
@@ -126,13 +125,14 @@ class FeaturePipeline(Pipeline):
         train_transform = TrainTransform(resolution, generator=generator)
         eval_transform = EvalTransform(resolution)
         raw_train = ImageDataset(splits.train, None, max_side=max_side)
-        log(f"caching frozen-trunk features: {len(raw_train)} training images × {self.views} augmented views, "
+        views = "the centre crop" if self.views == 1 else f"{self.views} views (centre crop + random crops)"
+        log(f"caching frozen-trunk features: {len(raw_train)} training images × {views}, "
             f"{len(splits.val) + len(splits.test)} evaluation images, {resolution} px, on {device}")
-        views = []
+        features = []
         for v in range(self.views):
             transform = eval_transform if v == 0 else train_transform  # view 0: the plain centre crop
-            views.append(self._features(raw_train, transform))
-        self.train_features = torch.stack(views, dim=1)  # [N, V, F]
+            features.append(self._features(raw_train, transform))
+        self.train_features = torch.stack(features, dim=1)  # [N, V, F]
         self.eval_features = {name: self._features(ImageDataset(getattr(splits, name), None, max_side=max_side),
                                                    eval_transform) for name in ("val", "test")}
         self.train_labels = _labels(splits.train, device)
@@ -143,9 +143,11 @@ class FeaturePipeline(Pipeline):
         self.model.eval()
         out = []
         size = self.config.eval_batch_size
+        self.model.to(memory_format=torch.channels_last)  # 1.4-2x faster convolutions on CPU (oneDNN)
         for start in range(0, len(raw), size):
             images = torch.stack([transform(raw[i][0]) for i in range(start, min(start + size, len(raw)))])
-            out.append(self.model.features(images.to(self.device)).float())
+            images = images.to(self.device).contiguous(memory_format=torch.channels_last)
+            out.append(self.model.features(images).float())
         self.model.train()
         if not out:
             return torch.zeros(0, self.model.spec.feature_dim, device=self.device)
@@ -167,10 +169,8 @@ class FeaturePipeline(Pipeline):
     def calibration_features(self):
         return self.train_features[:, 0]
 
-    def describe(self):
-        s = self.splits
-        return [f"data: {s.name}: {s.train.num_classes} train / {s.val.num_classes} val / {s.test.num_classes} test "
-                f"classes ({len(s.train)} / {len(s.val)} / {len(s.test)} images)",
-                f"trunk: FROZEN {self.model.spec.name} (device {self.device}): training only the embedding head on "
-                f"cached features of {self.views} views per training image; on a GPU, or with --trunk finetune, "
-                "the whole network is fine-tuned"]
+    @staticmethod
+    def describe(model: EmbeddingModel, config, resolution: int, device: torch.device) -> str:
+        return (f"trunk: FROZEN {model.spec.name} at {resolution} px on {device}: only the embedding head trains, on "
+                "cached trunk features (the CPU default; on a GPU, or with --trunk finetune, the whole network "
+                "is fine-tuned)")

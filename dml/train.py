@@ -121,12 +121,16 @@ class Trainer:
             raise ConfigError(str(err)) from None
         resolution = config.resolution or self.model.spec.resolution
         pipeline_type = FeaturePipeline if config.trunk == "frozen" else ImagePipeline
+        s = self.splits
+        self.log(f"data: {s.name}: {s.train.num_classes} train / {s.val.num_classes} val / {s.test.num_classes} test "
+                 f"classes ({len(s.train)} / {len(s.val)} / {len(s.test)} images)")
+        self.log(pipeline_type.describe(self.model, config, resolution, self.device))
         self.pipeline: Pipeline = pipeline_type(self.model, self.splits, config, resolution, self.device, log=self.log)
         self.sampler = ClassBalancedBatchSampler(self.splits.train.labels, config.batch_size, config.samples_per_class,
                                                  seed=config.seed)
         self.steps_per_epoch = len(self.sampler)
         if resume_state is None:
-            target = config.init_norm or getattr(self.loss, "default_init_norm", 0.0)
+            target = config.init_norm or self.loss.initial_norm_per_dim * config.embed_dim
             if target > 0:
                 self.model.calibrate_head(self.pipeline.calibration_features(), target)
         self.optimizer = build_optimizer(config, self.model, self.loss)
@@ -314,8 +318,6 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"{config.output_dir} already holds a run: pass --resume {config.output_dir} to "
                               "continue it, or choose another --output-dir")
         trainer = Trainer(config, resume_state=state)
-        for line in trainer.pipeline.describe():
-            trainer.log(line)
         trainer.fit()
     except USAGE_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)

@@ -73,7 +73,7 @@ def accuracy(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 class ProxyLoss(torch.nn.Module):
-    """Base class of the proxy losses: one call signature, input checks, precision, optimiser groups.
+    r"""Base class of the proxy losses: one call signature, input checks, precision, optimiser groups.
 
     Subclasses define ``name``, ``uses_norm``, the keyword options of their constructor, and
     ``_loss`` (the computation, on checked inputs of the working dtype) and ``_lr_groups``.
@@ -82,6 +82,11 @@ class ProxyLoss(torch.nn.Module):
         name: the registry name (`dml.losses.LOSSES`).
         uses_norm: whether the embedding norm carries meaning (the image concentration of the vMF
             losses, or a Euclidean distance); the trainer then evaluates Euclidean retrieval too.
+        initial_norm_per_dim: where the embedding norm is a vMF concentration, the trainer starts it at
+            this many times the dimension $D$ (a fixed output scale of the head, see
+            `dml.models.EmbeddingModel.calibrate_head`); 0 leaves the head as initialised. At
+            $\kappa = 2.5D$ the mean resultant length is $A_D(\kappa) \approx 0.82$: samples of the
+            image vMF lie near its mean direction, so the sampled similarities carry signal.
         num_classes: number of classes $C$ (one proxy each).
         embed_dim: embedding dimension $D$.
         stats: the `LossStats` of the last forward pass (``None`` before the first).
@@ -89,6 +94,7 @@ class ProxyLoss(torch.nn.Module):
 
     name: ClassVar[str]
     uses_norm: ClassVar[bool]
+    initial_norm_per_dim: ClassVar[float] = 0.0
 
     def __init__(self, num_classes: int, embed_dim: int, *, min_embed_dim: int = 1) -> None:
         super().__init__()

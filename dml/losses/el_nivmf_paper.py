@@ -107,12 +107,13 @@ class ELNivMFPaperLoss(ProxyLoss):
         temperature_lr_mult: learning-rate multiplier of $\log T$ (default 200, the paper's value for $T$).
 
     References:
-        D. Kirchhof, K. Roth, Z. Akata, E. Kasneci, "A Non-isotropic Probabilistic Take on Proxy-based
+        M. Kirchhof, K. Roth, Z. Akata, E. Kasneci, "A Non-isotropic Probabilistic Take on Proxy-based
         Deep Metric Learning", ECCV 2022; code: github.com/ExplainableML/Probabilistic_Deep_Metric_Learning.
     """
 
     name = "el_nivmf_paper"
     uses_norm = True
+    initial_norm_per_dim = 2.5
 
     def __init__(
         self,

@@ -57,7 +57,7 @@ class L2ProxyLoss(_LearnableTemperature):
         temperature_lr_mult: learning-rate multiplier of $\log T$ (default 10; 0 keeps $T$ fixed).
 
     References:
-        D. Kirchhof, K. Roth, Z. Akata, E. Kasneci, "A Non-isotropic Probabilistic Take on Proxy-based
+        M. Kirchhof, K. Roth, Z. Akata, E. Kasneci, "A Non-isotropic Probabilistic Take on Proxy-based
         Deep Metric Learning", ECCV 2022.
     """
 
@@ -108,7 +108,7 @@ class CosineProxyLoss(_LearnableTemperature):
         temperature_lr_mult: learning-rate multiplier of $\log T$ (default 10; 0 keeps $T$ fixed).
 
     References:
-        D. Kirchhof, K. Roth, Z. Akata, E. Kasneci, "A Non-isotropic Probabilistic Take on Proxy-based
+        M. Kirchhof, K. Roth, Z. Akata, E. Kasneci, "A Non-isotropic Probabilistic Take on Proxy-based
         Deep Metric Learning", ECCV 2022.
     """
 

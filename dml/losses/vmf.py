@@ -43,6 +43,7 @@ class _VMFProxyLoss(ProxyLoss):
     cross-entropy and stats."""
 
     uses_norm = True
+    initial_norm_per_dim = 2.5
 
     def __init__(
         self,
@@ -120,7 +121,7 @@ class ELVMFLoss(_VMFProxyLoss):
         temperature_lr_mult: learning-rate multiplier of $\log T$ (default 10; 0 keeps $T$ fixed).
 
     References:
-        D. Kirchhof, K. Roth, Z. Akata, E. Kasneci, "A Non-isotropic Probabilistic Take on Proxy-based
+        M. Kirchhof, K. Roth, Z. Akata, E. Kasneci, "A Non-isotropic Probabilistic Take on Proxy-based
         Deep Metric Learning", ECCV 2022.
     """
 
@@ -176,7 +177,7 @@ class PPKVMFLoss(_VMFProxyLoss):
         temperature_lr_mult: learning-rate multiplier of $\log T$ (default 10; 0 keeps $T$ fixed).
 
     References:
-        D. Kirchhof, K. Roth, Z. Akata, E. Kasneci, "A Non-isotropic Probabilistic Take on Proxy-based
+        M. Kirchhof, K. Roth, Z. Akata, E. Kasneci, "A Non-isotropic Probabilistic Take on Proxy-based
         Deep Metric Learning", ECCV 2022.
     """
 
@@ -234,7 +235,7 @@ class KLVMFLoss(_VMFProxyLoss):
         temperature_lr_mult: learning-rate multiplier of $\log T$ (default 10; 0 keeps $T$ fixed).
 
     References:
-        D. Kirchhof, K. Roth, Z. Akata, E. Kasneci, "A Non-isotropic Probabilistic Take on Proxy-based
+        M. Kirchhof, K. Roth, Z. Akata, E. Kasneci, "A Non-isotropic Probabilistic Take on Proxy-based
         Deep Metric Learning", ECCV 2022.
     """
 
