@@ -41,7 +41,8 @@ class TrainConfig:
     feature_views: int = _opt(1, "frozen trunk: views per training image whose features are cached (1: the centre "
                               "crop only; more add random-resized-crop + flip views)")
     resolution: int = _opt(0, "input crop size (0: the backbone's own, 224 for Lite0 / ResNet-50)")
-    loss: str = _opt("el_nivmf", "loss name (see dml.losses.LOSSES)")
+    loss: str = _opt("el_nivmf", "el_nivmf | el_nivmf_paper | el_vmf | ppk_vmf | kl_vmf | proxy_anchor | proxy_nca | "
+                                 "norm_softmax | l2 | cosine")
     loss_options: dict[str, Any] = _opt(None, "loss keyword options, e.g. --loss-option guidance_weight=1.0",
                                          flag="--loss-option")
     init_norm: float = _opt(0.0, "initial mean embedding norm κ, set by a fixed head output scale (0: the loss's default, 2.5 × embed_dim for the vMF losses)")
@@ -149,6 +150,9 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         ConfigError: bad file, unknown key or malformed ``--loss-option``.
     """
     args = vars(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
+    if args.get("resume") and len(args) > 1:
+        others = ", ".join("--" + k.replace("_", "-") for k in sorted(args) if k != "resume")
+        raise ConfigError(f"--resume continues a run with its saved configuration; drop the other flags ({others})")
     values: dict[str, Any] = {}
     if args.get("config"):
         values.update(read_config_file(args["config"]))

@@ -13,6 +13,7 @@ of the last epoch, and before training), and ``NOTICE.txt`` (data attribution).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -100,6 +101,7 @@ class Trainer:
     """One training run: set-up, the epoch loop, checkpoints, evaluation. See the module docstring."""
 
     def __init__(self, config: TrainConfig, *, resume_state: dict[str, Any] | None = None, quiet: bool = False):
+        self.started = time.time()  # wall time of this invocation, feature caching included
         self.config = config
         self.quiet = quiet
         self.out = Path(config.output_dir)
@@ -238,7 +240,6 @@ class Trainer:
         """Train (from the start or from the resumed state), then evaluate and write ``final_metrics.json``."""
         config = self.config
         self.out.mkdir(parents=True, exist_ok=True)
-        started = time.time()
         initial_path = self.out / "initial_metrics.json"
         if not initial_path.exists():
             atomic_write_json(self.out / "config.json", config.to_dict())
@@ -285,7 +286,7 @@ class Trainer:
             "initial": initial,
             "trunk": config.trunk,
             "device": str(self.device),
-            "wall_time_s": round(time.time() - started, 1),
+            "wall_time_s": round(time.time() - self.started, 1),  # this invocation (a resumed run: since resuming)
         }
         atomic_write_json(self.out / "final_metrics.json", final)
         self.log(f"test (epoch {self.best['epoch']}, selected on validation): R@1 {selected['recall@1']:.4f} "
@@ -293,6 +294,27 @@ class Trainer:
                  f"MAP@R {selected['map@r']:.4f}  NMI {selected['nmi']:.4f}")
         self.log(f"wrote {self.out / 'final_metrics.json'}")
         return final
+
+
+@contextlib.contextmanager
+def run_lock(directory: str | Path):
+    """Hold an exclusive lock on ``DIRECTORY/.lock`` so two processes never train into one run directory.
+
+    Raises:
+        ConfigError: if another process holds it.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as handle:
+        try:
+            import fcntl
+
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # no fcntl (Windows): no lock
+            pass
+        except OSError:
+            raise ConfigError(f"{directory} is in use by another training process") from None
+        yield
 
 
 def load_resume(directory: str | Path) -> tuple[TrainConfig, dict[str, Any]]:
@@ -317,8 +339,9 @@ def main(argv: list[str] | None = None) -> int:
         elif (Path(config.output_dir) / "last.pt").exists():
             raise ConfigError(f"{config.output_dir} already holds a run: pass --resume {config.output_dir} to "
                               "continue it, or choose another --output-dir")
-        trainer = Trainer(config, resume_state=state)
-        trainer.fit()
+        with run_lock(config.output_dir):
+            trainer = Trainer(config, resume_state=state)
+            trainer.fit()
     except USAGE_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -149,7 +149,9 @@ def test_saved_config_reruns(tmp_path, data_root):
 def test_usage_errors_are_one_line(argv, needle, tmp_path, capsys, data_root):
     if "--data-root" not in argv and "--resume" not in argv:
         argv = argv + ["--data-root", str(data_root)]
-    code = main(["--output-dir", str(tmp_path / "x"), "--backbone", "tiny", "--weights", "none", "--device", "cpu", *argv])
+    if "--resume" not in argv:
+        argv = ["--output-dir", str(tmp_path / "x"), "--backbone", "tiny", "--weights", "none", "--device", "cpu", *argv]
+    code = main(argv)
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("error: ") and err.count("\n") == 1 and needle in err
@@ -161,3 +163,44 @@ def test_refuses_to_overwrite_a_run(tmp_path, data_root, capsys):
     assert main(args) == 0
     assert main(args) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_resume_takes_no_other_flags(tmp_path):
+    with pytest.raises(ConfigError, match="--resume continues a run .*--epochs"):
+        parse_config(["--resume", str(tmp_path), "--epochs", "3"])
+
+
+def test_run_directory_lock(tmp_path):
+    from dml.train import run_lock
+
+    with run_lock(tmp_path):
+        with pytest.raises(ConfigError, match="in use by another training process"):
+            with run_lock(tmp_path):
+                pass
+    with run_lock(tmp_path):  # released
+        pass
+
+
+def test_real_sigint_leaves_a_resumable_checkpoint(data_root, tmp_path):
+    """A real SIGINT (Ctrl-C) to a running `python -m dml.train`: exit 130, then --resume finishes the run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "dml.train", *_args(data_root, out, "--loss", "proxy_anchor", "--trunk", "finetune",
+                                                    "--epochs", "1000")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120
+    while not (out / "history.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "--resume" in err
+    state = load_checkpoint(out / "last.pt")
+    assert 1 <= state["epoch"] < 1000
