@@ -50,7 +50,7 @@ class TrainConfig:
     batch_size: int = _opt(112, "images per batch")
     samples_per_class: int = _opt(2, "images of one class per batch group (m)")
     optimizer: str = _opt("adamw", "adamw | adam")
-    lr: float = _opt(0.0, "base learning rate of the trunk (0: 1e-4 fine-tuning; the head gets head_lr_mult ×)")
+    lr: float = _opt(0.0, "base learning rate (0: 1e-4); the head gets head_lr_mult ×, the loss's groups their own multipliers")
     head_lr_mult: float = _opt(10.0, "learning-rate multiplier of the embedding head")
     weight_decay: float = _opt(1e-4, "AdamW weight decay of the network (loss parameters get none)")
     scheduler: str = _opt("cosine", "cosine | constant (per step, after warmup)")
@@ -73,13 +73,14 @@ _BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": Fal
 
 def _parse_value(text: str) -> Any:
     """A ``--loss-option`` value: JSON if it parses (numbers, booleans, lists), else the string."""
+    try:
+        return json.loads(text)  # numbers first: guidance_weight=0 is the number 0, not False
+    except json.JSONDecodeError:
+        pass
     lowered = text.lower()
     if lowered in _BOOLEAN_WORDS:
         return _BOOLEAN_WORDS[lowered]
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+    return text
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

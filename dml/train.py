@@ -3,7 +3,7 @@ validation classes, and report it on test classes never seen in training.
 
 The default run (no flags) trains the probabilistic EL-nivMF loss on the offline emoji benchmark with an
 ImageNet EfficientNet-Lite0. On a CPU it freezes the trunk and trains the embedding head on cached
-features of augmented views (it says so); on a GPU it fine-tunes the whole network.
+trunk features (it says so); on a GPU it fine-tunes the whole network.
 
 Run directory (``--output-dir``): ``config.json`` (the effective configuration), ``history.jsonl`` (one
 line per epoch), ``last.pt`` (everything needed to resume), ``best.pt`` (the validation-selected
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections import Counter
 import math
 import sys
 import time
@@ -42,22 +43,66 @@ from dml.pipeline import FeaturePipeline, ImagePipeline, Pipeline
 USAGE_ERRORS = (ConfigError, DatasetError, ModelError)
 
 
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite (one-line message with the epoch and a remedy)."""
+
+
+SELECTION_METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "r_precision", "nmi",
+                     "recall@1_euclidean", "recall@2_euclidean", "recall@4_euclidean", "recall@8_euclidean",
+                     "map@r_euclidean", "r_precision_euclidean")
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` → CUDA if available, else CPU; otherwise the named device (checked)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name}: only cpu and cuda are supported")
     return device
 
 
+def check_config(config: TrainConfig) -> None:
+    """Reject impossible settings before any data is touched.
+
+    Raises:
+        ConfigError: naming the flag and the constraint.
+    """
+    positive = ("embed_dim", "batch_size", "samples_per_class", "eval_batch_size", "log_every")
+    for name in positive:
+        if getattr(config, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(config, name)}")
+    if config.feature_views < 1:
+        raise ConfigError(f"--feature-views must be a positive integer, got {config.feature_views}")
+    if config.batch_size % config.samples_per_class:
+        raise ConfigError(f"--batch-size {config.batch_size} must be a multiple of --samples-per-class "
+                          f"{config.samples_per_class}")
+    for name in ("lr", "weight_decay", "grad_clip", "init_norm", "warmup_epochs", "head_lr_mult"):
+        value = getattr(config, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    if not 0 <= config.val_fraction < 1:
+        raise ConfigError(f"--val-fraction must be in [0, 1), got {config.val_fraction}")
+    choices = {"optimizer": ("adamw", "adam"), "scheduler": ("cosine", "constant"),
+               "trunk": ("auto", "frozen", "finetune"), "selection_metric": SELECTION_METRICS}
+    for name, allowed in choices.items():
+        if getattr(config, name) not in allowed:
+            raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                              f"got {getattr(config, name)!r}")
+    if config.resolution < 0:
+        raise ConfigError(f"--resolution must be >= 0 (0: the backbone's own), got {config.resolution}")
+
+
 def resolve_defaults(config: TrainConfig, device: torch.device) -> TrainConfig:
-    """Fill the device-dependent defaults (trunk mode, epochs, learning rate)."""
+    """Check the config, then fill the device-dependent defaults (trunk mode, epochs, learning rate)."""
+    check_config(config)
     if config.trunk == "auto":
         config.trunk = "finetune" if device.type == "cuda" else "frozen"
-    if config.trunk not in ("frozen", "finetune"):
-        raise ConfigError(f"--trunk must be finetune, frozen or auto, got {config.trunk!r}")
     if config.epochs <= 0:
         config.epochs = 40 if config.trunk == "frozen" else 30
     if config.lr <= 0:
@@ -110,9 +155,11 @@ class Trainer:
         seed_everything(config.seed)
         self.splits: Splits = load_splits(config.dataset, config.data_root, val_fraction=config.val_fraction,
                                           split_seed=config.split_seed)
-        if config.batch_size % config.samples_per_class:
-            raise ConfigError(f"--batch-size {config.batch_size} must be a multiple of --samples-per-class "
-                              f"{config.samples_per_class}")
+        for name in ("val", "test"):
+            split = getattr(self.splits, name)
+            if len(split) and max(Counter(split.labels).values()) < 2:
+                raise DatasetError(f"the {name} split of {config.dataset} ({config.data_root}) has no class with two "
+                                   "or more images: nothing can be retrieved")
         self.model = build_model(config.backbone, config.embed_dim, weights=config.weights, pooling=config.pooling,
                                  freeze_batchnorm=config.freeze_batchnorm,
                                  freeze_trunk=config.trunk == "frozen").to(self.device)
@@ -138,6 +185,8 @@ class Trainer:
         self.optimizer = build_optimizer(config, self.model, self.loss)
         self.scheduler = build_scheduler(config, self.optimizer, self.steps_per_epoch)
         self.epoch, self.step_in_epoch = 0, 0
+        self.running: dict[str, Any] = {"total": 0.0, "count": 0}  # loss sum of the epoch so far (resume)
+        self._interrupted = lambda: False
         self.best: dict[str, Any] = {"metric": -math.inf, "epoch": 0}
         self.history: list[dict[str, Any]] = []
         if resume_state is not None:
@@ -148,16 +197,17 @@ class Trainer:
         if not self.quiet:
             print(message, flush=True)
 
-    def state(self, step_rng: dict[str, Any] | None = None) -> dict[str, Any]:
+    def state(self) -> dict[str, Any]:
         return {
             "config": self.config.to_dict(),
             "model": self.model.state_dict(),
             "loss": self.loss.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": step_rng or rng_state(),
+            "rng": rng_state(),
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
+            "running": self.running,
             "best": self.best,
             "history": self.history,
         }
@@ -168,11 +218,12 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.running = state.get("running", {"total": 0.0, "count": 0})
         self.best, self.history = state["best"], state["history"]
         set_rng_state(state["rng"])
 
-    def save_last(self, step_rng: dict[str, Any] | None = None) -> None:
-        save_checkpoint(self.out / "last.pt", self.state(step_rng))
+    def save_last(self) -> None:
+        save_checkpoint(self.out / "last.pt", self.state())
 
     # ---------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -187,13 +238,17 @@ class Trainer:
         self.loss.train()
         self.sampler.set_epoch(self.epoch)
         batches = list(self.sampler)
-        total = torch.zeros((), device=self.device)
-        count = 0
         start = self.step_in_epoch
+        total = torch.as_tensor(self.running["total"], dtype=torch.float64, device=self.device)
+        count = self.running["count"]
         progress = self._progress(len(batches), start)
         stream = self.pipeline.train_batches(batches, self.epoch, start)
         for step in range(start, len(batches)):
-            step_rng = rng_state()  # the state at the step's start: an interrupted step is replayed exactly
+            if self._interrupted():
+                self.step_in_epoch = step
+                self.running = {"total": float(total), "count": count}
+                self.save_last()
+                raise KeyboardInterrupt
             try:
                 inputs, labels = next(stream)
                 embeddings = self.pipeline.embed_train(inputs)
@@ -204,20 +259,28 @@ class Trainer:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
                 self.optimizer.step()
                 self.scheduler.step()
-            except KeyboardInterrupt:
-                self.step_in_epoch = step
-                self.save_last(step_rng)
+            except (RuntimeError, ValueError) as err:
+                # NaN weights surface as errors deeper down (e.g. the vMF sampler never accepting): name the cause
+                if not all(torch.isfinite(p).all() for p in self._parameters()):
+                    raise TrainingDiverged(f"training diverged in epoch {self.epoch + 1}, step {step + 1} "
+                                           f"(non-finite parameters); lower --lr (now {self.config.lr:g}) or the "
+                                           "loss's learning-rate multipliers") from err
                 raise
             self.step_in_epoch = step + 1
             total += value.detach()
             count += 1
             if progress is not None:
                 progress.update(1)
-            if (step + 1) % self.config.log_every == 0 and progress is not None:
-                progress.set_postfix(loss=f"{(total / count).item():.4f}")  # one host sync per log_every steps
+                if (step + 1) % self.config.log_every == 0:
+                    progress.set_postfix(loss=f"{float(total) / count:.4f}")  # one host sync per log_every steps
         if progress is not None:
             progress.close()
-        stats = {"loss": (total / max(count, 1)).item() if count else float("nan")}
+        self.running = {"total": 0.0, "count": 0}
+        mean = float(total) / count if count else float("nan")
+        if not math.isfinite(mean):
+            raise TrainingDiverged(f"training diverged in epoch {self.epoch + 1} (mean loss {mean}); lower --lr "
+                                   f"(now {self.config.lr:g}) or the loss's learning-rate multipliers")
+        stats = {"loss": mean}
         loss_stats = getattr(self.loss, "stats", None)
         if loss_stats is not None:
             for name in ("temperature", "mean_image_kappa", "mean_proxy_kappa", "accuracy"):
@@ -236,27 +299,32 @@ class Trainer:
         return tqdm(total=total, initial=start, desc=f"epoch {self.epoch + 1}/{self.config.epochs}", leave=False,
                     file=sys.stdout, dynamic_ncols=True)
 
-    def fit(self) -> dict[str, Any]:
-        """Train (from the start or from the resumed state), then evaluate and write ``final_metrics.json``."""
+    def _parameters(self):
+        yield from self.model.parameters()
+        yield from self.loss.parameters()
+
+    def _epochs(self, has_val: bool) -> None:
+        """The remaining epochs: train, validate, keep the best checkpoint, save ``last.pt``.
+
+        A Ctrl-C (SIGINT) here only sets a flag; training stops at the next step boundary or after the
+        epoch's checkpoint, with ``last.pt`` saved there, so the checkpoint never holds half a step. A
+        second Ctrl-C interrupts at once without saving (``last.pt`` then holds the previous boundary).
+        """
+        with _deferred_sigint() as interrupted:
+            self._interrupted = interrupted
+            try:
+                self._epoch_loop(has_val)
+            finally:
+                self._interrupted = lambda: False
+
+    def _epoch_loop(self, has_val: bool) -> None:
         config = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
-        initial_path = self.out / "initial_metrics.json"
-        if not initial_path.exists():
-            atomic_write_json(self.out / "config.json", config.to_dict())
-            if self.splits.notice:
-                atomic_write_text(self.out / "NOTICE.txt", self.splits.notice + "\n")
-            initial = self.evaluate("test")
-            atomic_write_json(initial_path, initial)
-            self.log(f"test before training: R@1 {initial['recall@1']:.4f}  MAP@R {initial['map@r']:.4f}")
-            self.save_last()
-        initial = json.loads(initial_path.read_text())
-        has_val = len(self.splits.val) > 0
         while self.epoch < config.epochs:
             t0 = time.time()
             stats = self.train_epoch()
             record: dict[str, Any] = {"epoch": self.epoch + 1, "train": stats, "seconds": round(time.time() - t0, 2)}
             if has_val:
-                val = self.evaluate("val", with_nmi=False)
+                val = self.evaluate("val", with_nmi=config.selection_metric == "nmi")
                 record["val"] = val
                 score = val[config.selection_metric]
             else:
@@ -273,6 +341,26 @@ class Trainer:
             val_text = f"val {config.selection_metric} {score:.4f}" if has_val else "no validation split"
             self.log(f"epoch {self.epoch}/{config.epochs}: loss {stats['loss']:.4f}  {val_text}  "
                      f"(best epoch {self.best['epoch']})  {record['seconds']:.1f} s")
+            if self._interrupted():
+                raise KeyboardInterrupt  # last.pt was just saved at this epoch boundary
+
+    def fit(self) -> dict[str, Any]:
+        """Train (from the start or from the resumed state), then evaluate and write ``final_metrics.json``."""
+        config = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        initial_path = self.out / "initial_metrics.json"
+        if not initial_path.exists():
+            atomic_write_json(self.out / "config.json", config.to_dict())
+            if self.splits.notice:
+                atomic_write_text(self.out / "NOTICE.txt", self.splits.notice + "\n")
+            initial = self.evaluate("test")
+            atomic_write_json(initial_path, initial)
+            self.log(f"test before training: R@1 {initial['recall@1']:.4f}  MAP@R {initial['map@r']:.4f}")
+            self.save_last()
+        initial = json.loads(initial_path.read_text())
+        has_val = len(self.splits.val) > 0
+        with _validation(False):  # torch.distributions' argument checks are host syncs in every step
+            self._epochs(has_val)
         last = self.evaluate("test")
         best_state = load_checkpoint(self.out / "best.pt")
         self.model.load_state_dict(best_state["model"])
@@ -294,6 +382,41 @@ class Trainer:
                  f"MAP@R {selected['map@r']:.4f}  NMI {selected['nmi']:.4f}")
         self.log(f"wrote {self.out / 'final_metrics.json'}")
         return final
+
+
+@contextlib.contextmanager
+def _validation(enabled: bool):
+    """Set torch.distributions' default argument validation within the block."""
+    previous = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(enabled)
+    try:
+        yield
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(previous)
+
+
+@contextlib.contextmanager
+def _deferred_sigint():
+    """Within the block, the first SIGINT sets a flag (read with the yielded callable) instead of raising;
+    a second one raises `KeyboardInterrupt` at once. Outside the main thread nothing changes."""
+    import signal
+    import threading
+
+    flag = {"set": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def handler(signum, frame):
+        if flag["set"]:
+            raise KeyboardInterrupt
+        flag["set"] = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: flag["set"]
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager
@@ -345,8 +468,14 @@ def main(argv: list[str] | None = None) -> int:
     except USAGE_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print(f"\ninterrupted: resume with  python -m dml.train --resume {config.output_dir}", file=sys.stderr)
+        if (Path(config.output_dir) / "last.pt").exists():
+            print(f"\ninterrupted: resume with  python -m dml.train --resume {config.output_dir}", file=sys.stderr)
+        else:
+            print("\ninterrupted before the first checkpoint: run the same command again", file=sys.stderr)
         return 130
     return 0
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -333,9 +334,14 @@ def _load_folder(root: Path, val_fraction: float, split_seed: int) -> Splits:
     return _build("folder", items, train, test, val_fraction, split_seed, "")
 
 
+def _natural_key(name: str) -> list:
+    """Sort key comparing digit runs as numbers ("class_2" < "class_10"); zero-padded names keep their order."""
+    return [(0, int(part), part) if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+
+
 def _first_half(name: str, items: dict[str, list[str]], val_fraction: float, split_seed: int, notice: str) -> Splits:
     """The standard protocol: sorted classes, first half train (val carved from it), second half test."""
-    names = sorted(items)
+    names = sorted(items, key=_natural_key)  # "2" before "10": unpadded numbered folders keep their order
     n_train = len(names) - len(names) // 2
     return _build(name, items, names[:n_train], names[n_train:], val_fraction, split_seed, notice)
 

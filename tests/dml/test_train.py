@@ -80,25 +80,34 @@ def _assert_same_state(a, b):
 
 @pytest.mark.parametrize("interrupt_at", [(1, 0), (0, 2)], ids=["after-epoch-1", "mid-epoch"])
 def test_resume_equals_uninterrupted(data_root, tmp_path, monkeypatch, interrupt_at):
+    """A Ctrl-C (a real SIGINT to this process) during the step before ``interrupt_at`` = (epoch, step):
+    the step completes, last.pt is written at the boundary, and --resume ends with the same weights,
+    optimizer state, history and metrics as the uninterrupted run."""
+    import os
+    import signal
+
     extra = ["--loss", "el_nivmf", "--trunk", "finetune", "--epochs", "2"]
     assert main(_args(data_root, tmp_path / "straight", *extra)) == 0
 
-    calls = {"n": 0}
     original = train_module.Trainer.train_epoch
+    fired = {"done": False}
 
     def interrupted_epoch(self):
-        if (self.epoch, self.step_in_epoch) == (interrupt_at[0], 0) and calls["n"] == 0:
-            calls["n"] += 1
-            embed = self.pipeline.embed_train
-            steps = {"n": 0}
+        embed = self.pipeline.embed_train
+        target_epoch, target_step = interrupt_at
+        if target_step == 0:  # "after epoch 1": the signal arrives during the last step of the epoch before
+            target_epoch, target_step = target_epoch - 1, self.steps_per_epoch
+        if self.epoch == target_epoch and not fired["done"]:
+            steps = {"n": self.step_in_epoch}
 
-            def embed_then_stop(inputs):
-                if steps["n"] == interrupt_at[1]:
-                    raise KeyboardInterrupt  # Ctrl-C in the middle of a step
+            def embed_then_signal(inputs):
                 steps["n"] += 1
+                if steps["n"] == target_step:
+                    fired["done"] = True
+                    os.kill(os.getpid(), signal.SIGINT)
                 return embed(inputs)
 
-            self.pipeline.embed_train = embed_then_stop
+            self.pipeline.embed_train = embed_then_signal
         return original(self)
 
     monkeypatch.setattr(train_module.Trainer, "train_epoch", interrupted_epoch)
@@ -109,6 +118,10 @@ def test_resume_equals_uninterrupted(data_root, tmp_path, monkeypatch, interrupt
     assert (state["epoch"], state["step_in_epoch"]) == interrupt_at
     assert main(["--resume", str(broken)]) == 0
     _assert_same_state(tmp_path / "straight" / "last.pt", broken / "last.pt")
+    history_a = (tmp_path / "straight" / "history.jsonl").read_text().splitlines()
+    history_b = (broken / "history.jsonl").read_text().splitlines()
+    strip = [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in history_a]
+    assert strip == [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in history_b]
     final_a = json.loads((tmp_path / "straight" / "final_metrics.json").read_text())
     final_b = json.loads((broken / "final_metrics.json").read_text())
     assert final_a["recall@1"] == final_b["recall@1"] and final_a["map@r"] == final_b["map@r"]
