@@ -180,6 +180,7 @@ def test_resume_mid_epoch_keeps_the_epoch_loss_in_history(data_root, tmp_path, m
     assert _history(tmp_path / "broken") == pytest.approx(_history(tmp_path / "straight"), rel=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden:UserWarning")
 def test_interrupt_after_the_optimizer_step_is_not_applied_twice(data_root, tmp_path, monkeypatch):
     extra = ["--loss", "proxy_anchor", "--trunk", "frozen", "--epochs", "1"]
     assert main(_args(data_root, tmp_path / "straight", *extra)) == 0
