@@ -63,3 +63,15 @@ def test_autoguide_list_recipe_from_the_pyro_page():
     assert float(pyro.param("mu_loc").detach() @ true_mu) > 0.99
     median = guide.median(data)
     assert abs(float(median["log_kappa"]) - torch.log(torch.tensor(30.0)).item()) < 0.3
+
+
+def test_mixture_of_vmf_recovers_known_components_and_clusters_digits():
+    result = load_example("mixture_of_vmf").run(n_per_cluster=400, restarts=3)
+    s = result["synthetic"]
+    assert min(s["cosines"]) > 0.99
+    # 400 points per component on S^15: the MLE of kappa has a relative s.e. of about 1/sqrt(400 * 15 / 2) ~ 2%
+    for true, fit in zip(s["kappa_true"], s["kappa_fit"]):
+        assert fit == pytest.approx(true, rel=0.1)
+    assert all(w == pytest.approx(1 / 3, abs=0.01) for w in s["weights"])
+    # digits: clusters that agree with the labels far beyond chance (NMI of random clusters ~ 0.01)
+    assert result["digits_nmi_vmf_mixture"] > 0.6
