@@ -17,7 +17,15 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one, never half of one.
 
     The bytes go to a temporary file in the same directory, are flushed to disk, and replace ``path``
-    with one ``os.replace`` (atomic on POSIX and Windows).
+    with one ``os.replace`` (atomic on POSIX and Windows). Missing parent directories are created; the
+    file gets the usual permissions (``0o666`` minus the umask).
+
+    Args:
+        path: the destination file.
+        data: its new content.
+
+    Raises:
+        OSError: if the directory or file cannot be written (the temporary file is removed).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,17 +49,35 @@ def _umask() -> int:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """`atomic_write_bytes` for UTF-8 text."""
+    """`atomic_write_bytes` for UTF-8 text.
+
+    Args:
+        path: the destination file.
+        text: its new content, written as UTF-8.
+    """
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """`atomic_write_text` of ``obj`` as indented JSON."""
+    """`atomic_write_text` of ``obj`` as indented JSON (sorted keys, trailing newline).
+
+    Args:
+        path: the destination file.
+        obj: a JSON-serialisable object.
+
+    Raises:
+        TypeError: if ``obj`` is not JSON-serialisable.
+    """
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """``torch.save`` ``state`` to ``path`` atomically."""
+    """``torch.save`` ``state`` to ``path`` atomically (`atomic_write_bytes`).
+
+    Args:
+        path: the checkpoint file.
+        state: what to save (tensors, state dicts, plain Python objects).
+    """
     import io
 
     buffer = io.BytesIO()
@@ -60,12 +86,26 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint written by `save_checkpoint` onto the CPU."""
+    """Load a checkpoint written by `save_checkpoint` onto the CPU.
+
+    It is read with ``weights_only=False`` (it holds RNG states and plain Python objects), so load only
+    checkpoints you trust.
+
+    Args:
+        path: the checkpoint file.
+
+    Returns:
+        The saved dict, with every tensor on the CPU.
+    """
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def rng_state() -> dict[str, Any]:
-    """The state of every random-number generator the trainer uses (Python, NumPy, torch CPU and CUDA)."""
+    """The state of every random-number generator the trainer uses (Python, NumPy, torch CPU and CUDA).
+
+    Returns:
+        ``{"python", "numpy", "torch"}`` states, plus ``"cuda"`` (all devices) when CUDA is available.
+    """
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -73,7 +113,11 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what `rng_state` returned."""
+    """Restore what `rng_state` returned (the CUDA states only where CUDA is available).
+
+    Args:
+        state: a dict from `rng_state`.
+    """
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -82,7 +126,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices)."""
+    """Seed Python, NumPy and torch (all devices).
+
+    Args:
+        seed: the seed (NumPy gets it modulo $2^{32}$).
+    """
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

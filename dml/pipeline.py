@@ -4,11 +4,15 @@ network) or from cached features of a frozen trunk (head-only training, the CPU 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from dml.data import EvalTransform, ImageDataset, Split, Splits, TrainTransform
 from dml.models import EmbeddingModel
+
+if TYPE_CHECKING:  # for the annotations only
+    from dml.config import TrainConfig
 
 
 def _labels(split: Split, device: torch.device) -> torch.Tensor:
@@ -16,12 +20,28 @@ def _labels(split: Split, device: torch.device) -> torch.Tensor:
 
 
 def step_generator(seed: int, epoch: int, step: int) -> torch.Generator:
-    """A CPU generator for the augmentation of one training step (independent of the global RNG)."""
+    """A CPU generator for the augmentation of one training step (independent of the global RNG).
+
+    Args:
+        seed: the run's seed.
+        epoch: the epoch (from 0).
+        step: the step within the epoch (from 0).
+
+    Returns:
+        A `torch.Generator` seeded with ``(seed · 1000003 + epoch) · 1000033 + step``.
+    """
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_033 + step)
 
 
 class Pipeline:
-    """Interface used by the trainer."""
+    """Interface used by the trainer: training batches, training embeddings and evaluation embeddings.
+
+    Implemented by `ImagePipeline` (fine-tuning) and `FeaturePipeline` (frozen trunk); the methods
+    here raise `NotImplementedError`.
+
+    Attributes:
+        model: the `dml.models.EmbeddingModel` being trained.
+    """
 
     model: EmbeddingModel
 
@@ -31,31 +51,84 @@ class Pipeline:
 
         The augmentation of step ``s`` of epoch ``e`` draws from its own generator seeded with
         (seed, e, s), so a run resumed mid-epoch sees exactly the batches it would have seen.
+
+        Args:
+            batches: the epoch's batches, each a list of training-set indices.
+            epoch: the epoch (seeds the augmentation).
+            start: the first step to produce (a resumed epoch skips the earlier ones).
+
+        Yields:
+            ``(inputs, labels)``: images ``[B, 3, S, S]`` or cached features ``[B, feature_dim]``, and
+            ``[B]`` int64 labels, on the device.
         """
         raise NotImplementedError
 
     def embed_train(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Embeddings of one training batch's inputs (with gradient)."""
+        """Embeddings of one training batch's inputs (with gradient).
+
+        Args:
+            inputs: the inputs yielded by `train_batches`.
+
+        Returns:
+            ``[B, embed_dim]`` embeddings.
+        """
         raise NotImplementedError
 
     def embed_split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings and labels of every image of the ``val`` or ``test`` split (model in eval mode)."""
+        """Embeddings and labels of every image of the ``val`` or ``test`` split (model in eval mode).
+
+        Args:
+            name: ``"val"`` or ``"test"``.
+
+        Returns:
+            ``(embeddings [N, embed_dim], labels [N])`` on the device (float32 and int64).
+        """
         raise NotImplementedError
 
     def calibration_features(self) -> torch.Tensor:
-        """Pooled trunk features of some training images, to set the initial embedding norm."""
+        """Pooled trunk features of some training images, to set the initial embedding norm.
+
+        Returns:
+            ``[N, feature_dim]`` features (`dml.models.EmbeddingModel.calibrate_head` takes them).
+        """
         raise NotImplementedError
 
     @staticmethod
-    def describe(model: EmbeddingModel, config, resolution: int, device: torch.device) -> str:
-        """The line printed at the start of a run (before any feature is cached)."""
+    def describe(model: EmbeddingModel, config: TrainConfig, resolution: int, device: torch.device) -> str:
+        """The line printed at the start of a run (before any feature is cached).
+
+        Args:
+            model: the embedding model.
+            config: the run's configuration.
+            resolution: the crop size in pixels.
+            device: the run's device.
+
+        Returns:
+            One line saying what trains, at which resolution, on which device.
+        """
         raise NotImplementedError
 
 
 class ImagePipeline(Pipeline):
-    """Images decoded once (cached in memory where they fit), augmented on the fly; the whole network trains."""
+    """Images decoded once (cached in memory where they fit), augmented on the fly; the whole network trains.
 
-    def __init__(self, model: EmbeddingModel, splits: Splits, config, resolution: int, device: torch.device,
+    Training images get `dml.data.TrainTransform` (random resized crop and flip), evaluation images
+    `dml.data.EvalTransform` (resize and centre crop); images are downscaled on decode to
+    ``round(resolution · 256/224)`` on the shorter side.
+
+    Args:
+        model: the embedding model (moved to ``device`` by the caller).
+        splits: the dataset's train / val / test splits.
+        config: the run's `dml.config.TrainConfig` (``seed``, ``eval_batch_size``).
+        resolution: the crop size in pixels.
+        device: where batches and embeddings live.
+        log: receives progress lines (unused here).
+
+    Raises:
+        DatasetError: if an image cannot be decoded.
+    """
+
+    def __init__(self, model: EmbeddingModel, splits: Splits, config: TrainConfig, resolution: int, device: torch.device,
                  log: Callable[[str], None] = print):
         self.model, self.splits, self.config, self.device = model, splits, config, device
         self.resolution = resolution
@@ -66,6 +139,7 @@ class ImagePipeline(Pipeline):
         self.train_labels = _labels(splits.train, device)
 
     def train_batches(self, batches, epoch, start=0):
+        """See `Pipeline.train_batches`."""
         index = torch.as_tensor(batches, dtype=torch.long).to(self.device)
         for step in range(start, len(batches)):
             transform = TrainTransform(self.resolution, generator=step_generator(self.config.seed, epoch, step))
@@ -75,10 +149,12 @@ class ImagePipeline(Pipeline):
             yield images.to(self.device, non_blocking=True), self.train_labels[index[step]]
 
     def embed_train(self, inputs):
+        """See `Pipeline.embed_train`."""
         return self.model(inputs)
 
     @torch.no_grad()
     def embed_split(self, name):
+        """See `Pipeline.embed_split`."""
         was_training = self.model.training
         self.model.eval()
         chunks = []
@@ -94,6 +170,7 @@ class ImagePipeline(Pipeline):
 
     @torch.no_grad()
     def calibration_features(self):
+        """See `Pipeline.calibration_features`."""
         was_training = self.model.training
         self.model.eval()
         n = min(len(self.train_set), self.config.eval_batch_size)
@@ -104,7 +181,8 @@ class ImagePipeline(Pipeline):
         return features
 
     @staticmethod
-    def describe(model: EmbeddingModel, config, resolution: int, device: torch.device) -> str:
+    def describe(model: EmbeddingModel, config: TrainConfig, resolution: int, device: torch.device) -> str:
+        """See `Pipeline.describe`."""
         return f"trunk: fine-tuning the whole {model.spec.name} at {resolution} px on {device}"
 
 
@@ -116,9 +194,20 @@ class FeaturePipeline(Pipeline):
     with flips, and a batch picks one cached view of each image at random (on emoji, extra views
     measured worse than the centre crop alone, hence the default of 1). The views are drawn from a
     generator seeded with the run's seed: a resumed run recomputes exactly the same features.
+
+    Args:
+        model: the embedding model (moved to ``device`` by the caller).
+        splits: the dataset's train / val / test splits.
+        config: the run's `dml.config.TrainConfig` (``seed``, ``eval_batch_size``, ``feature_views``).
+        resolution: the crop size in pixels.
+        device: where batches and embeddings live.
+        log: receives progress lines (one line saying what is cached).
+
+    Raises:
+        DatasetError: if an image cannot be decoded.
     """
 
-    def __init__(self, model: EmbeddingModel, splits: Splits, config, resolution: int, device: torch.device,
+    def __init__(self, model: EmbeddingModel, splits: Splits, config: TrainConfig, resolution: int, device: torch.device,
                  log: Callable[[str], None] = print):
         self.model, self.splits, self.config, self.device = model, splits, config, device
         self.resolution = resolution
@@ -157,6 +246,7 @@ class FeaturePipeline(Pipeline):
         return torch.cat(out)
 
     def train_batches(self, batches, epoch, start=0):
+        """See `Pipeline.train_batches`."""
         # the whole epoch's indices and views go to the device at once: no per-step host-to-device copy
         index = torch.as_tensor(batches, dtype=torch.long).to(self.device)
         views = torch.randint(self.views, tuple(index.shape), generator=step_generator(self.config.seed, epoch, 0))
@@ -165,17 +255,21 @@ class FeaturePipeline(Pipeline):
             yield self.train_features[index[step], views[step]], self.train_labels[index[step]]
 
     def embed_train(self, inputs):
+        """See `Pipeline.embed_train`."""
         return self.model.embed(inputs)
 
     @torch.no_grad()
     def embed_split(self, name):
+        """See `Pipeline.embed_split`."""
         return self.model.embed(self.eval_features[name]), self.eval_labels[name]
 
     def calibration_features(self):
+        """See `Pipeline.calibration_features`."""
         return self.train_features[:, 0]
 
     @staticmethod
-    def describe(model: EmbeddingModel, config, resolution: int, device: torch.device) -> str:
+    def describe(model: EmbeddingModel, config: TrainConfig, resolution: int, device: torch.device) -> str:
+        """See `Pipeline.describe`."""
         return (f"trunk: FROZEN {model.spec.name} at {resolution} px on {device}: only the embedding head trains, on "
                 "cached trunk features (the CPU default; on a GPU, or with --trunk finetune, the whole network "
                 "is fine-tuned)")

@@ -53,7 +53,18 @@ SELECTION_METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "r
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA if available, else CPU; otherwise the named device (checked)."""
+    """``auto`` → CUDA if available, else CPU; otherwise the named device (checked).
+
+    Args:
+        name: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+
+    Returns:
+        The `torch.device`.
+
+    Raises:
+        ConfigError: if ``name`` is not a device, names CUDA on a machine without it, or another device
+            type (only CPU and CUDA are supported).
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -69,6 +80,16 @@ def resolve_device(name: str) -> torch.device:
 
 def check_config(config: TrainConfig) -> None:
     """Reject impossible settings before any data is touched.
+
+    Checks positive integers (``embed_dim``, ``batch_size``, ``samples_per_class``, ``eval_batch_size``,
+    ``log_every``, ``feature_views``), ``batch_size`` a multiple of ``samples_per_class``, finite
+    non-negative numbers (``lr``, ``weight_decay``, ``grad_clip``, ``init_norm``, ``warmup_epochs``,
+    ``head_lr_mult``), ``val_fraction`` in [0, 1), the choices of ``optimizer``, ``scheduler``,
+    ``trunk`` and ``selection_metric``, and ``resolution`` ≥ 0. The loss's options are checked when the
+    loss is built.
+
+    Args:
+        config: the configuration to check (not modified).
 
     Raises:
         ConfigError: naming the flag and the constraint.
@@ -99,7 +120,21 @@ def check_config(config: TrainConfig) -> None:
 
 
 def resolve_defaults(config: TrainConfig, device: torch.device) -> TrainConfig:
-    """Check the config, then fill the device-dependent defaults (trunk mode, epochs, learning rate)."""
+    """Check the config, then fill the device-dependent defaults (trunk mode, epochs, learning rate).
+
+    ``trunk="auto"`` becomes ``finetune`` on CUDA and ``frozen`` elsewhere; ``epochs`` ≤ 0 becomes 40
+    (frozen) or 30 (fine-tuning); ``lr`` ≤ 0 becomes 1e-4.
+
+    Args:
+        config: the configuration, modified in place.
+        device: the device the run uses.
+
+    Returns:
+        The same ``config`` object.
+
+    Raises:
+        ConfigError: as `check_config`.
+    """
     check_config(config)
     if config.trunk == "auto":
         config.trunk = "finetune" if device.type == "cuda" else "frozen"
@@ -111,7 +146,20 @@ def resolve_defaults(config: TrainConfig, device: torch.device) -> TrainConfig:
 
 
 def build_optimizer(config: TrainConfig, model: EmbeddingModel, loss: torch.nn.Module) -> torch.optim.Optimizer:
-    """AdamW/Adam over the network's groups (with weight decay) and the loss's groups (without)."""
+    """AdamW/Adam over the network's groups (with weight decay) and the loss's groups (without).
+
+    Args:
+        config: supplies ``optimizer``, ``lr``, ``head_lr_mult`` and ``weight_decay``.
+        model: the embedding model (`EmbeddingModel.parameter_groups`).
+        loss: the loss module (`dml.losses.ProxyLoss.param_groups`: proxies, concentrations,
+            temperature with their own learning-rate multipliers).
+
+    Returns:
+        The optimizer; every group keeps its ``name``.
+
+    Raises:
+        ConfigError: if ``config.optimizer`` is neither ``adamw`` nor ``adam``.
+    """
     groups = model.parameter_groups(config.lr, head_lr_mult=config.head_lr_mult)
     for g in groups:
         g["weight_decay"] = config.weight_decay
@@ -124,8 +172,37 @@ def build_optimizer(config: TrainConfig, model: EmbeddingModel, loss: torch.nn.M
     raise ConfigError(f"--optimizer must be adamw or adam, got {config.optimizer!r}")
 
 
-def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
-    """Per-step schedule: linear warm-up, then cosine decay to zero (or constant)."""
+def build_scheduler(
+    config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    r"""Per-step schedule: linear warm-up, then cosine decay to zero (or constant).
+
+    With $N$ = ``epochs × steps_per_epoch`` steps and $W$ = ``round(warmup_epochs × steps_per_epoch)``
+    (at most $N - 1$) warm-up steps, the learning rates of all groups are multiplied at step $s$ by
+
+    $$
+    \lambda(s) = rac{s + 1}{W} \ (s < W), \qquad
+    \lambda(s) = 	frac12\Big(1 + \cosig(\pi \min(1, 	frac{s - W}{\max(1, N - W)})ig)\Big) \ (s \ge W),
+    $$
+
+    or $\lambda(s) = 1$ after the warm-up for ``scheduler="constant"``. Call ``step()`` after every
+    optimizer step.
+
+    Args:
+        config: supplies ``epochs``, ``warmup_epochs`` and ``scheduler``.
+        optimizer: the optimizer whose learning rates are scheduled.
+        steps_per_epoch: optimizer steps per epoch.
+
+    Returns:
+        A `torch.optim.lr_scheduler.LambdaLR`.
+
+    Raises:
+        ConfigError: if ``config.scheduler`` is neither ``cosine`` nor ``constant``.
+
+    References:
+        I. Loshchilov, F. Hutter, "SGDR: Stochastic Gradient Descent with Warm Restarts", ICLR 2017
+        (cosine decay).
+    """
     total = max(1, config.epochs * steps_per_epoch)
     warmup = min(total - 1, int(round(config.warmup_epochs * steps_per_epoch)))
     if config.scheduler not in ("cosine", "constant"):
@@ -143,7 +220,35 @@ def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps
 
 
 class Trainer:
-    """One training run: set-up, the epoch loop, checkpoints, evaluation. See the module docstring."""
+    """One training run: set-up, the epoch loop, checkpoints, evaluation. See the module docstring.
+
+    The constructor does the whole set-up: device and defaults (`resolve_defaults`), seeding, the
+    splits (`dml.data.load_splits`), model and loss, the pipeline (frozen-trunk features are computed
+    here), the class-balanced sampler, the head calibration of a new run
+    (`dml.models.EmbeddingModel.calibrate_head` to ``init_norm`` or the loss's default), optimizer and
+    scheduler, and restores ``resume_state`` if given. `fit` then trains and evaluates.
+
+    Args:
+        config: the run's configuration (its device-dependent defaults are filled in place).
+        resume_state: the state of an interrupted run (`load_resume`), or None for a new run.
+        quiet: print nothing (no log lines, no progress bar).
+
+    Attributes:
+        config: the effective `TrainConfig`.
+        device: the `torch.device` of the run.
+        splits: the train / val / test `dml.data.Splits`.
+        model: the `dml.models.EmbeddingModel`.
+        loss: the `dml.losses.ProxyLoss`.
+        pipeline: the `dml.pipeline.Pipeline` producing batches and evaluation embeddings.
+        epoch: completed epochs.
+        best: ``{"metric": best validation score, "epoch": its epoch}``.
+        history: one record per completed epoch (what ``history.jsonl`` holds).
+
+    Raises:
+        ConfigError: bad settings (including an unknown loss or loss option).
+        DatasetError: the dataset cannot be loaded, or its val / test split has no class with two images.
+        ModelError: unknown backbone or unusable weights.
+    """
 
     def __init__(self, config: TrainConfig, *, resume_state: dict[str, Any] | None = None, quiet: bool = False):
         self.started = time.time()  # wall time of this invocation, feature caching included
@@ -194,10 +299,22 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------
     def log(self, message: str) -> None:
+        """Print a line (flushed) unless the trainer is quiet.
+
+        Args:
+            message: the line.
+        """
         if not self.quiet:
             print(message, flush=True)
 
     def state(self) -> dict[str, Any]:
+        """Everything needed to resume exactly (what ``last.pt`` holds).
+
+        Returns:
+            The config (as a dict), state dicts of model, loss, optimizer and scheduler, the RNG states
+            (`dml.checkpoint.rng_state`), the position (``epoch``, ``step_in_epoch``, the running loss
+            of the epoch), the best validation score and the history.
+        """
         return {
             "config": self.config.to_dict(),
             "model": self.model.state_dict(),
@@ -223,17 +340,38 @@ class Trainer:
         set_rng_state(state["rng"])
 
     def save_last(self) -> None:
+        """Write `state` to ``OUTPUT/last.pt`` atomically."""
         save_checkpoint(self.out / "last.pt", self.state())
 
     # ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, split_name: str, *, with_nmi: bool = True) -> dict[str, float]:
-        """Retrieval (and clustering) metrics of the current model on ``val`` or ``test``."""
+        """Retrieval (and clustering) metrics of the current model on ``val`` or ``test``.
+
+        Args:
+            split_name: ``"val"`` or ``"test"``.
+            with_nmi: also compute the NMI (k-means; the most expensive part).
+
+        Returns:
+            The dict of `dml.evaluation.evaluate_embeddings` (Python floats).
+
+        Raises:
+            ValueError: if the split has no class with two or more images.
+        """
         embeddings, labels = self.pipeline.embed_split(split_name)
         return evaluate_embeddings(embeddings, labels, seed=self.config.seed, with_nmi=with_nmi)
 
     def train_epoch(self) -> dict[str, float]:
-        """One epoch (resuming mid-epoch if a checkpoint says so); returns the mean loss and stats."""
+        """One epoch (resuming mid-epoch if a checkpoint says so); returns the mean loss and stats.
+
+        Returns:
+            ``{"loss": mean loss of the epoch}`` plus, where the loss reports them, ``temperature``,
+            ``mean_image_kappa``, ``mean_proxy_kappa`` and ``accuracy`` of its last batch.
+
+        Raises:
+            TrainingDiverged: if a parameter or the mean loss becomes non-finite.
+            KeyboardInterrupt: after a deferred Ctrl-C, with ``last.pt`` saved at the step boundary.
+        """
         self.model.train()
         self.loss.train()
         self.sampler.set_epoch(self.epoch)
@@ -345,7 +483,21 @@ class Trainer:
                 raise KeyboardInterrupt  # last.pt was just saved at this epoch boundary
 
     def fit(self) -> dict[str, Any]:
-        """Train (from the start or from the resumed state), then evaluate and write ``final_metrics.json``."""
+        """Train (from the start or from the resumed state), then evaluate and write ``final_metrics.json``.
+
+        A new run first writes ``config.json``, ``NOTICE.txt`` and the test metrics before training.
+        After the epochs, the test metrics of the last epoch and of the validation-selected checkpoint
+        (``best.pt``; the last epoch when there are no validation classes) are computed.
+
+        Returns:
+            The test metrics of the selected checkpoint plus ``recall@1_initial``, ``selected_epoch``,
+            ``selection``, ``last_epoch`` (metrics), ``initial`` (metrics), ``trunk``, ``device`` and
+            ``wall_time_s`` (what ``final_metrics.json`` holds).
+
+        Raises:
+            TrainingDiverged: if training diverges.
+            KeyboardInterrupt: on Ctrl-C (``last.pt`` then allows ``--resume``).
+        """
         config = self.config
         self.out.mkdir(parents=True, exist_ok=True)
         initial_path = self.out / "initial_metrics.json"
@@ -423,6 +575,15 @@ def _deferred_sigint():
 def run_lock(directory: str | Path):
     """Hold an exclusive lock on ``DIRECTORY/.lock`` so two processes never train into one run directory.
 
+    A context manager (``with run_lock(directory): ...``); the directory is created if needed. Without
+    ``fcntl`` (Windows) there is no lock.
+
+    Args:
+        directory: the run directory.
+
+    Yields:
+        None, while the lock is held.
+
     Raises:
         ConfigError: if another process holds it.
     """
@@ -441,7 +602,18 @@ def run_lock(directory: str | Path):
 
 
 def load_resume(directory: str | Path) -> tuple[TrainConfig, dict[str, Any]]:
-    """The config and state of an interrupted run (its ``last.pt``)."""
+    """The config and state of an interrupted run (its ``last.pt``).
+
+    Args:
+        directory: the run directory.
+
+    Returns:
+        ``(config, state)``: the saved `TrainConfig` with ``output_dir`` set to ``directory``, and the
+        state for ``Trainer(config, resume_state=state)``.
+
+    Raises:
+        ConfigError: if ``directory/last.pt`` does not exist, or the saved config is invalid.
+    """
     directory = Path(directory)
     path = directory / "last.pt"
     if not path.is_file():
@@ -453,7 +625,21 @@ def load_resume(directory: str | Path) -> tuple[TrainConfig, dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m dml.train``; returns the process exit code."""
+    """Entry point of ``python -m dml.train``; returns the process exit code.
+
+    Usage errors and divergence are printed as one line on stderr (no traceback).
+
+    Args:
+        argv: the command-line arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        0 on success, 2 on a usage error (`ConfigError`, `DatasetError`, `ModelError`), 1 if training
+        diverged, 130 if interrupted (Ctrl-C).
+
+    Raises:
+        SystemExit: from `argparse` for ``--help`` or an unknown flag.
+    """
+    config = None
     try:
         config = parse_config(argv)
         state = None
@@ -472,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        if (Path(config.output_dir) / "last.pt").exists():
+        if config is not None and (Path(config.output_dir) / "last.pt").exists():
             print(f"\ninterrupted: resume with  python -m dml.train --resume {config.output_dir}", file=sys.stderr)
         else:
             print("\ninterrupted before the first checkpoint: run the same command again", file=sys.stderr)

@@ -117,6 +117,16 @@ def _log_ppk_closed_form(dim: int, k1, k2, sq_dist, rho: float) -> torch.Tensor:
 def log_probability_product_kernel(p: Distribution, q: Distribution, rho: float, *, num_samples: int | None = None) -> torch.Tensor:
     r"""$\log \int p(x)^\rho q(x)^\rho\,dx$ for two distributions on the same sphere (closed form for vMFs).
 
+    For $p = \mathrm{vMF}(\mu_1, \kappa_1)$ and $q = \mathrm{vMF}(\mu_2, \kappa_2)$ the moment generating
+    function gives
+
+    $$
+    \log \mathrm{PPK}_\rho(p, q) = \rho[\log C_p(\kappa_1) + \log C_p(\kappa_2)] - \log C_p(\rho\,\|\kappa_1\mu_1 + \kappa_2\mu_2\|),
+    $$
+
+    evaluated in float64 without cancellation (see the module docstring); a `HypersphericalUniform`
+    is the case $\kappa = 0$.
+
     Args:
         p: a `VonMisesFisher` or `HypersphericalUniform`.
         q: a `VonMisesFisher` or `HypersphericalUniform` on the same sphere; batch shapes broadcast.
@@ -124,11 +134,15 @@ def log_probability_product_kernel(p: Distribution, q: Distribution, rho: float,
         num_samples: reserved for pairs without a closed form; ignored here.
 
     Returns:
-        Tensor of the broadcast batch shape, differentiable in all parameters.
+        Tensor of the broadcast batch shape ``broadcast(p.batch_shape, q.batch_shape)``, in the promoted
+        dtype of the parameters, differentiable in all parameters.
 
     Raises:
         ValueError: on different dimensions or $\rho \le 0$.
-        NotImplementedError: for distribution types without a kernel.
+        NotImplementedError: for distribution types without a kernel (e.g. `NonIsotropicVMF`).
+
+    References:
+        T. Jebara, R. Kondor, A. Howard, "Probability product kernels", JMLR 5 (2004).
     """
     dim = _check_pair(p, q, rho)
     k1, k2, sq_dist = _closed_form_inputs(p, q, pairwise=False)
@@ -215,16 +229,25 @@ def log_expected_likelihood(
             gradient; its sign is checked only when torch's argument validation is on).
 
     Returns:
-        Tensor of the broadcast batch shape.
+        Tensor of the broadcast batch shape ``broadcast(p.batch_shape, q.batch_shape)``.
 
     Raises:
-        ValueError: on different dimensions, $T \le 0$, or a missing ``num_samples`` where needed.
+        ValueError: on different dimensions, $T \le 0$, a temperature tensor that is not 0-dim, or a
+            missing or non-positive ``num_samples`` where one is needed.
+        NotImplementedError: for distribution types other than `VonMisesFisher`,
+            `HypersphericalUniform` and `NonIsotropicVMF`.
+
+    References:
+        T. Jebara, R. Kondor, A. Howard, "Probability product kernels", JMLR 5 (2004).
 
     Example:
         >>> import torch
         >>> from vmf_dists import VonMisesFisher, log_expected_likelihood
-        >>> mu = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
-        >>> log_expected_likelihood(VonMisesFisher(mu, 5.0), VonMisesFisher(mu, 5.0)).item() > 0
+        >>> p = VonMisesFisher(torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64), 5.0)
+        >>> q = VonMisesFisher(torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64), 5.0)
+        >>> round(log_expected_likelihood(p, p).item(), 4)  # 2 log C_3(5) - log C_3(10)
+        -0.9215
+        >>> bool(log_expected_likelihood(p, p) > log_expected_likelihood(p, q))
         True
     """
     temperature = _check_temperature(temperature)
@@ -248,7 +271,28 @@ def log_expected_likelihood(
 
 
 def log_bhattacharyya_coefficient(p: Distribution, q: Distribution, *, num_samples: int | None = None) -> torch.Tensor:
-    r"""$\log \int \sqrt{p\,q}$, the log Bhattacharyya coefficient (probability product kernel, ρ = ½); ≤ 0, = 0 iff p = q."""
+    r"""$\log \int \sqrt{p\,q}$, the log Bhattacharyya coefficient (probability product kernel, ρ = ½); ≤ 0, = 0 iff p = q.
+
+    For two vMFs, $\tfrac12[\log C_p(\kappa_1) + \log C_p(\kappa_2)] - \log C_p(\tfrac12\|\kappa_1\mu_1 + \kappa_2\mu_2\|)$;
+    see `log_probability_product_kernel`.
+
+    Args:
+        p: a `VonMisesFisher` or `HypersphericalUniform`.
+        q: a `VonMisesFisher` or `HypersphericalUniform` on the same sphere; batch shapes broadcast.
+        num_samples: reserved for pairs without a closed form; ignored here.
+
+    Returns:
+        Tensor of the broadcast batch shape ``broadcast(p.batch_shape, q.batch_shape)``.
+
+    Raises:
+        ValueError: on different dimensions.
+        NotImplementedError: for distribution types without a closed form (e.g. `NonIsotropicVMF`).
+
+    References:
+        * A. Bhattacharyya, "On a measure of divergence between two statistical populations defined
+          by their probability distributions", Bull. Calcutta Math. Soc. 35 (1943).
+        * T. Jebara, R. Kondor, A. Howard, "Probability product kernels", JMLR 5 (2004).
+    """
     return log_probability_product_kernel(p, q, 0.5, num_samples=num_samples)
 
 
@@ -260,11 +304,21 @@ def pairwise_log_probability_product_kernel(p: Distribution, q: Distribution, rh
     ``[B, C, p]`` tensor is formed. The product and the rest (elementwise on ``[B, C]``) run in float64,
     since $2 - 2\mu_b^\top\mu_c$ cancels for nearby directions and κ multiplies that error.
 
+    Args:
+        p: a `VonMisesFisher` or `HypersphericalUniform` with batch shape ``[B]``.
+        q: a `VonMisesFisher` or `HypersphericalUniform` with batch shape ``[C]`` on the same sphere.
+        rho: the exponent $\rho > 0$.
+        num_samples: reserved for pairs without a closed form; ignored here.
+
     Returns:
         Tensor of shape ``[B, C]``.
 
     Raises:
         ValueError: if the batch shapes are not one-dimensional, on different dimensions or $\rho \le 0$.
+        NotImplementedError: for distribution types without a kernel.
+
+    References:
+        T. Jebara, R. Kondor, A. Howard, "Probability product kernels", JMLR 5 (2004).
     """
     dim = _check_pair(p, q, rho)
     k1, k2, sq_dist = _closed_form_inputs(p, q, pairwise=True)
@@ -290,10 +344,27 @@ def pairwise_log_expected_likelihood(
     ``temperature`` may be a 0-dim tensor (a learnable temperature gets its gradient), as in
     `log_expected_likelihood`.
 
+    Args:
+        p: a `VonMisesFisher` with batch shape ``[B]``, or a `HypersphericalUniform`
+            when ``q`` is one of the closed-form families.
+        q: a `VonMisesFisher`, `HypersphericalUniform` or `NonIsotropicVMF` with batch shape ``[C]``
+            on the same sphere.
+        num_samples: $S$, required for a `NonIsotropicVMF` ``q``; ignored for closed-form pairs.
+        temperature: $T > 0$, a float or a 0-dim tensor.
+
+    Returns:
+        Tensor of shape ``[B, C]``; the Monte-Carlo path returns it in the parameters' dtype, the closed
+        form in their promoted dtype.
+
     Raises:
         ValueError: on batch shapes that are not one-dimensional, different dimensions, $T \le 0$ or a
             missing ``num_samples``.
         NotImplementedError: for other pairs of families.
+
+    References:
+        * T. Jebara, R. Kondor, A. Howard, "Probability product kernels", JMLR 5 (2004).
+        * M. Kirchhof, K. Roth, Z. Akata, E. Kasneci, "A Non-isotropic Probabilistic Take on
+          Proxy-based Deep Metric Learning", ECCV 2022 (vMF images against nivMF proxies).
     """
     from vmf_dists.nonisotropic import NonIsotropicVMF  # kernels is imported by nonisotropic's users
 

@@ -17,6 +17,11 @@ With $A = A_p(\kappa_1)$, $\tilde C(\kappa) = \log C_p(\kappa) + \kappa$:
 
 All computed in float64 and returned in the parameters' dtype, differentiable in every parameter.
 Mismatched dimensions raise `ValueError`.
+
+References:
+    * K. V. Mardia, P. E. Jupp, *Directional Statistics*, Wiley (2000).
+    * T. R. Davidson, L. Falorsi, N. De Cao, T. Kipf, J. M. Tomczak, "Hyperspherical Variational
+      Auto-Encoders", UAI 2018 (KL(vMF ‖ Uniform) as the prior term of a hyperspherical VAE).
 """
 
 from __future__ import annotations
@@ -47,11 +52,26 @@ def _kl_vmf_uniform64(dim: int, k: torch.Tensor) -> torch.Tensor:
 
 @register_kl(VonMisesFisher, VonMisesFisher)
 def kl_vmf_vmf(p: VonMisesFisher, q: VonMisesFisher) -> torch.Tensor:
-    """KL(vMF(μ₁, κ₁) ‖ vMF(μ₂, κ₂)) in closed form (see the module docstring).
+    r"""KL(vMF(μ₁, κ₁) ‖ vMF(μ₂, κ₂)) in closed form.
 
-    Where both κ are small (κ² ≤ 32p) it is anchored at the uniform distribution:
-    G(κ₂) − G(κ₁) + A(κ₁ − κ₂ μ₁ᵀμ₂) with G(κ) = log C_p(0) − log C_p(κ) = log ₀F₁(; p/2; κ²/4) from its
-    series, so that it keeps relative precision as κ → 0 (and is exactly 0 for p = q).
+    $$
+    \mathrm{KL} = \log C_p(\kappa_1) - \log C_p(\kappa_2) + A_p(\kappa_1)(\kappa_1 - \kappa_2\mu_1^\top\mu_2),
+    $$
+
+    evaluated without cancellation (see the module docstring). Where both κ are small (κ² ≤ 32p) it is
+    anchored at the uniform distribution: G(κ₂) − G(κ₁) + A(κ₁ − κ₂ μ₁ᵀμ₂) with
+    G(κ) = log C_p(0) − log C_p(κ) = log ₀F₁(; p/2; κ²/4) from its series, so that it keeps relative
+    precision as κ → 0 (and is exactly 0 for p = q). Rounding below 0 is clamped to 0.
+
+    Args:
+        p: the first vMF.
+        q: the second vMF on the same sphere; batch shapes broadcast.
+
+    Returns:
+        KL ≥ 0 of shape ``broadcast(p.batch_shape, q.batch_shape)``, in the promoted dtype of the locs.
+
+    Raises:
+        ValueError: if p and q live on spheres of different dimensions.
     """
     dim = check_same_sphere(p, q)
     k1, k2 = p.concentration.to(torch.float64), q.concentration.to(torch.float64)
@@ -77,7 +97,24 @@ def kl_vmf_vmf(p: VonMisesFisher, q: VonMisesFisher) -> torch.Tensor:
 
 @register_kl(VonMisesFisher, HypersphericalUniform)
 def kl_vmf_uniform(p: VonMisesFisher, q: HypersphericalUniform) -> torch.Tensor:
-    """KL(vMF(μ, κ) ‖ Uniform), ≥ 0, with relative precision as κ → 0."""
+    r"""KL(vMF(μ, κ) ‖ Uniform), ≥ 0, with relative precision as κ → 0.
+
+    $$
+    \mathrm{KL} = \log C_p(\kappa) + \kappa A_p(\kappa) + \log|S^{p-1}| = \kappa A_p(\kappa) - \log {}_0F_1(; p/2; \kappa^2/4),
+    $$
+
+    independent of μ (the prior term of a hyperspherical VAE, Davidson et al. 2018).
+
+    Args:
+        p: the vMF.
+        q: the uniform distribution on the same sphere.
+
+    Returns:
+        KL of shape ``broadcast(p.batch_shape, q.batch_shape)``.
+
+    Raises:
+        ValueError: if p and q live on spheres of different dimensions.
+    """
     dim = check_same_sphere(p, q)
     value = _kl_vmf_uniform64(dim, p.concentration.to(torch.float64))
     value = value.to(torch.promote_types(p.loc.dtype, q.dtype))
@@ -86,7 +123,18 @@ def kl_vmf_uniform(p: VonMisesFisher, q: HypersphericalUniform) -> torch.Tensor:
 
 @register_kl(HypersphericalUniform, VonMisesFisher)
 def kl_uniform_vmf(p: HypersphericalUniform, q: VonMisesFisher) -> torch.Tensor:
-    """KL(Uniform ‖ vMF(μ, κ)) = log ₀F₁(; p/2; κ²/4)."""
+    r"""KL(Uniform ‖ vMF(μ, κ)) $= \log C_p(0) - \log C_p(\kappa) = \log {}_0F_1(; p/2; \kappa^2/4)$.
+
+    Args:
+        p: the uniform distribution.
+        q: the vMF on the same sphere.
+
+    Returns:
+        KL ≥ 0 of shape ``broadcast(p.batch_shape, q.batch_shape)``.
+
+    Raises:
+        ValueError: if p and q live on spheres of different dimensions.
+    """
     dim = check_same_sphere(p, q)
     value = uniform_log_normalizer_gap(dim, q.concentration.to(torch.float64))
     value = value.to(torch.promote_types(p.dtype, q.loc.dtype))
@@ -95,7 +143,18 @@ def kl_uniform_vmf(p: HypersphericalUniform, q: VonMisesFisher) -> torch.Tensor:
 
 @register_kl(HypersphericalUniform, HypersphericalUniform)
 def kl_uniform_uniform(p: HypersphericalUniform, q: HypersphericalUniform) -> torch.Tensor:
-    """KL(Uniform ‖ Uniform) = 0."""
+    """KL(Uniform ‖ Uniform) = 0.
+
+    Args:
+        p: a uniform distribution.
+        q: a uniform distribution on the same sphere.
+
+    Returns:
+        Zeros of shape ``broadcast(p.batch_shape, q.batch_shape)``.
+
+    Raises:
+        ValueError: if p and q live on spheres of different dimensions.
+    """
     check_same_sphere(p, q)
     shape = torch.broadcast_shapes(p.batch_shape, q.batch_shape)
     return torch.zeros(shape, dtype=torch.promote_types(p.dtype, q.dtype), device=p.device)

@@ -12,9 +12,11 @@ from vmf_dists.von_mises_fisher import VonMisesFisher, _check_loc, _unit
 __all__ = ["NonIsotropicVMF"]
 
 _NO_CLOSED_FORM = (
-    "NonIsotropicVMF has no closed-form {what}; estimate it with vmf_dists.monte_carlo "
-    "(entropy, kl_divergence, expected_likelihood return an estimate and its standard error)"
+    "NonIsotropicVMF has no closed-form {what}; {how}"
 )
+_FROM_SAMPLES = "estimate it from samples, e.g. d.sample((n,)).{stat}(0) (sampling is exact)"
+_WITH_MONTE_CARLO = ("estimate it with vmf_dists.monte_carlo.entropy (an estimate and its standard error; "
+                     "kl_divergence and expected_likelihood are there too)")
 
 
 class NonIsotropicVMF(TorchDistribution):
@@ -52,19 +54,21 @@ class NonIsotropicVMF(TorchDistribution):
         validate_args: check unit ``loc``, positive finite ``concentration`` and samples on the sphere.
 
     Raises:
-        ValueError: on shape mismatch (``concentration``'s last dimension must be p) or, with
-            validation, non-unit ``loc`` or non-positive ``concentration``.
+        ValueError: if ``loc`` is not a floating tensor ``[..., p]`` with $p \ge 2$, on shape mismatch
+            (``concentration``'s last dimension must be p; batch shapes must broadcast) or, with
+            validation, non-unit ``loc`` or non-positive or non-finite ``concentration``.
 
     References:
-        * D. Kirchhof, K. Roth, Z. Akata, E. Kasneci, "A Non-isotropic Probabilistic Take on Proxy-based
+        * M. Kirchhof, K. Roth, Z. Akata, E. Kasneci, "A Non-isotropic Probabilistic Take on Proxy-based
           Deep Metric Learning", ECCV 2022.
 
     Example:
         >>> import torch
         >>> from vmf_dists import NonIsotropicVMF
         >>> d = NonIsotropicVMF(torch.tensor([0.0, 0.0, 1.0]), torch.tensor([1.0, 20.0, 5.0]))
-        >>> d.rsample((4,)).shape
-        torch.Size([4, 3])
+        >>> x = d.rsample((4,))
+        >>> x.shape, d.log_prob(x).shape
+        (torch.Size([4, 3]), torch.Size([4]))
     """
 
     arg_constraints = {
@@ -102,7 +106,19 @@ class NonIsotropicVMF(TorchDistribution):
         self.concentration = concentration.expand(batch_shape + event_shape)
         super().__init__(batch_shape, event_shape, validate_args=validate_args)
 
-    def expand(self, batch_shape, _instance=None):
+    def expand(self, batch_shape: torch.Size | tuple[int, ...], _instance: NonIsotropicVMF | None = None) -> NonIsotropicVMF:
+        """The same distribution with its batch shape expanded (what Pyro's ``plate`` calls).
+
+        Args:
+            batch_shape: the new batch shape, to which the current one broadcasts.
+            _instance: for subclasses (torch.distributions' ``expand`` protocol).
+
+        Returns:
+            A `NonIsotropicVMF` with batch shape ``batch_shape`` (parameters expanded, not copied).
+
+        Raises:
+            RuntimeError: if the current batch shape does not broadcast to ``batch_shape``.
+        """
         new = self._get_checked_instance(NonIsotropicVMF, _instance)
         batch_shape = torch.Size(batch_shape)
         new.loc = self.loc.expand(batch_shape + self.event_shape)
@@ -118,17 +134,37 @@ class NonIsotropicVMF(TorchDistribution):
 
     @lazy_property
     def theta(self) -> torch.Tensor:
-        r"""$\theta = K\mu$, shape ``batch_shape + [p]``."""
+        r"""The natural parameter $\theta = K\mu = k \odot \mu$ of the base vMF, shape ``batch_shape + [p]``."""
         return self.concentration * _unit(self.loc)
 
     @lazy_property
     def base_vmf(self) -> VonMisesFisher:
-        r"""The vMF that is pushed forward: $\mathrm{vMF}(\theta/\|\theta\|, \|\theta\|)$."""
+        r"""The vMF that is pushed forward: $\mathrm{vMF}(\theta/\|\theta\|, \|\theta\|)$, batch shape ``batch_shape``."""
         norm = torch.linalg.vector_norm(self.theta, dim=-1)
         return VonMisesFisher(self.theta / norm.unsqueeze(-1), norm, validate_args=False)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        r"""$\log p(x) = [\log C_p(\|\theta\|) + \|\theta\|] - \|\theta\|\,\|\hat\theta - \widehat{Kx}\|^2/2 + \sum_d \log k_d - p\log\|Kx\|$."""
+        r"""Log density of points on the sphere (normalised: it integrates to 1).
+
+        $$
+        \log p(x) = [\log C_p(\|\theta\|) + \|\theta\|] - \|\theta\|\,\|\hat\theta - \widehat{Kx}\|^2/2
+          + \sum_d \log k_d - p\log\|Kx\|,
+        $$
+
+        with $\hat v = v/\|v\|$; the first two terms equal $\log C_p(\|\theta\|) + \theta^\top Kx/\|Kx\|$.
+        Computed in float64.
+
+        Args:
+            value: unit vectors $x$ of shape ``[..., p]``, ``value.shape[:-1]`` broadcastable with
+                ``batch_shape``.
+
+        Returns:
+            The log density, shape ``broadcast(value.shape[:-1], batch_shape)``, in the promoted dtype of
+            ``loc`` and ``value``; differentiable in ``loc``, ``concentration`` and ``value``.
+
+        Raises:
+            ValueError: with validation, if ``value`` does not lie on the unit sphere.
+        """
         if self._validate_args:
             self._validate_sample(value)
         k = self.concentration.to(torch.float64)
@@ -145,23 +181,44 @@ class NonIsotropicVMF(TorchDistribution):
         )
         return out.to(torch.promote_types(self.loc.dtype, value.dtype))
 
-    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
-        """Exact, reparameterised samples $x = K^{-1}y/\\|K^{-1}y\\|$ with $y$ from `base_vmf`."""
+    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = torch.Size()) -> torch.Tensor:
+        r"""Exact, reparameterised samples $x = K^{-1}y/\|K^{-1}y\|$ with $y$ from `base_vmf`.
+
+        Gradients reach ``loc`` and ``concentration`` through $\theta$ and the map (the base vMF's
+        concentration gradient is the implicit reparameterisation of Figurnov et al., 2018).
+
+        Args:
+            sample_shape: leading shape of independent draws.
+
+        Returns:
+            Unit vectors of shape ``sample_shape + batch_shape + [p]``.
+
+        Raises:
+            RuntimeError: as `VonMisesFisher.rsample`.
+        """
         y = self.base_vmf.rsample(sample_shape)
         z = y / self.concentration
         return z / torch.linalg.vector_norm(z, dim=-1, keepdim=True)
 
     @property
     def mean(self) -> torch.Tensor:
-        raise NotImplementedError(_NO_CLOSED_FORM.format(what="mean"))
+        """Not available in closed form: raises `NotImplementedError` (average samples from `rsample`)."""
+        raise NotImplementedError(_NO_CLOSED_FORM.format(what="mean", how=_FROM_SAMPLES.format(stat="mean")))
 
     @property
     def mode(self) -> torch.Tensor:
-        raise NotImplementedError(_NO_CLOSED_FORM.format(what="mode"))
+        """Not available in closed form: raises `NotImplementedError`."""
+        raise NotImplementedError(_NO_CLOSED_FORM.format(what="mode", how="locate it numerically, e.g. by maximising log_prob over the sphere"))
 
     @property
     def variance(self) -> torch.Tensor:
-        raise NotImplementedError(_NO_CLOSED_FORM.format(what="variance"))
+        """Not available in closed form: raises `NotImplementedError` (use sample variances)."""
+        raise NotImplementedError(_NO_CLOSED_FORM.format(what="variance", how=_FROM_SAMPLES.format(stat="var")))
 
     def entropy(self) -> torch.Tensor:
-        raise NotImplementedError(_NO_CLOSED_FORM.format(what="entropy"))
+        """Not available in closed form; use `vmf_dists.monte_carlo.entropy`.
+
+        Raises:
+            NotImplementedError: always.
+        """
+        raise NotImplementedError(_NO_CLOSED_FORM.format(what="entropy", how=_WITH_MONTE_CARLO))

@@ -13,7 +13,20 @@ __all__ = ["HypersphericalUniform", "log_sphere_area"]
 
 
 def log_sphere_area(dim: int) -> float:
-    r"""$\log |S^{p-1}| = \log 2 + \tfrac p2 \log\pi - \log\Gamma(p/2)$, the log surface area of the unit sphere in $\mathbb{R}^p$."""
+    r"""The log surface area of the unit sphere $S^{p-1} \subset \mathbb{R}^p$.
+
+    $$
+    \log |S^{p-1}| = \log 2 + \tfrac p2 \log\pi - \log\Gamma(p/2),
+    $$
+
+    the negative log density of `HypersphericalUniform` and $-\log C_p(0)$ of the vMF.
+
+    Args:
+        dim: the ambient dimension $p$ (not checked here; $p \ge 2$ in this package).
+
+    Returns:
+        $\log |S^{p-1}|$ as a Python float (e.g. $\log 4\pi$ for $p = 3$).
+    """
     return math.log(2.0) + 0.5 * dim * math.log(math.pi) - math.lgamma(0.5 * dim)
 
 
@@ -40,6 +53,10 @@ class HypersphericalUniform(TorchDistribution):
     Raises:
         ValueError: if ``dim`` is not an integer ≥ 2.
 
+    References:
+        M. E. Muller, "A note on a method for generating points uniformly on n-dimensional spheres",
+        *Commun. ACM* 2 (1959).
+
     Example:
         >>> from vmf_dists import HypersphericalUniform
         >>> u = HypersphericalUniform(3)
@@ -62,13 +79,28 @@ class HypersphericalUniform(TorchDistribution):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The floating dtype of samples and log-densities."""
         return self._dtype
 
     @property
     def device(self) -> torch.device:
+        """The device on which samples, the entropy and the moments are created."""
         return self._device
 
-    def expand(self, batch_shape, _instance=None):
+    def expand(self, batch_shape: torch.Size | tuple[int, ...], _instance: HypersphericalUniform | None = None) -> HypersphericalUniform:
+        """The same distribution with its batch shape expanded (what Pyro's ``plate`` calls).
+
+        Args:
+            batch_shape: the new batch shape, to which the current one broadcasts.
+            _instance: for subclasses (torch.distributions' ``expand`` protocol).
+
+        Returns:
+            A `HypersphericalUniform` with batch shape ``batch_shape`` and the same dimension, dtype,
+            device and validation setting.
+
+        Raises:
+            ValueError: if the current batch shape does not broadcast to ``batch_shape``.
+        """
         batch_shape = torch.Size(batch_shape)
         try:
             compatible = torch.broadcast_shapes(batch_shape, self.batch_shape) == batch_shape
@@ -84,12 +116,35 @@ class HypersphericalUniform(TorchDistribution):
         new._validate_args = self._validate_args
         return new
 
-    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = torch.Size()) -> torch.Tensor:
+        r"""Uniform samples on the sphere: normalised standard Gaussians $g/\|g\|$ (Muller 1959).
+
+        There are no parameters, so nothing carries a gradient.
+
+        Args:
+            sample_shape: leading shape of independent draws.
+
+        Returns:
+            Unit vectors of shape ``sample_shape + batch_shape + [p]`` with this distribution's dtype
+            and device.
+        """
         shape = self._extended_shape(sample_shape)
         g = torch.randn(shape, dtype=self._dtype, device=self._device)
         return g / torch.linalg.vector_norm(g, dim=-1, keepdim=True).clamp(min=torch.finfo(self._dtype).tiny)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        r"""The constant log density $-\log|S^{p-1}|$ (`log_sphere_area`).
+
+        Args:
+            value: points of shape ``[..., p]``, ``value.shape[:-1]`` broadcastable with ``batch_shape``.
+
+        Returns:
+            $-\log|S^{p-1}|$, shape ``broadcast(value.shape[:-1], batch_shape)``, on ``value``'s device,
+            in the promoted dtype of ``value`` and this distribution.
+
+        Raises:
+            ValueError: with validation, if ``value`` does not lie on the unit sphere.
+        """
         if self._validate_args:
             self._validate_sample(value)
         shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
@@ -97,18 +152,26 @@ class HypersphericalUniform(TorchDistribution):
         return torch.full(shape, -log_sphere_area(self.dim), dtype=dtype, device=value.device)
 
     def entropy(self) -> torch.Tensor:
+        r"""The entropy $H = \log|S^{p-1}|$, the largest of any distribution on the sphere.
+
+        Returns:
+            Tensor of shape ``batch_shape``.
+        """
         return torch.full(self.batch_shape, log_sphere_area(self.dim), dtype=self._dtype, device=self._device)
 
     @property
     def mean(self) -> torch.Tensor:
+        r"""The mean $\mathbb{E}[x] = 0$, shape ``batch_shape + [p]``."""
         return torch.zeros(self._extended_shape(), dtype=self._dtype, device=self._device)
 
     @property
     def mode(self) -> torch.Tensor:
+        """Undefined (every point is a mode): NaN, shape ``batch_shape + [p]``."""
         return torch.full(self._extended_shape(), math.nan, dtype=self._dtype, device=self._device)
 
     @property
     def variance(self) -> torch.Tensor:
+        r"""Per-coordinate variances $1/p$ (the diagonal of $\operatorname{Cov}[x] = I/p$), shape ``batch_shape + [p]``."""
         return torch.full(self._extended_shape(), 1.0 / self.dim, dtype=self._dtype, device=self._device)
 
     def __repr__(self) -> str:

@@ -42,6 +42,10 @@ class Split:
         paths: Absolute image paths.
         labels: Label of each image, contiguous ``0 .. num_classes - 1`` within this split.
         class_names: Name of each class; the index is the label.
+
+    Raises:
+        DatasetError: if ``paths`` and ``labels`` differ in length or a label is outside
+            ``0 .. len(class_names) - 1``.
     """
 
     paths: tuple[str, ...]

@@ -34,6 +34,7 @@ def decode_image(path: str | Path, *, max_side: int | None = None) -> torch.Tens
         uint8 tensor of shape ``[3, H, W]``.
 
     Raises:
+        ValueError: ``max_side`` is given and < 1.
         DatasetError: The file is missing or cannot be decoded (the message names the file).
     """
     if max_side is not None and max_side < 1:
@@ -83,6 +84,10 @@ class ImageDataset(torch.utils.data.Dataset):
         cache: True caches every image, False never caches, None (default) caches if the size
             estimated from the first few images fits in ``cache_budget_bytes``.
         cache_budget_bytes: Memory budget of the automatic cache; never exceeded by it.
+
+    Raises:
+        ValueError: if ``max_side`` is not a positive int or None, or ``cache_budget_bytes`` < 0.
+        DatasetError: if one of the first images (decoded to estimate the cache size) cannot be decoded.
     """
 
     def __init__(
@@ -127,7 +132,17 @@ class ImageDataset(torch.utils.data.Dataset):
         self._cached_bytes += image.numel()
 
     def image(self, index: int) -> torch.Tensor:
-        """The decoded uint8 ``[3, H, W]`` image ``index`` (from the cache when it is there)."""
+        """The decoded uint8 ``[3, H, W]`` image ``index`` (from the cache when it is there).
+
+        Args:
+            index: position in the split.
+
+        Returns:
+            uint8 tensor ``[3, H, W]`` (after ``max_side`` downscaling, before ``transform``).
+
+        Raises:
+            DatasetError: if the file cannot be decoded.
+        """
         image = self._cache[index]
         if image is None:
             image = self._load(index)
@@ -136,7 +151,11 @@ class ImageDataset(torch.utils.data.Dataset):
         return image
 
     def preload(self) -> None:
-        """Decode every image into the cache now (a no-op when caching is off)."""
+        """Decode every image into the cache now (a no-op when caching is off).
+
+        Raises:
+            DatasetError: if a file cannot be decoded.
+        """
         if self.cache:
             for i in range(len(self)):
                 self.image(i)

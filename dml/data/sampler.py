@@ -87,7 +87,14 @@ class ClassBalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.groups_per_batch = batch_size // m
 
     def set_epoch(self, epoch: int) -> None:
-        """Set the epoch whose order `__iter__` yields (call at the start of every epoch)."""
+        """Set the epoch whose order `__iter__` yields (call at the start of every epoch).
+
+        Args:
+            epoch: the epoch, an int ≥ 0.
+
+        Raises:
+            ValueError: if ``epoch`` is not an int ≥ 0.
+        """
         self.epoch = _check_int("epoch", epoch, 0)
 
     def __len__(self) -> int:
@@ -144,7 +151,18 @@ class ClassBalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
         return chosen
 
     def global_batches(self, epoch: int | None = None) -> list[list[int]]:
-        """All global batches of an epoch (default: the one set by `set_epoch`)."""
+        """All global batches of an epoch (default: the one set by `set_epoch`).
+
+        Args:
+            epoch: the epoch, an int ≥ 0 (default: ``self.epoch``).
+
+        Returns:
+            ``len(self)`` lists of ``batch_size`` dataset indices each (the whole global batch, before
+            the split over replicas that `__iter__` applies).
+
+        Raises:
+            ValueError: if ``epoch`` is not an int ≥ 0.
+        """
         epoch = self.epoch if epoch is None else _check_int("epoch", epoch, 0)
         rng = np.random.default_rng([self.seed, epoch])
         groups = self._class_groups(rng)

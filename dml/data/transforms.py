@@ -47,6 +47,14 @@ class TrainTransform:
         ratio: Range of the crop's aspect ratio (width / height).
         flip: Flip horizontally with probability 0.5.
         generator: Source of randomness; None uses torch's global RNG.
+
+    Raises:
+        ValueError: if ``size`` is not a positive int, or ``scale`` / ``ratio`` are not increasing
+            ranges with ``0 < scale[0]`` and ``scale[1] <= 1``, resp. ``0 < ratio[0]``.
+
+    References:
+        C. Szegedy et al., "Going Deeper with Convolutions", CVPR 2015 (the random-resized-crop
+        augmentation).
     """
 
     def __init__(
@@ -75,7 +83,15 @@ class TrainTransform:
         return int(torch.randint(0, high + 1, (1,), generator=self.generator))
 
     def crop_box(self, height: int, width: int) -> tuple[int, int, int, int]:
-        """Draw a crop ``(top, left, h, w)`` for an image of the given size."""
+        """Draw a crop ``(top, left, h, w)`` for an image of the given size.
+
+        Args:
+            height: image height in pixels.
+            width: image width in pixels.
+
+        Returns:
+            ``(top, left, h, w)`` of a crop inside the image.
+        """
         area = height * width
         log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
         for _ in range(10):
@@ -103,6 +119,9 @@ class TrainTransform:
 
         Returns:
             float32 ``[3, size, size]`` in ``[0, 1]``.
+
+        Raises:
+            ValueError: if ``image`` is not 3-D.
         """
         x = _to_float(image)
         top, left, h, w = self.crop_box(x.shape[-2], x.shape[-1])
@@ -122,6 +141,9 @@ class EvalTransform:
         size: Output side S.
         resize: Shorter side after resizing; default ``round(size * 256 / 224)`` (the usual ImageNet
             ratio). Must be at least ``size``.
+
+    Raises:
+        ValueError: if ``size`` or ``resize`` is not a positive int, or ``resize < size``.
     """
 
     def __init__(self, size: int, resize: int | None = None) -> None:
@@ -138,6 +160,9 @@ class EvalTransform:
 
         Returns:
             float32 ``[3, size, size]`` in ``[0, 1]``.
+
+        Raises:
+            ValueError: if ``image`` is not 3-D.
         """
         x = _to_float(image)
         height, width = x.shape[-2:]

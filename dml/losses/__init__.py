@@ -74,8 +74,19 @@ LOSSES: dict[str, type[ProxyLoss]] = {
 def loss_options(name: str) -> dict[str, object]:
     """The keyword options of loss ``name`` and their defaults.
 
+    Args:
+        name: registry name (a key of `LOSSES`).
+
+    Returns:
+        ``{option: default}`` for every keyword-only argument of the loss's constructor, in signature order.
+
     Raises:
         ValueError: for an unknown name (the message lists the valid ones).
+
+    Example:
+        >>> from dml.losses import loss_options
+        >>> loss_options("proxy_nca")
+        {'temperature': 0.1111111111111111, 'proxy_lr_mult': 100.0}
     """
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; valid losses: {', '.join(sorted(LOSSES))}")
@@ -97,6 +108,14 @@ def build_loss(name: str, *, num_classes: int, embed_dim: int, **options: Any) -
 
     Raises:
         ValueError: for an unknown name or option (the message lists the valid ones), or an invalid value.
+
+    Example:
+        >>> import torch
+        >>> from dml.losses import build_loss
+        >>> loss = build_loss("el_vmf", num_classes=10, embed_dim=16, temperature=0.5)
+        >>> value = loss(torch.randn(8, 16), torch.randint(0, 10, (8,)))
+        >>> value.shape, loss.logits(torch.randn(8, 16)).shape
+        (torch.Size([]), torch.Size([8, 10]))
     """
     valid = loss_options(name)
     unknown = sorted(set(options) - set(valid))

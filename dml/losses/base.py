@@ -44,31 +44,81 @@ class LossStats:
 
 
 def check_positive(name: str, value: float) -> float:
-    """``float(value)`` if it is a finite number > 0, else ValueError naming the option."""
+    """Check a positive option value.
+
+    Args:
+        name: the option's name, for the message.
+        value: the value (an int or float; bools are rejected).
+
+    Returns:
+        ``float(value)``.
+
+    Raises:
+        ValueError: naming the option, unless ``value`` is a finite number > 0.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
 
 
 def check_nonnegative(name: str, value: float) -> float:
-    """``float(value)`` if it is a finite number ≥ 0, else ValueError naming the option."""
+    """Check a non-negative option value.
+
+    Args:
+        name: the option's name, for the message.
+        value: the value (an int or float; bools are rejected).
+
+    Returns:
+        ``float(value)``.
+
+    Raises:
+        ValueError: naming the option, unless ``value`` is a finite number ≥ 0.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
 
 
 def log_parameter(name: str, value: float, shape: tuple[int, ...] = ()) -> torch.nn.Parameter:
-    """A parameter holding ``log(value)`` (filled to ``shape``), for a positive quantity learnt in log space."""
+    r"""A parameter holding ``log(value)`` (filled to ``shape``), for a positive quantity learnt in log space.
+
+    Args:
+        name: the option's name, for the message.
+        value: the initial positive value.
+        shape: the parameter's shape (default: a scalar).
+
+    Returns:
+        A float32 `torch.nn.Parameter` of shape ``shape`` filled with $\log$ ``value``.
+
+    Raises:
+        ValueError: unless ``value`` is a finite number > 0.
+    """
     return torch.nn.Parameter(torch.full(shape, math.log(check_positive(name, value))))
 
 
 def unit_rows(num_rows: int, dim: int) -> torch.Tensor:
-    """``num_rows`` random unit vectors in ``R^dim`` (uniform on the sphere), the initial proxy directions."""
+    """Random unit vectors, uniform on the sphere (normalised Gaussians): the initial proxy directions.
+
+    Args:
+        num_rows: number of vectors $C$.
+        dim: their dimension $D$.
+
+    Returns:
+        A float32 tensor of shape ``[num_rows, dim]`` with unit rows (drawn from torch's global RNG).
+    """
     return F.normalize(torch.randn(num_rows, dim), dim=-1)
 
 
 def accuracy(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Detached fraction of rows whose largest score is at their label."""
+    """Detached fraction of rows whose largest score is at their label.
+
+    Args:
+        scores: ``[B, C]`` class scores.
+        labels: ``[B]`` integer labels.
+
+    Returns:
+        A float32 0-dim tensor in $[0, 1]$ on the scores' device (no host synchronisation).
+    """
     return (scores.detach().argmax(dim=-1) == labels).to(torch.float32).mean()
 
 
@@ -77,6 +127,14 @@ class ProxyLoss(torch.nn.Module):
 
     Subclasses define ``name``, ``uses_norm``, the keyword options of their constructor, and
     ``_loss`` (the computation, on checked inputs of the working dtype) and ``_lr_groups``.
+
+    Args:
+        num_classes: number of classes $C \ge 1$.
+        embed_dim: embedding dimension $D \ge$ ``min_embed_dim``.
+        min_embed_dim: the smallest ``embed_dim`` the subclass accepts (2 for the vMF losses).
+
+    Raises:
+        ValueError: if ``num_classes`` or ``embed_dim`` is not an integer in range.
 
     Attributes:
         name: the registry name (`dml.losses.LOSSES`).
@@ -120,8 +178,8 @@ class ProxyLoss(torch.nn.Module):
             for float64 input or a float64 loss module.
 
         Raises:
-            ValueError: on wrong shapes or dtypes, or (while torch.distributions' argument validation
-                is on) labels out of range.
+            ValueError: on wrong shapes or dtypes, labels on another device than the embeddings, or
+                (while torch.distributions' argument validation is on) labels out of range.
         """
         self._check_labels(embeddings, labels)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
@@ -131,10 +189,20 @@ class ProxyLoss(torch.nn.Module):
         return loss
 
     def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """The ``[B, C]`` class scores of the loss (the largest is the predicted class).
+        r"""The ``[B, C]`` class scores of the loss (the largest is the predicted class).
 
         For the softmax losses these are the logits whose cross-entropy is trained; for ProxyAnchor,
         the cosine similarities. Monte-Carlo losses draw fresh samples on each call.
+
+        Args:
+            embeddings: ``[B, D]`` floating tensor.
+
+        Returns:
+            Tensor of shape ``[B, C]`` in the working dtype (float32, or float64 for float64 input or
+            a float64 loss module).
+
+        Raises:
+            ValueError: if ``embeddings`` is not a floating tensor of shape ``[B, D]`` with $B \ge 1$.
         """
         self._check_embeddings(embeddings)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
@@ -145,6 +213,16 @@ class ProxyLoss(torch.nn.Module):
 
         Every parameter of the loss appears in exactly one group; a multiplier of 0 freezes a group
         (e.g. a fixed temperature).
+
+        Args:
+            lr: the base learning rate.
+
+        Returns:
+            One dict per non-empty group, with keys ``params``, ``lr`` (``lr`` times the group's
+            multiplier) and ``name`` (e.g. ``"proxies"``, ``"concentrations"``, ``"temperature"``).
+
+        Raises:
+            RuntimeError: if a subclass's groups miss or repeat a parameter (a bug in the subclass).
         """
         groups = [
             {"params": list(params), "lr": lr * mult, "name": name} for name, params, mult in self._lr_groups() if params
@@ -214,4 +292,5 @@ class ProxyLoss(torch.nn.Module):
             raise ValueError(f"labels must lie in [0, {self.num_classes}), got values outside")
 
     def extra_repr(self) -> str:
+        """The constructor arguments shown in ``repr(loss)``."""
         return f"num_classes={self.num_classes}, embed_dim={self.embed_dim}"

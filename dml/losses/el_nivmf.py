@@ -60,9 +60,16 @@ class ELNivMFLoss(_VMFProxyLoss):
         concentration_lr_mult: learning-rate multiplier of $\log k_c$ (default 100).
         temperature_lr_mult: learning-rate multiplier of $\log T$ (default 10; 0 keeps $T$ fixed).
 
+    Raises:
+        ValueError: if ``num_classes`` < 1, ``embed_dim`` < 2, ``num_samples`` is not a positive integer,
+            ``proxy_concentration``, ``temperature`` or ``guidance_alpha`` is not a finite number > 0,
+            or ``guidance_weight`` or a multiplier is not a finite number ≥ 0.
+
     References:
-        M. Kirchhof, K. Roth, Z. Akata, E. Kasneci, "A Non-isotropic Probabilistic Take on Proxy-based
-        Deep Metric Learning", ECCV 2022.
+        * M. Kirchhof, K. Roth, Z. Akata, E. Kasneci, "A Non-isotropic Probabilistic Take on Proxy-based
+          Deep Metric Learning", ECCV 2022.
+        * S. Kim, D. Kim, M. Cho, S. Kwak, "Proxy Anchor Loss for Deep Metric Learning", CVPR 2020
+          (the guidance term).
     """
 
     name = "el_nivmf"
@@ -101,7 +108,15 @@ class ELNivMFLoss(_VMFProxyLoss):
         self.guidance_delta = float(guidance_delta)
 
     def proxy_distributions(self, like: torch.Tensor | None = None) -> NonIsotropicVMF:
-        """The proxies as a `vmf_dists.NonIsotropicVMF` with batch ``[C]`` (in the dtype of ``like`` if given)."""
+        """The proxies as a `vmf_dists.NonIsotropicVMF` with batch ``[C]`` (in the dtype of ``like`` if given).
+
+        Args:
+            like: a tensor whose dtype the parameters are cast to (differentiably); None keeps theirs.
+
+        Returns:
+            ``NonIsotropicVMF(normalize(proxies), exp(log_concentration))``, batch shape ``[C]``, event
+            shape ``[p]``, without argument validation.
+        """
         directions, log_k = self.proxies, self.log_concentration
         if like is not None:
             directions, log_k = self._param(directions, like), self._param(log_k, like)

@@ -30,7 +30,19 @@ def paper_log_normalizer(dim: int, kappa: torch.Tensor) -> torch.Tensor:
 
     $127 - 0.01909\kappa - 0.003355\kappa^2$ for $p = 128$ and $868 - 0.0002662\kappa - 0.0009685\kappa^2$
     (fitted at $p = 512$) for every other $p$. It is wrong by −3.5 nats at $p = 128$, $\kappa = 100$ and by
-    −56 at $p = 512$, $\kappa = 500$; use it only to reproduce the paper.
+    −56 at $p = 512$, $\kappa = 500$; use it only to reproduce the paper (the exact value is
+    `vmf_dists.vmf_log_normalizer`).
+
+    Args:
+        dim: the dimension $p$ (only ``dim == 128`` selects the first fit).
+        kappa: concentrations $\kappa$, a tensor of any shape ``[...]``.
+
+    Returns:
+        The fitted $\log C_p(\kappa)$, same shape and dtype as ``kappa``.
+
+    References:
+        M. Kirchhof, K. Roth, Z. Akata, E. Kasneci, "A Non-isotropic Probabilistic Take on Proxy-based
+        Deep Metric Learning", ECCV 2022; code: github.com/ExplainableML/Probabilistic_Deep_Metric_Learning.
     """
     if dim == 128:
         return 127.0 - 0.01909 * kappa - 0.003355 * kappa.square()
@@ -109,6 +121,11 @@ class ELNivMFPaperLoss(ProxyLoss):
         temperature_lr_mult: learning-rate multiplier of $\log T$ (default 20: the paper's 200 at base lr
             1e-5, rescaled likewise).
 
+    Raises:
+        ValueError: if ``num_classes`` < 1, ``embed_dim`` < 2, ``paper_normalizer`` is not a bool,
+            ``proxy_concentration``, ``min_concentration``, ``temperature`` or ``guidance_alpha`` is not a
+            finite number > 0, or ``guidance_weight`` or a multiplier is not a finite number ≥ 0.
+
     References:
         M. Kirchhof, K. Roth, Z. Akata, E. Kasneci, "A Non-isotropic Probabilistic Take on Proxy-based
         Deep Metric Learning", ECCV 2022; code: github.com/ExplainableML/Probabilistic_Deep_Metric_Learning.
@@ -158,11 +175,18 @@ class ELNivMFPaperLoss(ProxyLoss):
 
     @property
     def proxy_concentration(self) -> torch.Tensor:
-        r"""$k_c = \max(\tilde k_c, \text{min\_concentration})$, shape ``[C, p]``."""
+        r"""The proxy concentrations $k_c = \max(\tilde k_c, \text{min\_concentration})$, shape ``[C, p]``."""
         return self.raw_concentration.clamp(min=self.min_concentration)
 
     def class_bias(self) -> torch.Tensor:
-        r"""$b_c = \log C_p(\|\theta_c\|) + \sum_d \log k_{c,d} - \log\|\theta_c\|$ in float64, shape ``[C]``."""
+        r"""The per-class logit bias $b_c = \log C_p(\|\theta_c\|) + \sum_d \log k_{c,d} - \log\|\theta_c\|$.
+
+        $\log C_p$ is the paper's fit (`paper_log_normalizer`) when ``paper_normalizer`` is set, else
+        exact (`vmf_dists.vmf_log_normalizer`).
+
+        Returns:
+            Float64 tensor of shape ``[C]``, differentiable in the proxies and concentrations.
+        """
         k = self.proxy_concentration.to(torch.float64)
         theta = k * F.normalize(self.proxies.to(torch.float64), dim=-1)
         theta_norm = torch.linalg.vector_norm(theta, dim=-1)

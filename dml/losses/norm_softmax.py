@@ -28,6 +28,10 @@ class NormSoftmaxLoss(ProxyLoss):
         temperature: fixed $T > 0$ (default 0.05).
         proxy_lr_mult: learning-rate multiplier of the class weights (default 100).
 
+    Raises:
+        ValueError: if ``num_classes`` or ``embed_dim`` < 1, ``temperature`` is not a finite number > 0,
+            or ``proxy_lr_mult`` is not a finite number ≥ 0.
+
     References:
         A. Zhai, H.-Y. Wu, "Classification is a Strong Baseline for Deep Metric Learning", BMVC 2019.
     """

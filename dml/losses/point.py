@@ -56,6 +56,10 @@ class L2ProxyLoss(_LearnableTemperature):
         proxy_lr_mult: learning-rate multiplier of the proxies (default 100).
         temperature_lr_mult: learning-rate multiplier of $\log T$ (default 10; 0 keeps $T$ fixed).
 
+    Raises:
+        ValueError: if ``num_classes`` or ``embed_dim`` < 1, ``temperature`` or ``proxy_norm`` is not a
+            finite number > 0, or a multiplier is not a finite number ≥ 0.
+
     References:
         M. Kirchhof, K. Roth, Z. Akata, E. Kasneci, "A Non-isotropic Probabilistic Take on Proxy-based
         Deep Metric Learning", ECCV 2022.
@@ -106,6 +110,10 @@ class CosineProxyLoss(_LearnableTemperature):
         temperature: initial $T > 0$ (default 1/256).
         proxy_lr_mult: learning-rate multiplier of the proxies (default 100).
         temperature_lr_mult: learning-rate multiplier of $\log T$ (default 10; 0 keeps $T$ fixed).
+
+    Raises:
+        ValueError: if ``num_classes`` or ``embed_dim`` < 1, ``temperature`` is not a finite number > 0,
+            or a multiplier is not a finite number ≥ 0.
 
     References:
         M. Kirchhof, K. Roth, Z. Akata, E. Kasneci, "A Non-isotropic Probabilistic Take on Proxy-based

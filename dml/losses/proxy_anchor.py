@@ -37,7 +37,10 @@ def proxy_anchor_loss(cos_sim: torch.Tensor, labels: torch.Tensor, alpha: float 
         delta: margin $\delta$.
 
     Returns:
-        The loss, a 0-dim tensor.
+        The loss, a 0-dim tensor in the dtype of ``cos_sim``.
+
+    Raises:
+        ValueError: if ``cos_sim`` is not 2-D or ``labels`` is not of shape ``[B]``.
 
     References:
         S. Kim, D. Kim, M. Cho, S. Kwak, "Proxy Anchor Loss for Deep Metric Learning", CVPR 2020.
@@ -65,6 +68,10 @@ class ProxyAnchorLoss(ProxyLoss):
         alpha: scale $\alpha$ (default 32).
         delta: margin $\delta$ (default 0.1).
         proxy_lr_mult: learning-rate multiplier of the proxies (default 100, as in the paper).
+
+    Raises:
+        ValueError: if ``num_classes`` or ``embed_dim`` < 1, ``alpha`` is not a finite number > 0, or
+            ``proxy_lr_mult`` is not a finite number ≥ 0.
 
     References:
         S. Kim, D. Kim, M. Cho, S. Kwak, "Proxy Anchor Loss for Deep Metric Learning", CVPR 2020.

@@ -30,6 +30,10 @@ class ProxyNCALoss(ProxyLoss):
         temperature: fixed $T > 0$ (default 1/9).
         proxy_lr_mult: learning-rate multiplier of the proxies (default 100).
 
+    Raises:
+        ValueError: if ``num_classes`` or ``embed_dim`` < 1, ``temperature`` is not a finite number > 0,
+            or ``proxy_lr_mult`` is not a finite number ≥ 0.
+
     References:
         E. W. Teh, T. DeVries, G. W. Taylor, "ProxyNCA++: Revisiting and Revitalizing Proxy Neighborhood
         Component Analysis", ECCV 2020.

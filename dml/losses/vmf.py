@@ -33,7 +33,15 @@ __all__ = ["ELVMFLoss", "KLVMFLoss", "PPKVMFLoss", "image_distributions"]
 
 
 def image_distributions(embeddings: torch.Tensor) -> VonMisesFisher:
-    r"""The images as vMFs: batch ``[B]``, direction $e_i/\|e_i\|$, concentration $\|e_i\|$ (no validation)."""
+    r"""The images as vMFs: batch ``[B]``, direction $e_i/\|e_i\|$, concentration $\|e_i\|$ (no validation).
+
+    Args:
+        embeddings: ``[B, p]`` floating tensor (non-zero rows).
+
+    Returns:
+        A `vmf_dists.VonMisesFisher` with batch shape ``[B]`` and event shape ``[p]``, differentiable in
+        ``embeddings``.
+    """
     kappa = torch.linalg.vector_norm(embeddings, dim=-1)
     return VonMisesFisher(F.normalize(embeddings, dim=-1), kappa, validate_args=False)
 
@@ -77,7 +85,14 @@ class _VMFProxyLoss(ProxyLoss):
         return self.log_concentration.exp()
 
     def proxy_distributions(self, like: torch.Tensor | None = None) -> VonMisesFisher:
-        """The proxies as a `VonMisesFisher` with batch ``[C]`` (in the dtype of ``like`` if given)."""
+        """The proxies as a `VonMisesFisher` with batch ``[C]`` (in the dtype of ``like`` if given).
+
+        Args:
+            like: a tensor whose dtype the parameters are cast to (differentiably); None keeps theirs.
+
+        Returns:
+            ``VonMisesFisher(normalize(proxies), exp(log_concentration))`` without argument validation.
+        """
         directions, log_kappa = self.proxies, self.log_concentration
         if like is not None:
             directions, log_kappa = self._param(directions, like), self._param(log_kappa, like)
@@ -119,6 +134,10 @@ class ELVMFLoss(_VMFProxyLoss):
         proxy_lr_mult: learning-rate multiplier of the proxy directions (default 100).
         concentration_lr_mult: learning-rate multiplier of $\log\kappa_c$ (default 100).
         temperature_lr_mult: learning-rate multiplier of $\log T$ (default 10; 0 keeps $T$ fixed).
+
+    Raises:
+        ValueError: if ``num_classes`` < 1, ``embed_dim`` < 2, ``proxy_concentration`` or
+            ``temperature`` is not a finite number > 0, or a multiplier is not a finite number ≥ 0.
 
     References:
         M. Kirchhof, K. Roth, Z. Akata, E. Kasneci, "A Non-isotropic Probabilistic Take on Proxy-based
@@ -176,9 +195,14 @@ class PPKVMFLoss(_VMFProxyLoss):
         concentration_lr_mult: learning-rate multiplier of $\log\kappa_c$ (default 100).
         temperature_lr_mult: learning-rate multiplier of $\log T$ (default 10; 0 keeps $T$ fixed).
 
+    Raises:
+        ValueError: if ``num_classes`` < 1, ``embed_dim`` < 2, ``proxy_concentration`` or
+            ``temperature`` or ``rho`` is not a finite number > 0, or a multiplier is not a finite number ≥ 0.
+
     References:
-        M. Kirchhof, K. Roth, Z. Akata, E. Kasneci, "A Non-isotropic Probabilistic Take on Proxy-based
-        Deep Metric Learning", ECCV 2022.
+        * M. Kirchhof, K. Roth, Z. Akata, E. Kasneci, "A Non-isotropic Probabilistic Take on Proxy-based
+          Deep Metric Learning", ECCV 2022.
+        * T. Jebara, R. Kondor, A. Howard, "Probability product kernels", JMLR 5 (2004).
     """
 
     name = "ppk_vmf"
@@ -233,6 +257,10 @@ class KLVMFLoss(_VMFProxyLoss):
         proxy_lr_mult: learning-rate multiplier of the proxy directions (default 100).
         concentration_lr_mult: learning-rate multiplier of $\log\kappa_c$ (default 100).
         temperature_lr_mult: learning-rate multiplier of $\log T$ (default 10; 0 keeps $T$ fixed).
+
+    Raises:
+        ValueError: if ``num_classes`` < 1, ``embed_dim`` < 2, ``proxy_concentration`` or
+            ``temperature`` is not a finite number > 0, or a multiplier is not a finite number ≥ 0.
 
     References:
         M. Kirchhof, K. Roth, Z. Akata, E. Kasneci, "A Non-isotropic Probabilistic Take on Proxy-based
