@@ -1,6 +1,7 @@
 """Data for the deep-metric-learning trainer: class-disjoint splits, image decoding and caching,
 torch-only transforms and class-balanced batch sampling."""
 
+from .device_augment import DeviceImageBank, center_crop, random_resized_crop
 from .datasets import DATASETS, DatasetError, Split, Splits, default_emoji_root, load_splits
 from .images import ImageDataset, decode_image
 from .sampler import ClassBalancedBatchSampler
@@ -10,12 +11,15 @@ __all__ = [
     "DATASETS",
     "ClassBalancedBatchSampler",
     "DatasetError",
+    "DeviceImageBank",
     "EvalTransform",
     "ImageDataset",
     "Split",
     "Splits",
     "TrainTransform",
+    "center_crop",
     "decode_image",
     "default_emoji_root",
     "load_splits",
+    "random_resized_crop",
 ]
