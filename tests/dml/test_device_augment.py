@@ -77,5 +77,4 @@ def test_bank_centre_crop_equals_the_eval_transform(tmp_path, size):
     # 100 (1/9 + 1/11) / 255 per original pixel, i.e. that times (shorter side / side) per resized pixel
     shrink = max(min(h, w) for h, w in [(40, 60), (64, 48), (50, 50)]) / side
     torch.testing.assert_close(ours, reference, rtol=0, atol=1 / 255 + 100 * (1 / 9 + 1 / 11) / 255 * shrink)
-    assert float((ours - reference).abs().mean()) < 0.02
     assert bank.labels.tolist() == [0, 0, 1]
