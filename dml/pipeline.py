@@ -1,5 +1,11 @@
 """How training batches and evaluation embeddings are produced: from images (fine-tuning the whole
-network) or from cached features of a frozen trunk (head-only training, the CPU default)."""
+network) or from cached features of a frozen trunk (head-only training, the CPU default).
+
+Under DDP (`dml.distributed`) a pipeline takes the *global* batches and keeps its process's contiguous
+part of each (the split `dml.data.ClassBalancedBatchSampler` makes), drawing the augmentation as a single
+process drawing the whole global batch would; the fine-tuning pipeline shares the evaluation batches out
+over the processes and gathers the embeddings.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from dml.data import EvalTransform, ImageDataset, Split, Splits, TrainTransform
+from dml.distributed import DistContext
 from dml.models import EmbeddingModel
 
 if TYPE_CHECKING:  # for the annotations only
@@ -33,6 +40,30 @@ def step_generator(seed: int, epoch: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_033 + step)
 
 
+def local_part(batch_size: int, rank: int, world_size: int) -> slice:
+    """The positions of process ``rank``'s part of a global batch (as `dml.data.ClassBalancedBatchSampler`
+    splits it: ``world_size`` contiguous equal parts).
+
+    Args:
+        batch_size: the global batch size (a multiple of ``world_size``).
+        rank: the process's rank.
+        world_size: the number of processes.
+
+    Returns:
+        ``slice(rank · b, (rank + 1) · b)`` with ``b = batch_size // world_size``.
+    """
+    part = batch_size // world_size
+    return slice(rank * part, (rank + 1) * part)
+
+
+def _skip_train_transform(transform: TrainTransform, height: int, width: int) -> None:
+    """Consume exactly the random draws `TrainTransform.__call__` makes for an image of this size
+    (the crop box, then the flip), without touching any pixel."""
+    transform.crop_box(height, width)
+    if transform.flip:
+        torch.rand(1, generator=transform.generator)
+
+
 class Pipeline:
     """Interface used by the trainer: training batches, training embeddings and evaluation embeddings.
 
@@ -41,19 +72,23 @@ class Pipeline:
 
     Attributes:
         model: the `dml.models.EmbeddingModel` being trained.
+        dist: the `dml.distributed.DistContext` (a single process unless the trainer runs under DDP).
     """
 
     model: EmbeddingModel
+    dist: DistContext
 
     def train_batches(self, batches: Sequence[list[int]], epoch: int, start: int = 0
                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(inputs, labels)`` on the device for ``batches[start:]`` (lists of training indices).
 
         The augmentation of step ``s`` of epoch ``e`` draws from its own generator seeded with
-        (seed, e, s), so a run resumed mid-epoch sees exactly the batches it would have seen.
+        (seed, e, s), so a run resumed mid-epoch sees exactly the batches it would have seen. Under DDP
+        the batches are the global ones; this process yields its part (`local_part`), augmented exactly
+        as the same images are in a single process that trains on the whole global batch.
 
         Args:
-            batches: the epoch's batches, each a list of training-set indices.
+            batches: the epoch's (global) batches, each a list of training-set indices, all of one length.
             epoch: the epoch (seeds the augmentation).
             start: the first step to produce (a resumed epoch skips the earlier ones).
 
@@ -76,6 +111,8 @@ class Pipeline:
 
     def embed_split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings and labels of every image of the ``val`` or ``test`` split (model in eval mode).
+
+        Under DDP every process calls it (it may communicate) and gets all ``N`` embeddings.
 
         Args:
             name: ``"val"`` or ``"test"``.
@@ -123,14 +160,19 @@ class ImagePipeline(Pipeline):
         resolution: the crop size in pixels.
         device: where batches and embeddings live.
         log: receives progress lines (unused here).
+        dist: the `dml.distributed.DistContext` (default: a single process). Under DDP the evaluation
+            batches (of ``eval_batch_size`` images, as in a single process) are dealt round-robin to the
+            processes and the embeddings gathered, so they are the single-process embeddings.
 
     Raises:
         DatasetError: if an image cannot be decoded.
     """
 
     def __init__(self, model: EmbeddingModel, splits: Splits, config: TrainConfig, resolution: int, device: torch.device,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, dist: DistContext | None = None):
         self.model, self.splits, self.config, self.device = model, splits, config, device
+        self.dist = dist or DistContext()
+        self._sizes: dict[int, tuple[int, int]] = {}  # training image sizes seen (DDP: to skip others' draws)
         self.resolution = resolution
         max_side = round(resolution * 256 / 224)  # the eval resize; random crops come from the same image
         self.train_set = ImageDataset(splits.train, None, max_side=max_side)
@@ -141,12 +183,23 @@ class ImagePipeline(Pipeline):
     def train_batches(self, batches, epoch, start=0):
         """See `Pipeline.train_batches`."""
         index = torch.as_tensor(batches, dtype=torch.long).to(self.device)
+        mine = local_part(index.shape[1] if len(batches) else 0, self.dist.rank, self.dist.world_size)
         for step in range(start, len(batches)):
             transform = TrainTransform(self.resolution, generator=step_generator(self.config.seed, epoch, step))
-            images = torch.stack([transform(self.train_set.image(i)) for i in batches[step]])
+            for i in batches[step][: mine.start]:  # the parts of lower ranks: draw their crops, skip the pixels
+                _skip_train_transform(transform, *self._size(i))
+            images = torch.stack([transform(self.train_set.image(i)) for i in batches[step][mine]])
             if self.device.type == "cuda":
                 images = images.pin_memory()  # lets the copy overlap with the previous step's kernels
-            yield images.to(self.device, non_blocking=True), self.train_labels[index[step]]
+            yield images.to(self.device, non_blocking=True), self.train_labels[index[step, mine]]
+
+    def _size(self, index: int) -> tuple[int, int]:
+        """``(height, width)`` of decoded training image ``index`` (decoded once if not cached)."""
+        size = self._sizes.get(index)
+        if size is None:
+            image = self.train_set.image(index)
+            size = self._sizes[index] = (int(image.shape[-2]), int(image.shape[-1]))
+        return size
 
     def embed_train(self, inputs):
         """See `Pipeline.embed_train`."""
@@ -160,13 +213,23 @@ class ImagePipeline(Pipeline):
         chunks = []
         dataset = self.eval_sets[name]
         size = self.config.eval_batch_size
-        for start in range(0, len(dataset), size):
+        starts = list(range(0, len(dataset), size))
+        world, rank = self.dist.world_size, self.dist.rank
+        for start in starts[rank::world]:  # a single process: every batch
             images = torch.stack([dataset[i][0] for i in range(start, min(start + size, len(dataset)))])
             chunks.append(self.model(images.to(self.device)).float())
         self.model.train(was_training)
-        if not chunks:
-            return torch.zeros(0, self.model.embed_dim, device=self.device), _labels(getattr(self.splits, name), self.device)
-        return torch.cat(chunks), _labels(getattr(self.splits, name), self.device)
+        labels = _labels(getattr(self.splits, name), self.device)
+        local = torch.cat(chunks) if chunks else torch.zeros(0, self.model.embed_dim, device=self.device)
+        if world == 1:
+            return local, labels
+        # batch k was embedded by rank k % world as its (k // world)-th batch; only the very last batch of
+        # the split can be short, so within a rank batch j starts at row j * size
+        parts = self.dist.all_gather_rows(local)
+        out = [parts[k % world][(k // world) * size:(k // world) * size + min(size, len(dataset) - start)]
+               for k, start in enumerate(starts)]
+        embeddings = torch.cat(out) if out else torch.zeros(0, self.model.embed_dim, device=self.device)
+        return embeddings, labels
 
     @torch.no_grad()
     def calibration_features(self):
@@ -202,14 +265,17 @@ class FeaturePipeline(Pipeline):
         resolution: the crop size in pixels.
         device: where batches and embeddings live.
         log: receives progress lines (one line saying what is cached).
+        dist: the `dml.distributed.DistContext` (default: a single process). Under DDP every process
+            caches all features itself (the same ones) and embeds every evaluation image itself.
 
     Raises:
         DatasetError: if an image cannot be decoded.
     """
 
     def __init__(self, model: EmbeddingModel, splits: Splits, config: TrainConfig, resolution: int, device: torch.device,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, dist: DistContext | None = None):
         self.model, self.splits, self.config, self.device = model, splits, config, device
+        self.dist = dist or DistContext()
         self.resolution = resolution
         self.views = max(1, int(config.feature_views))
         max_side = round(resolution * 256 / 224)
@@ -248,9 +314,13 @@ class FeaturePipeline(Pipeline):
     def train_batches(self, batches, epoch, start=0):
         """See `Pipeline.train_batches`."""
         # the whole epoch's indices and views go to the device at once: no per-step host-to-device copy
+        # (the views are drawn for the global batches; a process keeps the columns of its part)
         index = torch.as_tensor(batches, dtype=torch.long).to(self.device)
         views = torch.randint(self.views, tuple(index.shape), generator=step_generator(self.config.seed, epoch, 0))
         views = views.to(self.device)
+        mine = local_part(index.shape[1] if len(batches) else 0, self.dist.rank, self.dist.world_size)
+        if self.dist.world_size > 1:
+            index, views = index[:, mine], views[:, mine]
         for step in range(start, len(batches)):
             yield self.train_features[index[step], views[step]], self.train_labels[index[step]]
 

@@ -9,6 +9,10 @@ Run directory (``--output-dir``): ``config.json`` (the effective configuration),
 line per epoch), ``last.pt`` (everything needed to resume), ``best.pt`` (the validation-selected
 weights), ``initial_metrics.json`` and ``final_metrics.json`` (test metrics of the selected checkpoint,
 of the last epoch, and before training), and ``NOTICE.txt`` (data attribution).
+
+Several GPUs: ``torchrun --standalone --nproc_per_node=N -m dml.train …`` trains with DDP (``--batch-size``
+is then the global batch, split over the processes); see `dml.distributed` for the command lines (also
+multi-node) and what changes.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from dml.checkpoint import (
 )
 from dml.config import ConfigError, TrainConfig, config_from_dict, parse_config
 from dml.data import ClassBalancedBatchSampler, DatasetError, Splits, load_splits
+from dml.distributed import DistContext, ModelAndLoss, env_rank, init_from_env, wrap
 from dml.evaluation import evaluate_embeddings
 from dml.losses import build_loss
 from dml.models import EmbeddingModel, ModelError, build_model
@@ -228,10 +233,16 @@ class Trainer:
     (`dml.models.EmbeddingModel.calibrate_head` to ``init_norm`` or the loss's default), optimizer and
     scheduler, and restores ``resume_state`` if given. `fit` then trains and evaluates.
 
+    Under DDP (``dist`` with a process group, see `dml.distributed`) each process builds the same
+    trainer on ``cuda:LOCAL_RANK`` (or the CPU), trains one DDP instance over model and loss
+    (`dml.distributed.ModelAndLoss`) on its part of every global batch, and only rank 0 prints and
+    writes files; the set-up's errors are agreed on by all processes before the first collective.
+
     Args:
         config: the run's configuration (its device-dependent defaults are filled in place).
         resume_state: the state of an interrupted run (`load_resume`), or None for a new run.
-        quiet: print nothing (no log lines, no progress bar).
+        quiet: print nothing (no log lines, no progress bar). Ranks other than 0 are always quiet.
+        dist: the `dml.distributed.DistContext` (default: a single process, no process group).
 
     Attributes:
         config: the effective `TrainConfig`.
@@ -240,6 +251,9 @@ class Trainer:
         model: the `dml.models.EmbeddingModel`.
         loss: the `dml.losses.ProxyLoss`.
         pipeline: the `dml.pipeline.Pipeline` producing batches and evaluation embeddings.
+        dist: the `dml.distributed.DistContext`.
+        step_module: what a training step calls: `dml.distributed.ModelAndLoss` (model and loss), in DDP
+            under a process group.
         epoch: completed epochs.
         best: ``{"metric": best validation score, "epoch": its epoch}``.
         history: one record per completed epoch (what ``history.jsonl`` holds).
@@ -250,13 +264,44 @@ class Trainer:
         ModelError: unknown backbone or unusable weights.
     """
 
-    def __init__(self, config: TrainConfig, *, resume_state: dict[str, Any] | None = None, quiet: bool = False):
+    def __init__(self, config: TrainConfig, *, resume_state: dict[str, Any] | None = None, quiet: bool = False,
+                 dist: DistContext | None = None):
         self.started = time.time()  # wall time of this invocation, feature caching included
         self.config = config
-        self.quiet = quiet
+        self.dist = dist or DistContext()
+        self.quiet = quiet or not self.dist.is_main
         self.out = Path(config.output_dir)
-        self.device = resolve_device(config.device)
+        if not self.dist.enabled:
+            self._setup(resume_state)
+        else:
+            # every process sets itself up on its own; a failure anywhere stops all of them here, before
+            # the first collective of the training (where the others would wait for it forever)
+            error = None
+            try:
+                self._setup(resume_state)
+            except Exception as err:  # noqa: BLE001 - re-raised by agree, on every process
+                error = err
+            self.dist.agree(error)
+        self.train_module = ModelAndLoss(self.model, self.loss, self.pipeline)
+        self.step_module: torch.nn.Module = self.train_module
+        if self.dist.enabled:
+            bn_trains = config.trunk == "finetune" and not config.freeze_batchnorm
+            self.step_module = wrap(self.train_module, self.device,
+                                    broadcast_buffers=bn_trains and self.device.type != "cuda")
+
+    def _setup(self, resume_state: dict[str, Any] | None) -> None:
+        """Everything each process does on its own: data, model, loss, pipeline, optimizer, restore."""
+        config, dist = self.config, self.dist
+        try:
+            self.device = dist.device_for(resolve_device(config.device))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if self.device.type == "cuda" and dist.enabled:
+            torch.cuda.set_device(self.device)
         resolve_defaults(config, self.device)
+        if dist.world_size > 1 and config.batch_size % dist.world_size:
+            raise ConfigError(f"--batch-size {config.batch_size} is the global batch and must be a multiple of the "
+                              f"number of processes ({dist.world_size})")
         seed_everything(config.seed)
         self.splits: Splits = load_splits(config.dataset, config.data_root, val_fraction=config.val_fraction,
                                           split_seed=config.split_seed)
@@ -268,6 +313,13 @@ class Trainer:
         self.model = build_model(config.backbone, config.embed_dim, weights=config.weights, pooling=config.pooling,
                                  freeze_batchnorm=config.freeze_batchnorm,
                                  freeze_trunk=config.trunk == "frozen").to(self.device)
+        if dist.enabled and config.trunk == "finetune" and not config.freeze_batchnorm:
+            if self.device.type == "cuda":
+                torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)  # batch statistics over all processes
+                self.log("BatchNorm: SyncBatchNorm (statistics over the global batch)")
+            else:
+                self.log("BatchNorm: per-process batch statistics (SyncBatchNorm needs CUDA); the running "
+                         "statistics of rank 0 are broadcast before every step")
         try:
             self.loss = build_loss(config.loss, num_classes=self.splits.train.num_classes,
                                    embed_dim=config.embed_dim, **config.loss_options).to(self.device)
@@ -279,9 +331,16 @@ class Trainer:
         self.log(f"data: {s.name}: {s.train.num_classes} train / {s.val.num_classes} val / {s.test.num_classes} test "
                  f"classes ({len(s.train)} / {len(s.val)} / {len(s.test)} images)")
         self.log(pipeline_type.describe(self.model, config, resolution, self.device))
-        self.pipeline: Pipeline = pipeline_type(self.model, self.splits, config, resolution, self.device, log=self.log)
+        if dist.world_size > 1:
+            part = config.batch_size // dist.world_size
+            split_groups = "" if part % config.samples_per_class == 0 else (
+                f"; --samples-per-class {config.samples_per_class} groups are split between processes")
+            self.log(f"DDP: {dist.world_size} processes, global batch {config.batch_size} = {dist.world_size} x "
+                     f"{part}{split_groups}")
+        self.pipeline: Pipeline = pipeline_type(self.model, self.splits, config, resolution, self.device, log=self.log,
+                                                dist=dist)
         self.sampler = ClassBalancedBatchSampler(self.splits.train.labels, config.batch_size, config.samples_per_class,
-                                                 seed=config.seed)
+                                                 seed=config.seed, num_replicas=dist.world_size, rank=dist.rank)
         self.steps_per_epoch = len(self.sampler)
         if resume_state is None:
             target = config.init_norm or self.loss.initial_norm_per_dim * config.embed_dim
@@ -296,6 +355,9 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         if resume_state is not None:
             self._restore(resume_state)
+        elif dist.rank > 0:
+            # the Monte-Carlo losses draw from the global RNG: other processes must not repeat rank 0's noise
+            seed_everything(config.seed * 1_000_003 + dist.rank)
 
     # ---------------------------------------------------------------------------------------------
     def log(self, message: str) -> None:
@@ -307,15 +369,20 @@ class Trainer:
         if not self.quiet:
             print(message, flush=True)
 
-    def state(self) -> dict[str, Any]:
+    def state(self, rng_per_rank: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """Everything needed to resume exactly (what ``last.pt`` holds).
+
+        Args:
+            rng_per_rank: under DDP, the RNG states of all processes in rank order (stored as
+                ``rng_per_rank``; `save_last` gathers them).
 
         Returns:
             The config (as a dict), state dicts of model, loss, optimizer and scheduler, the RNG states
-            (`dml.checkpoint.rng_state`), the position (``epoch``, ``step_in_epoch``, the running loss
-            of the epoch), the best validation score and the history.
+            (`dml.checkpoint.rng_state`; ``rng_per_rank`` too under DDP), the position (``epoch``,
+            ``step_in_epoch``, the running loss of the epoch: under DDP the sums over all processes),
+            the best validation score and the history.
         """
-        return {
+        state = {
             "config": self.config.to_dict(),
             "model": self.model.state_dict(),
             "loss": self.loss.state_dict(),
@@ -328,6 +395,10 @@ class Trainer:
             "best": self.best,
             "history": self.history,
         }
+        if rng_per_rank is not None:
+            state["rng_per_rank"] = rng_per_rank
+            state["world_size"] = len(rng_per_rank)
+        return state
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -337,16 +408,35 @@ class Trainer:
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.running = state.get("running", {"total": 0.0, "count": 0})
         self.best, self.history = state["best"], state["history"]
-        set_rng_state(state["rng"])
+        per_rank = state.get("rng_per_rank")
+        if self.dist.world_size > 1 and per_rank is not None and len(per_rank) == self.dist.world_size:
+            set_rng_state(per_rank[self.dist.rank])
+        else:
+            if self.dist.world_size > 1 or per_rank is not None:
+                self.log(f"warning: {state.get('world_size', 1)} process(es) wrote {self.out / 'last.pt'}, "
+                         f"{self.dist.world_size} resume it: the run continues, but not exactly as it would have")
+            set_rng_state(state["rng"])
+        if not self.dist.is_main:
+            # rank 0 continues the epoch's running loss (a sum over all processes) alone
+            self.running = {"total": 0.0, "count": 0}
 
     def save_last(self) -> None:
-        """Write `state` to ``OUTPUT/last.pt`` atomically."""
-        save_checkpoint(self.out / "last.pt", self.state())
+        """Write `state` to ``OUTPUT/last.pt`` atomically (under DDP: collective; rank 0 writes, then all wait)."""
+        if not self.dist.enabled:
+            save_checkpoint(self.out / "last.pt", self.state())
+            return
+        rngs = self.dist.all_gather_object(rng_state())
+        if self.dist.is_main:
+            save_checkpoint(self.out / "last.pt", self.state(rngs))
+        self.dist.barrier()  # nobody leaves (and exits) while rank 0 is still writing
 
     # ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, split_name: str, *, with_nmi: bool = True) -> dict[str, float]:
         """Retrieval (and clustering) metrics of the current model on ``val`` or ``test``.
+
+        Under DDP every process must call it: the embeddings are gathered (`dml.pipeline.Pipeline.embed_split`),
+        rank 0 computes the metrics and every process returns them.
 
         Args:
             split_name: ``"val"`` or ``"test"``.
@@ -358,8 +448,9 @@ class Trainer:
         Raises:
             ValueError: if the split has no class with two or more images.
         """
-        embeddings, labels = self.pipeline.embed_split(split_name)
-        return evaluate_embeddings(embeddings, labels, seed=self.config.seed, with_nmi=with_nmi)
+        embeddings, labels = self.pipeline.embed_split(split_name)  # under DDP: gathered on every process
+        return self.dist.on_main(lambda: evaluate_embeddings(embeddings, labels, seed=self.config.seed,
+                                                             with_nmi=with_nmi))
 
     def train_epoch(self) -> dict[str, float]:
         """One epoch (resuming mid-epoch if a checkpoint says so); returns the mean loss and stats.
@@ -375,28 +466,22 @@ class Trainer:
         self.model.train()
         self.loss.train()
         self.sampler.set_epoch(self.epoch)
-        batches = list(self.sampler)
+        batches = self.epoch_batches()
         start = self.step_in_epoch
+        # the running loss: a sum over steps (under DDP, over processes too: rank 0 carries the saved part)
         total = torch.as_tensor(self.running["total"], dtype=torch.float64, device=self.device)
         count = self.running["count"]
         progress = self._progress(len(batches), start)
         stream = self.pipeline.train_batches(batches, self.epoch, start)
         for step in range(start, len(batches)):
-            if self._interrupted():
+            if self._interrupted():  # under DDP: decided together, so every process stops at this step
                 self.step_in_epoch = step
-                self.running = {"total": float(total), "count": count}
+                self.running = self._reduce_running(total, count)
                 self.save_last()
-                raise KeyboardInterrupt
+                raise _stopped_together()
             try:
                 inputs, labels = next(stream)
-                embeddings = self.pipeline.embed_train(inputs)
-                value = self.loss(embeddings, labels)
-                self.optimizer.zero_grad(set_to_none=True)
-                value.backward()
-                if self.config.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-                self.optimizer.step()
-                self.scheduler.step()
+                value = self.train_step(inputs, labels)
             except (RuntimeError, ValueError) as err:
                 # NaN weights surface as errors deeper down (e.g. the vMF sampler never accepting): name the cause
                 if not all(torch.isfinite(p).all() for p in self._parameters()):
@@ -413,19 +498,72 @@ class Trainer:
                     progress.set_postfix(loss=f"{float(total) / count:.4f}")  # one host sync per log_every steps
         if progress is not None:
             progress.close()
+        running = self._reduce_running(total, count)
         self.running = {"total": 0.0, "count": 0}
-        mean = float(total) / count if count else float("nan")
+        mean = running["total"] / running["count"] if running["count"] else float("nan")
         if not math.isfinite(mean):
-            raise TrainingDiverged(f"training diverged in epoch {self.epoch + 1} (mean loss {mean}); lower --lr "
+            err = TrainingDiverged(f"training diverged in epoch {self.epoch + 1} (mean loss {mean}); lower --lr "
                                    f"(now {self.config.lr:g}) or the loss's learning-rate multipliers")
+            err.dist_shared = True  # every process saw the same (all-reduced) mean
+            raise err
         stats = {"loss": mean}
         loss_stats = getattr(self.loss, "stats", None)
         if loss_stats is not None:
+            values = {}
             for name in ("temperature", "mean_image_kappa", "mean_proxy_kappa", "accuracy"):
                 value = getattr(loss_stats, name, None)
                 if value is not None:
-                    stats[name] = float(value)
+                    values[name] = value
+            if self.dist.enabled and values:  # the last batch's stats, averaged over the processes' parts
+                merged = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device).reshape(())
+                                      for v in values.values()])
+                merged = self.dist.all_reduce_sum(merged) / self.dist.world_size
+                values = dict(zip(values, merged.unbind()))
+            for name, value in values.items():
+                stats[name] = float(value)
         return stats
+
+    def epoch_batches(self) -> list[list[int]]:
+        """The batches of the epoch set on the sampler, as `dml.pipeline.Pipeline.train_batches` takes them.
+
+        Returns:
+            One process: the sampler's batches. Under DDP: the *global* batches
+            (`dml.data.ClassBalancedBatchSampler.global_batches`); each process's pipeline keeps its part.
+        """
+        if self.dist.world_size > 1:
+            return self.sampler.global_batches()
+        return list(self.sampler)
+
+    def train_step(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on one (local) batch: forward, backward, gradient clipping, step, schedule.
+
+        Under DDP the gradients of the model *and* the loss are averaged over the processes during the
+        backward pass (one DDP over `dml.distributed.ModelAndLoss`); every process then takes the same step.
+
+        Args:
+            inputs: images or cached features from `dml.pipeline.Pipeline.train_batches`.
+            labels: their ``[B]`` labels.
+
+        Returns:
+            The (local) loss of the batch, detached (no host synchronisation).
+        """
+        value = self.step_module(inputs, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return value.detach()
+
+    def _reduce_running(self, total: torch.Tensor, count: int) -> dict[str, Any]:
+        """The epoch's running loss as ``{"total", "count"}`` summed over the processes (collective under DDP)."""
+        if not self.dist.enabled:
+            return {"total": float(total), "count": count}
+        both = torch.stack([total.to(torch.float64).reshape(()),
+                            torch.tensor(float(count), dtype=torch.float64, device=total.device)])
+        both = self.dist.all_reduce_sum(both).tolist()
+        return {"total": both[0], "count": int(round(both[1]))}
 
     def _progress(self, total: int, start: int):
         if self.quiet:
@@ -449,7 +587,11 @@ class Trainer:
         second Ctrl-C interrupts at once without saving (``last.pt`` then holds the previous boundary).
         """
         with _deferred_sigint() as interrupted:
-            self._interrupted = interrupted
+            if self.dist.enabled:
+                # one process may get the signal a step later than another: stop where any of them has it
+                self._interrupted = lambda: self.dist.any(interrupted())
+            else:
+                self._interrupted = interrupted
             try:
                 self._epoch_loop(has_val)
             finally:
@@ -471,16 +613,19 @@ class Trainer:
             self.step_in_epoch = 0
             if score > self.best["metric"]:
                 self.best = {"metric": score, "epoch": self.epoch}
-                save_checkpoint(self.out / "best.pt", {"model": self.model.state_dict(), "loss": self.loss.state_dict(),
-                                                       "epoch": self.epoch, "config": config.to_dict()})
+                if self.dist.is_main:
+                    save_checkpoint(self.out / "best.pt", {"model": self.model.state_dict(),
+                                                           "loss": self.loss.state_dict(),
+                                                           "epoch": self.epoch, "config": config.to_dict()})
             self.history.append(record)
-            atomic_write_text(self.out / "history.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
-            self.save_last()
+            if self.dist.is_main:
+                atomic_write_text(self.out / "history.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+            self.save_last()  # under DDP: collective, ends at a barrier after rank 0 wrote it
             val_text = f"val {config.selection_metric} {score:.4f}" if has_val else "no validation split"
             self.log(f"epoch {self.epoch}/{config.epochs}: loss {stats['loss']:.4f}  {val_text}  "
                      f"(best epoch {self.best['epoch']})  {record['seconds']:.1f} s")
             if self._interrupted():
-                raise KeyboardInterrupt  # last.pt was just saved at this epoch boundary
+                raise _stopped_together()  # last.pt was just saved at this epoch boundary
 
     def fit(self) -> dict[str, Any]:
         """Train (from the start or from the resumed state), then evaluate and write ``final_metrics.json``.
@@ -489,33 +634,43 @@ class Trainer:
         After the epochs, the test metrics of the last epoch and of the validation-selected checkpoint
         (``best.pt``; the last epoch when there are no validation classes) are computed.
 
+        Under DDP every process calls it; rank 0 alone reads and writes the run directory (the others get
+        what it reads over the process group) and all return after ``final_metrics.json`` is written.
+
         Returns:
             The test metrics of the selected checkpoint plus ``recall@1_initial``, ``selected_epoch``,
             ``selection``, ``last_epoch`` (metrics), ``initial`` (metrics), ``trunk``, ``device`` and
-            ``wall_time_s`` (what ``final_metrics.json`` holds).
+            ``wall_time_s`` (and ``world_size`` under DDP): what ``final_metrics.json`` holds.
 
         Raises:
             TrainingDiverged: if training diverges.
             KeyboardInterrupt: on Ctrl-C (``last.pt`` then allows ``--resume``).
         """
         config = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
+        main = self.dist.is_main  # under DDP only rank 0 touches the run directory; the others get what it reads
         initial_path = self.out / "initial_metrics.json"
-        if not initial_path.exists():
-            atomic_write_json(self.out / "config.json", config.to_dict())
-            if self.splits.notice:
-                atomic_write_text(self.out / "NOTICE.txt", self.splits.notice + "\n")
+
+        def new_run() -> bool:
+            self.out.mkdir(parents=True, exist_ok=True)
+            return not initial_path.exists()
+
+        if self.dist.on_main(new_run):
+            if main:
+                atomic_write_json(self.out / "config.json", config.to_dict())
+                if self.splits.notice:
+                    atomic_write_text(self.out / "NOTICE.txt", self.splits.notice + "\n")
             initial = self.evaluate("test")
-            atomic_write_json(initial_path, initial)
+            if main:
+                atomic_write_json(initial_path, initial)
             self.log(f"test before training: R@1 {initial['recall@1']:.4f}  MAP@R {initial['map@r']:.4f}")
             self.save_last()
-        initial = json.loads(initial_path.read_text())
+        initial = self.dist.on_main(lambda: json.loads(initial_path.read_text()))
         has_val = len(self.splits.val) > 0
         with _validation(False):  # torch.distributions' argument checks are host syncs in every step
             self._epochs(has_val)
         last = self.evaluate("test")
-        best_state = load_checkpoint(self.out / "best.pt")
-        self.model.load_state_dict(best_state["model"])
+        best_model = self.dist.on_main(lambda: load_checkpoint(self.out / "best.pt")["model"])
+        self.model.load_state_dict(best_model)
         selected = self.evaluate("test")
         final = {
             **selected,
@@ -528,12 +683,23 @@ class Trainer:
             "device": str(self.device),
             "wall_time_s": round(time.time() - self.started, 1),  # this invocation (a resumed run: since resuming)
         }
-        atomic_write_json(self.out / "final_metrics.json", final)
+        if self.dist.world_size > 1:
+            final["world_size"] = self.dist.world_size
+        if main:
+            atomic_write_json(self.out / "final_metrics.json", final)
         self.log(f"test (epoch {self.best['epoch']}, selected on validation): R@1 {selected['recall@1']:.4f} "
                  f"(before training {initial['recall@1']:.4f})  R@4 {selected['recall@4']:.4f}  "
                  f"MAP@R {selected['map@r']:.4f}  NMI {selected['nmi']:.4f}")
         self.log(f"wrote {self.out / 'final_metrics.json'}")
+        self.dist.barrier()  # every process returns once the files exist
         return final
+
+
+def _stopped_together() -> KeyboardInterrupt:
+    """The KeyboardInterrupt of a stop that every process decided together (`DistContext.any`)."""
+    err = KeyboardInterrupt()
+    err.dist_shared = True  # type: ignore[attr-defined]
+    return err
 
 
 @contextlib.contextmanager
@@ -627,7 +793,11 @@ def load_resume(directory: str | Path) -> tuple[TrainConfig, dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m dml.train``; returns the process exit code.
 
-    Usage errors and divergence are printed as one line on stderr (no traceback).
+    Usage errors and divergence are printed as one line on stderr (no traceback). Started by torchrun
+    (``RANK``/``WORLD_SIZE`` in the environment) it joins the process group first (`dml.distributed`):
+    rank 0 then checks the output directory, takes the run lock, reads ``last.pt`` for ``--resume`` and
+    prints; the other processes get the configuration and state from it. An error that every process
+    shares is printed once (by rank 0); an error of one process alone is printed by it with its rank.
 
     Args:
         argv: the command-line arguments (default: ``sys.argv[1:]``).
@@ -640,29 +810,63 @@ def main(argv: list[str] | None = None) -> int:
         SystemExit: from `argparse` for ``--help`` or an unknown flag.
     """
     config = None
+    dist = DistContext()
+    rank = env_rank()
+    clean = False
+
+    def report(err: BaseException, line: str) -> None:
+        # one line per failure: rank 0 prints shared errors, another rank only what happened to it alone
+        if rank == 0:
+            print(line, file=sys.stderr)
+        elif dist.enabled and not getattr(err, "dist_shared", False):
+            print(f"[rank {rank}] {line.lstrip()}", file=sys.stderr)
+
     try:
         config = parse_config(argv)
-        state = None
-        if config.resume:
-            config, state = load_resume(config.resume)
-        elif (Path(config.output_dir) / "last.pt").exists():
-            raise ConfigError(f"{config.output_dir} already holds a run: pass --resume {config.output_dir} to "
-                              "continue it, or choose another --output-dir")
-        with run_lock(config.output_dir):
-            trainer = Trainer(config, resume_state=state)
+        try:
+            dist = init_from_env()
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        rank = dist.rank
+        with contextlib.ExitStack() as stack:
+            requested = config
+
+            def prepare() -> tuple[TrainConfig, dict[str, Any] | None]:
+                # rank 0 only: the run directory and its lock live on rank 0's machine
+                cfg, state = requested, None
+                if cfg.resume:
+                    cfg, state = load_resume(cfg.resume)
+                elif (Path(cfg.output_dir) / "last.pt").exists():
+                    raise ConfigError(f"{cfg.output_dir} already holds a run: pass --resume {cfg.output_dir} to "
+                                      "continue it, or choose another --output-dir")
+                stack.enter_context(run_lock(cfg.output_dir))
+                return cfg, state
+
+            config, state = dist.on_main(prepare)
+            trainer = Trainer(config, resume_state=state, dist=dist)
             trainer.fit()
+        clean = True
     except USAGE_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+        report(err, f"error: {err}")
+        clean = getattr(err, "dist_shared", False)  # every process stops here: leave the group normally
         return 2
     except TrainingDiverged as err:
-        print(f"error: {err}", file=sys.stderr)
+        report(err, f"error: {err}")
+        clean = getattr(err, "dist_shared", False)
         return 1
-    except KeyboardInterrupt:
-        if config is not None and (Path(config.output_dir) / "last.pt").exists():
-            print(f"\ninterrupted: resume with  python -m dml.train --resume {config.output_dir}", file=sys.stderr)
-        else:
-            print("\ninterrupted before the first checkpoint: run the same command again", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        if rank == 0:
+            if config is not None and (Path(config.output_dir) / "last.pt").exists():
+                resume = f"python -m dml.train --resume {config.output_dir}"
+                if dist.world_size > 1:
+                    resume = f"torchrun … -m dml.train --resume {config.output_dir}"
+                print(f"\ninterrupted: resume with  {resume}", file=sys.stderr)
+            else:
+                print("\ninterrupted before the first checkpoint: run the same command again", file=sys.stderr)
+        clean = getattr(err, "dist_shared", False) or dist.world_size == 1
         return 130
+    finally:
+        dist.close(clean)
     return 0
 
 
