@@ -55,7 +55,7 @@ class TrainConfig:
         init_norm: initial mean embedding norm κ, set by a fixed head output scale (0: the loss's
             default, 2.5 × ``embed_dim`` for the vMF losses). Default 0.
         epochs: training epochs (0: a default that fits the device: 40 frozen, 30 fine-tuning). Default 0.
-        batch_size: images per batch. Default 112.
+        batch_size: images per batch — the global batch under torchrun, split over the processes. Default 112.
         samples_per_class: images of one class per batch group ($m$). Default 2.
         optimizer: ``adamw`` or ``adam``. Default ``"adamw"``.
         lr: base learning rate (0: 1e-4); the head gets ``head_lr_mult`` ×, the loss's groups their own
@@ -95,7 +95,7 @@ class TrainConfig:
                                          flag="--loss-option")
     init_norm: float = _opt(0.0, "initial mean embedding norm κ, set by a fixed head output scale (0: the loss's default, 2.5 × embed_dim for the vMF losses)")
     epochs: int = _opt(0, "training epochs (0: a default that fits the device: 40 frozen, 30 fine-tuning)")
-    batch_size: int = _opt(112, "images per batch")
+    batch_size: int = _opt(112, "images per batch (the global batch under torchrun, split over the processes)")
     samples_per_class: int = _opt(2, "images of one class per batch group (m)")
     optimizer: str = _opt("adamw", "adamw | adam")
     lr: float = _opt(0.0, "base learning rate (0: 1e-4); the head gets head_lr_mult ×, the loss's groups their own multipliers")
