@@ -1,0 +1,896 @@
+r"""Is the embedding norm an uncertainty? Retrieval-based and degradation-based tests of κ = ‖e‖.
+
+For the vMF-based losses an image's embedding $e$ is a von Mises–Fisher distribution with mean
+direction $\mu = e/\|e\|$ and concentration $\kappa = \|e\|$ (Kirchhof et al., ECCV 2022): a large κ
+says "I am sure where this image lies on the sphere", a small one "this image is ambiguous". Two
+families of tests check whether κ behaves like that on held-out classes:
+
+* **Retrieval** (`uncertainty_metrics`): every test image with at least one other image of its class
+  is a query; its nearest neighbour by cosine similarity among all other test images (leave-one-out,
+  as in `dml.evaluation`) is *correct* if it has the query's class. A useful κ is larger for the
+  correct queries (AUROC of κ for correctness), grows with the query's average precision (Spearman
+  correlation), and rejecting the least confident queries raises the Recall@1 of the rest (the
+  accuracy–rejection curve).
+* **Degradation** (`degradation_test`): blurring, downsampling and occluding test images remove
+  information, so κ should fall as the degradation strength grows (negative Spearman correlation
+  between strength and κ).
+
+`evaluate_uncertainty` runs both for a trained model; `dml.report` turns the results into plots.
+
+Everything is computed with torch on the embeddings' / images' device; the retrieval part needs a
+few host synchronisations to size the computation (as `dml.evaluation`) and one at the end.
+
+References:
+    * M. Kirchhof, K. Roth, Z. Akata, E. Kasneci, "A Non-isotropic Probabilistic Take on Proxy-based
+      Deep Metric Learning", ECCV 2022 (κ = ‖e‖ as the image's certainty; the degradation experiment).
+    * K. Musgrave, S. Belongie, S.-N. Lim, "A Metric Learning Reality Check", ECCV 2020 (MAP@R).
+    * M. S. A. Nadeem, J.-D. Zucker, B. Hanczar, "Accuracy-Rejection Curves (ARCs) for Comparing
+      Classification Methods with a Reject Option", MLSB 2009 (accuracy–rejection curves).
+    * J. A. Hanley, B. J. McNeil, "The meaning and use of the area under a receiver operating
+      characteristic (ROC) curve", Radiology 143 (1982) (AUROC as the Mann–Whitney statistic).
+    * C. Spearman, "The proof and measurement of association between two things", Am. J. Psychol. 15
+      (1904).
+    * S. J. Oh, K. Murphy, J. Pan, J. Roth, F. Schroff, A. Gallagher, "Modeling Uncertainty with
+      Hedged Instance Embedding", ICLR 2019 (embedding uncertainty vs. image corruption).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "DEFAULT_REJECTION_FRACTIONS",
+    "DEFAULT_LEVELS",
+    "DEGRADATIONS",
+    "UncertaintyDetails",
+    "average_ranks",
+    "auroc",
+    "spearman",
+    "kappa_is_concentration",
+    "per_query_uncertainty",
+    "uncertainty_metrics",
+    "blur",
+    "downsample",
+    "occlude",
+    "degrade",
+    "degradation_parameter",
+    "degradation_test",
+    "evaluate_uncertainty",
+]
+
+#: fractions of the least confident queries dropped by the accuracy–rejection curve
+DEFAULT_REJECTION_FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+#: degradation strengths of `degradation_test`
+DEFAULT_LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0)
+#: blur: σ at strength 1, as a fraction of the image's shorter side (7 px at 224 px)
+BLUR_MAX_SIGMA_FRACTION = 1 / 32
+#: downsample: the down-scaling factor at strength 1
+DOWNSAMPLE_MAX_FACTOR = 8.0
+#: occlude: the grey value of the occluder
+OCCLUDE_FILL = 0.5
+
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _acc_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+
+
+def _none_if_nan(value: float) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+# --------------------------------------------------------------------------------------------------
+# ranks, AUROC, Spearman
+
+
+def average_ranks(x: torch.Tensor) -> torch.Tensor:
+    r"""1-based ranks of the entries of a 1-D tensor, tied entries sharing the mean of their ranks.
+
+    A group of $t$ equal values occupying sorted positions $s+1, \dots, s+t$ gets the rank
+    $s + (t + 1)/2$ each (``scipy.stats.rankdata(method="average")``). Computed with one sort on
+    ``x``'s device, no host synchronisation.
+
+    Args:
+        x: ``[N]`` real tensor.
+
+    Returns:
+        ``[N]`` float64 ranks (float32 on MPS) on ``x``'s device.
+
+    Raises:
+        ValueError: if ``x`` is not 1-D.
+    """
+    if x.dim() != 1:
+        raise ValueError(f"average_ranks expects a 1-D tensor, got shape {tuple(x.shape)}")
+    acc = _acc_dtype(x.device)
+    if x.numel() == 0:
+        return torch.zeros(0, dtype=acc, device=x.device)
+    sorted_x, order = torch.sort(x, stable=True)
+    _, group, counts = torch.unique_consecutive(sorted_x, return_inverse=True, return_counts=True)
+    ends = torch.cumsum(counts, 0).to(acc)  # 1-based rank of the last member of every group
+    group_rank = ends - (counts.to(acc) - 1) / 2
+    ranks = torch.empty(x.shape[0], dtype=acc, device=x.device)
+    ranks[order] = group_rank[group]
+    return ranks
+
+
+def _auroc_tensor(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """AUROC as a 0-dim tensor (NaN when one class is empty); no host synchronisation."""
+    acc = _acc_dtype(scores.device)
+    ranks = average_ranks(scores)
+    pos = positive.to(acc)
+    n_pos = pos.sum()
+    n_neg = pos.numel() - n_pos
+    u = (ranks * pos).sum() - n_pos * (n_pos + 1) / 2  # Mann–Whitney U of the positives
+    denominator = n_pos * n_neg
+    return torch.where(denominator > 0, u / denominator.clamp_min(1), torch.full_like(u, math.nan))
+
+
+def _spearman_tensor(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spearman's ρ as a 0-dim tensor (NaN when a side is constant or N < 2); no host synchronisation."""
+    ra, rb = average_ranks(a), average_ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denominator = (ra.square().sum() * rb.square().sum()).sqrt()
+    rho = (ra * rb).sum() / denominator.clamp_min(torch.finfo(denominator.dtype).tiny)
+    # constant input: all centred ranks are exactly 0 (ties get identical average ranks)
+    return torch.where(denominator > 0, rho.clamp(-1, 1), torch.full_like(rho, math.nan))
+
+
+def _check_pair(a: torch.Tensor, b: torch.Tensor, names: tuple[str, str]) -> None:
+    for t, name in zip((a, b), names):
+        if not isinstance(t, torch.Tensor) or t.dim() != 1:
+            raise ValueError(f"{name} must be a 1-D torch.Tensor")
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"{names[0]} and {names[1]} must have the same length, got {a.shape[0]} and {b.shape[0]}")
+
+
+def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float | None:
+    r"""Area under the ROC curve of ``scores`` for predicting ``positive``, exact and rank-based.
+
+    With $P$ positives, $M$ negatives and $r_i$ the average rank (`average_ranks`) of score $i$ among
+    all $P + M$ scores,
+
+    $$
+    \mathrm{AUROC} = \frac{\sum_{i \in \text{pos}} r_i - P(P+1)/2}{P M}
+    = \Pr[s_+ > s_-] + \tfrac12 \Pr[s_+ = s_-],
+    $$
+
+    the Mann–Whitney statistic: the probability that a random positive scores higher than a random
+    negative, ties counting one half. It equals ``sklearn.metrics.roc_auc_score(positive, scores)``.
+
+    Args:
+        scores: ``[N]`` real scores (higher: more likely positive).
+        positive: ``[N]`` booleans (or 0/1).
+
+    Returns:
+        AUROC in $[0, 1]$, or None when all items are positive or all negative (undefined; never NaN).
+
+    Raises:
+        ValueError: if the inputs are not 1-D tensors of the same length.
+
+    References:
+        J. A. Hanley, B. J. McNeil, "The meaning and use of the area under a receiver operating
+        characteristic (ROC) curve", Radiology 143 (1982).
+    """
+    _check_pair(scores, positive, ("scores", "positive"))
+    return _none_if_nan(float(_auroc_tensor(scores.detach(), positive.detach().bool())))
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    r"""Spearman's rank correlation: the Pearson correlation of the average ranks.
+
+    $$
+    \rho = \frac{\sum_i (r^a_i - \bar r^a)(r^b_i - \bar r^b)}
+    {\sqrt{\sum_i (r^a_i - \bar r^a)^2 \sum_i (r^b_i - \bar r^b)^2}},
+    $$
+
+    with tied values sharing their average rank (`average_ranks`), as ``scipy.stats.spearmanr``.
+
+    Args:
+        a: ``[N]`` real values.
+        b: ``[N]`` real values.
+
+    Returns:
+        $\rho \in [-1, 1]$, or None when either side is constant or $N < 2$ (undefined; never NaN).
+
+    Raises:
+        ValueError: if the inputs are not 1-D tensors of the same length.
+
+    References:
+        C. Spearman, "The proof and measurement of association between two things", Am. J. Psychol.
+        15 (1904).
+    """
+    _check_pair(a, b, ("a", "b"))
+    if a.shape[0] < 2:
+        return None
+    return _none_if_nan(float(_spearman_tensor(a.detach(), b.detach().to(a.device))))
+
+
+# --------------------------------------------------------------------------------------------------
+# retrieval-based uncertainty
+
+
+def kappa_is_concentration(loss_name: str) -> bool:
+    """Whether the loss ``loss_name`` treats the embedding norm as a vMF concentration.
+
+    True for the vMF-based losses (``el_nivmf``, ``el_nivmf_paper``, ``el_vmf``, ``ppk_vmf``,
+    ``kl_vmf``: those with a positive `dml.losses.ProxyLoss.initial_norm_per_dim`), False for the
+    others (ProxyAnchor, ProxyNCA++, NormSoftmax, the point baselines), whose norm is not an
+    uncertainty; the trainer runs `evaluate_uncertainty` only for the former.
+
+    Args:
+        loss_name: a name of `dml.losses.LOSSES`.
+
+    Returns:
+        True if κ = ‖e‖ is the image's concentration under this loss.
+
+    Raises:
+        ValueError: for an unknown loss name.
+    """
+    from dml.losses import LOSSES
+
+    if loss_name not in LOSSES:
+        raise ValueError(f"unknown loss {loss_name!r}; valid losses: {', '.join(sorted(LOSSES))}")
+    return LOSSES[loss_name].initial_norm_per_dim > 0
+
+
+@dataclass
+class UncertaintyDetails:
+    """Per-image and per-query values behind the uncertainty metrics (for plots; not JSON).
+
+    All tensors are on the CPU.
+
+    Attributes:
+        kappa: ``[N]`` float32, κ = ‖e‖ of every test image (in the order of the test split).
+        labels: ``[N]`` int64 class labels.
+        query_index: ``[Q]`` int64, the test images that are queries (those with ≥ 1 other image of
+            their class), in increasing order.
+        correct: ``[Q]`` bool, whether the query's cosine nearest neighbour has its class.
+        nearest: ``[Q]`` int64, the index of that nearest neighbour.
+        average_precision: ``[Q]`` float64, the query's AP@R (its MAP@R summand).
+        degradation_kappa: ``{kind: [L, M] float32}`` κ of the M degradation-test images at every
+            level (filled by `evaluate_uncertainty`; empty otherwise).
+        degradation_index: ``[M]`` int64, the test images used by the degradation test (sorted).
+    """
+
+    kappa: torch.Tensor
+    labels: torch.Tensor
+    query_index: torch.Tensor
+    correct: torch.Tensor
+    nearest: torch.Tensor
+    average_precision: torch.Tensor
+    degradation_kappa: dict[str, torch.Tensor] = field(default_factory=dict)
+    degradation_index: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+
+
+def _check_embeddings_labels(embeddings: object, labels: object) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2 or not embeddings.is_floating_point():
+        raise ValueError("embeddings must be a 2-D floating-point torch.Tensor [N, D]")
+    n = embeddings.shape[0]
+    if n < 2 or embeddings.shape[1] < 1:
+        raise ValueError(f"embeddings must have N >= 2 rows and D >= 1 columns, got shape {tuple(embeddings.shape)}")
+    x = embeddings.detach()
+    x = x if x.dtype == torch.float64 else x.to(torch.float32)
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("embeddings must be finite (no NaN or inf)")
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.dtype not in _INTEGER_DTYPES:
+        raise ValueError("labels must be a 1-D integer torch.Tensor [N]")
+    if labels.shape[0] != n:
+        raise ValueError(f"labels must have length N = {n} (the number of embeddings), got {labels.shape[0]}")
+    return x, labels.detach().to(device=x.device, dtype=torch.int64)
+
+
+def _check_fractions(fractions: object) -> tuple[float, ...]:
+    if isinstance(fractions, (str, bytes)) or not isinstance(fractions, Sequence) or len(fractions) == 0:
+        raise ValueError(f"rejection_fractions must be a non-empty sequence of numbers in [0, 1), got {fractions!r}")
+    out = []
+    for f in fractions:
+        if isinstance(f, bool) or not isinstance(f, (int, float, np.floating, np.integer)) or not 0 <= f < 1:
+            raise ValueError(f"every rejection fraction must be a number in [0, 1), got {f!r}")
+        out.append(float(f))
+    return tuple(out)
+
+
+def _per_query_tensors(x: torch.Tensor, y: torch.Tensor, chunk_size: int) -> dict[str, torch.Tensor]:
+    """κ of all items; query indices, 1-NN correctness, 1-NN index and AP@R per query (on the device)."""
+    n = x.shape[0]
+    acc = _acc_dtype(x.device)
+    _, inverse, counts = torch.unique(y, return_inverse=True, return_counts=True)
+    r_all = counts[inverse] - 1  # R per item: the other items of its class
+    queries = torch.nonzero(r_all > 0).squeeze(1)  # host sync (sizes the loop)
+    if queries.numel() == 0:
+        raise ValueError("labels: no class has two or more items, so no query has a relevant item (R = 0 for all)")
+    top = min(int(r_all.max()), n - 1)  # host sync (sizes topk); ≥ 1
+    unit = F.normalize(x, dim=1)
+    ranks = torch.arange(1, top + 1, device=x.device)
+    correct, nearest_all, ap = [], [], []
+    for start in range(0, queries.numel(), chunk_size):
+        q = queries[start : start + chunk_size]
+        scores = unit[q] @ unit.T  # [c, N]: never more than chunk_size × N at once
+        scores.scatter_(1, q.unsqueeze(1), -math.inf)  # leave-one-out
+        nearest = scores.topk(top, dim=1).indices
+        del scores
+        rel = y[nearest] == y[q].unsqueeze(1)  # [c, top], ranks in order
+        rq = r_all[q]
+        rel_f = rel.to(acc) * (ranks.unsqueeze(0) <= rq.unsqueeze(1))  # relevant items within ranks 1..R
+        precision_at = rel.to(acc).cumsum(dim=1) / ranks.to(acc)
+        ap.append((precision_at * rel_f).sum(dim=1) / rq.to(acc))
+        correct.append(rel[:, 0])
+        nearest_all.append(nearest[:, 0])
+    return {
+        "kappa": x.norm(dim=1).to(torch.float32),
+        "query_index": queries,
+        "correct": torch.cat(correct),
+        "nearest": torch.cat(nearest_all),
+        "average_precision": torch.cat(ap),
+    }
+
+
+def per_query_uncertainty(
+    embeddings: torch.Tensor, labels: torch.Tensor, *, chunk_size: int = 1024
+) -> UncertaintyDetails:
+    r"""κ of every item and, per query, its 1-NN correctness and average precision at R (on the CPU).
+
+    Queries are the items with $R \ge 1$ other items of their class; each is ranked against the other
+    $N - 1$ items by cosine similarity, in chunks of ``chunk_size`` queries (as `dml.evaluation`). The
+    query's AP@R is $\frac{1}{R}\sum_{i=1}^{R} P(i)\,\mathrm{rel}(i)$ with $P(i)$ the precision at
+    rank $i$, whose mean over the queries is MAP@R.
+
+    Args:
+        embeddings: ``[N, D]`` finite floating-point embeddings, N ≥ 2 (any device).
+        labels: ``[N]`` integer class labels.
+        chunk_size: number of queries ranked at once.
+
+    Returns:
+        An `UncertaintyDetails` (without degradation values).
+
+    Raises:
+        ValueError: on malformed inputs, or if no class has two or more items.
+    """
+    x, y = _check_embeddings_labels(embeddings, labels)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    t = _per_query_tensors(x, y, chunk_size)
+    return UncertaintyDetails(
+        kappa=t["kappa"].cpu(), labels=y.cpu(), query_index=t["query_index"].cpu(), correct=t["correct"].cpu(),
+        nearest=t["nearest"].cpu(), average_precision=t["average_precision"].cpu().to(torch.float64),
+    )
+
+
+def _uncertainty(
+    embeddings: torch.Tensor, labels: torch.Tensor, rejection_fractions: Sequence[float], chunk_size: int
+) -> tuple[dict[str, Any], UncertaintyDetails]:
+    x, y = _check_embeddings_labels(embeddings, labels)
+    fractions = _check_fractions(rejection_fractions)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    t = _per_query_tensors(x, y, chunk_size)
+    acc = _acc_dtype(x.device)
+    kappa_all = t["kappa"]
+    kappa_q = kappa_all[t["query_index"]]
+    correct = t["correct"]
+    num_queries = correct.numel()
+
+    # accuracy–rejection: keep the most confident queries (ties in κ: the lower index is kept first)
+    order = torch.sort(kappa_q, descending=True, stable=True).indices
+    hits = correct[order].to(acc).cumsum(0)
+    kept = [num_queries - min(num_queries - 1, math.floor(f * num_queries + 0.5)) for f in fractions]
+    kept_t = torch.tensor(kept, device=x.device)
+    curve = hits[kept_t - 1] / kept_t.to(acc)
+
+    c = correct.to(acc)
+    n_correct = c.sum()
+    kq = kappa_q.to(acc)
+    scalars = torch.stack([
+        _auroc_tensor(kappa_q, correct),
+        _spearman_tensor(kappa_q, t["average_precision"]) if num_queries > 1 else torch.tensor(math.nan, dtype=acc,
+                                                                                                device=x.device),
+        kappa_all.to(acc).mean(),
+        kappa_all.to(acc).std(correction=0),
+        c.mean(),
+        (kq * c).sum() / n_correct.clamp_min(1),
+        (kq * (1 - c)).sum() / (num_queries - n_correct).clamp_min(1),
+        n_correct,
+    ])
+    values = torch.cat([scalars, curve]).cpu().tolist()  # the one host sync at the end
+    auroc_v, rho, mean_k, std_k, r1, k_correct, k_wrong, n_corr = values[:8]
+    n_corr = int(round(n_corr))
+    metrics: dict[str, Any] = {
+        "auroc_kappa": _none_if_nan(auroc_v),
+        "spearman_kappa_ap": _none_if_nan(rho),
+        "rejection_curve": [[f, float(v)] for f, v in zip(fractions, values[8:])],
+        "mean_kappa": float(mean_k),
+        "std_kappa": float(std_k),
+        "mean_kappa_correct": float(k_correct) if n_corr > 0 else None,
+        "mean_kappa_wrong": float(k_wrong) if n_corr < num_queries else None,
+        "recall@1": float(r1),
+        "num_queries": int(num_queries),
+        "num_correct": n_corr,
+    }
+    details = UncertaintyDetails(
+        kappa=kappa_all.cpu(), labels=y.cpu(), query_index=t["query_index"].cpu(), correct=correct.cpu(),
+        nearest=t["nearest"].cpu(), average_precision=t["average_precision"].cpu().to(torch.float64),
+    )
+    return metrics, details
+
+
+def uncertainty_metrics(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    rejection_fractions: Sequence[float] = DEFAULT_REJECTION_FRACTIONS,
+    chunk_size: int = 1024,
+) -> dict[str, Any]:
+    r"""How well κ = ‖e‖ predicts retrieval success on a labelled embedding set.
+
+    Every item $q$ with $R_q \ge 1$ other items of its class is a query (leave-one-out, cosine
+    similarity of the L2-normalised embeddings, as `dml.evaluation.retrieval_metrics`). With
+    $c_q = \mathbb{1}[\text{the nearest neighbour of } q \text{ has its class}]$ and
+    $\mathrm{AP@R}_q = \frac{1}{R_q}\sum_{i=1}^{R_q} P_q(i)\,\mathrm{rel}_q(i)$ (the MAP@R summand):
+
+    * ``auroc_kappa`` — the AUROC of $\kappa_q$ for predicting $c_q$ (`auroc`:
+      $\Pr[\kappa_+ > \kappa_-] + \frac12\Pr[\kappa_+ = \kappa_-]$ over correct / wrong query pairs);
+      0.5 is an uninformative κ, 1 a κ that ranks every correct query above every wrong one. **None**
+      when all queries are correct or all wrong (the AUROC is undefined then).
+    * ``spearman_kappa_ap`` — Spearman's ρ between $\kappa_q$ and $\mathrm{AP@R}_q$ (`spearman`;
+      average ranks for ties). None when either is constant over the queries.
+    * ``rejection_curve`` — the accuracy–rejection curve: for every fraction $f$, ``[f, R@1 of the
+      kept queries]`` after dropping the $\lfloor fQ + \frac12 \rfloor$ queries of lowest κ (at
+      least one query is kept; among equal κ the query of lower index is kept first). A useful κ
+      gives an increasing curve; a random one a flat curve at R@1.
+    * ``mean_kappa``, ``std_kappa`` — mean and (population) standard deviation of κ over all N items.
+    * ``mean_kappa_correct``, ``mean_kappa_wrong`` — mean κ of the correct and of the wrong queries
+      (None where there are none), ``recall@1`` — the fraction of correct queries (equal to
+      `dml.evaluation`'s up to how ties in similarity are broken), ``num_queries``, ``num_correct``.
+
+    Memory is bounded by ranking ``chunk_size`` queries at a time (a ``chunk_size × N`` block, then
+    `torch.topk` with $k = \max_q R_q$); nothing of size $N \times N$ exists for $N >$ ``chunk_size``.
+    Computed on the embeddings' device (float32, float64 input stays float64; ranks in float64), with
+    two host synchronisations to size the loop and one at the end.
+
+    Args:
+        embeddings: ``[N, D]`` finite floating-point embeddings, N ≥ 2 (any device).
+        labels: ``[N]`` integer class labels.
+        rejection_fractions: the fractions $f \in [0, 1)$ of the rejection curve.
+        chunk_size: number of queries ranked at once.
+
+    Returns:
+        The dict above; JSON-serialisable (floats, ints, None, lists).
+
+    Raises:
+        ValueError: on malformed inputs, a fraction outside $[0, 1)$, or if no class has two or more
+            items.
+
+    References:
+        * M. Kirchhof, K. Roth, Z. Akata, E. Kasneci, "A Non-isotropic Probabilistic Take on
+          Proxy-based Deep Metric Learning", ECCV 2022.
+        * M. S. A. Nadeem, J.-D. Zucker, B. Hanczar, "Accuracy-Rejection Curves (ARCs) for Comparing
+          Classification Methods with a Reject Option", MLSB 2009.
+        * K. Musgrave, S. Belongie, S.-N. Lim, "A Metric Learning Reality Check", ECCV 2020.
+    """
+    metrics, _ = _uncertainty(embeddings, labels, rejection_fractions, chunk_size)
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# degradations
+
+
+def _check_images(images: object, name: str = "images") -> torch.Tensor:
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"{name} must be a [B, 3, H, W] torch.Tensor, got "
+                         f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+    if not images.is_floating_point():
+        raise ValueError(f"{name} must be floating-point in [0, 1], got dtype {images.dtype}")
+    return images
+
+
+def _check_strength(strength: object) -> float:
+    if isinstance(strength, bool) or not isinstance(strength, (int, float, np.floating, np.integer)):
+        raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
+    s = float(strength)
+    if not 0 <= s <= 1:
+        raise ValueError(f"strength must be in [0, 1], got {strength!r}")
+    return s
+
+
+def degradation_parameter(kind: str, strength: float, height: int, width: int) -> float:
+    r"""The physical parameter of a degradation of an ``height × width`` image at ``strength``.
+
+    * ``blur``: the Gaussian σ in pixels, $\sigma = s \cdot \min(H, W) / 32$ (0 … 7 px at 224 px).
+    * ``downsample``: the down-scaling factor $8^s$ (1, 1.68, 2.83, 4.76, 8 at the default levels;
+      224 px → 28 px at $s = 1$).
+    * ``occlude``: the occluded fraction of the area, $s$ itself (1: the whole image is grey).
+
+    Args:
+        kind: ``"blur"``, ``"downsample"`` or ``"occlude"``.
+        strength: $s \in [0, 1]$.
+        height: image height in pixels.
+        width: image width in pixels.
+
+    Returns:
+        σ in pixels, the factor, or the area fraction.
+
+    Raises:
+        ValueError: for an unknown kind or a strength outside $[0, 1]$.
+    """
+    s = _check_strength(strength)
+    if kind == "blur":
+        return s * min(height, width) * BLUR_MAX_SIGMA_FRACTION
+    if kind == "downsample":
+        return DOWNSAMPLE_MAX_FACTOR**s
+    if kind == "occlude":
+        return s
+    raise ValueError(f"unknown degradation {kind!r}; valid: {', '.join(DEGRADATIONS)}")
+
+
+def _gaussian_kernel(sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    radius = max(1, math.ceil(3 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    return (k / k.sum()).to(dtype=dtype, device=device)
+
+
+def blur(images: torch.Tensor, strength: float) -> torch.Tensor:
+    r"""Gaussian blur with $\sigma = s \cdot \min(H, W)/32$ pixels (`degradation_parameter`).
+
+    A separable Gaussian kernel truncated at $\lceil 3\sigma \rceil$ pixels and normalised to sum 1,
+    with replicated borders; its frequency response $\approx e^{-\sigma^2\omega^2/2}$ removes ever
+    more of the high frequencies as $s$ grows. Strength 0 returns an unchanged copy. Deterministic.
+
+    Args:
+        images: ``[B, 3, H, W]`` float images in $[0, 1]$ (any device).
+        strength: $s \in [0, 1]$.
+
+    Returns:
+        The blurred images, same shape, dtype and device, in $[0, 1]$.
+
+    Raises:
+        ValueError: if ``images`` is not ``[B, 3, H, W]`` floating point or ``strength`` not in $[0, 1]$.
+    """
+    images = _check_images(images)
+    s = _check_strength(strength)
+    b, c, h, w = images.shape
+    sigma = degradation_parameter("blur", s, h, w)
+    if sigma == 0 or images.numel() == 0:
+        return images.clone()
+    k = _gaussian_kernel(sigma, images.dtype, images.device)
+    r = (k.numel() - 1) // 2
+    x = images.reshape(b * c, 1, h, w)
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
+    return x.reshape(b, c, h, w).clamp_(0, 1)
+
+
+def downsample(images: torch.Tensor, strength: float) -> torch.Tensor:
+    r"""Lose resolution: resize down by the factor $8^s$ (bilinear, antialiased), then back up (bilinear).
+
+    The intermediate size is $\max(1, \mathrm{round}(H / 8^s)) \times \max(1, \mathrm{round}(W / 8^s))$
+    (`degradation_parameter`). Strength 0 returns an unchanged copy. Deterministic.
+
+    Args:
+        images: ``[B, 3, H, W]`` float images in $[0, 1]$ (any device).
+        strength: $s \in [0, 1]$.
+
+    Returns:
+        The degraded images, same shape, dtype and device, in $[0, 1]$.
+
+    Raises:
+        ValueError: if ``images`` is not ``[B, 3, H, W]`` floating point or ``strength`` not in $[0, 1]$.
+    """
+    images = _check_images(images)
+    s = _check_strength(strength)
+    b, c, h, w = images.shape
+    factor = degradation_parameter("downsample", s, h, w)
+    small = (max(1, round(h / factor)), max(1, round(w / factor)))
+    if small == (h, w) or images.numel() == 0:
+        return images.clone()
+    x = F.interpolate(images, size=small, mode="bilinear", antialias=True, align_corners=False)
+    x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=False, align_corners=False)
+    return x.clamp_(0, 1)
+
+
+def occlude(images: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    r"""Cover a fraction $s$ of every image with a grey (0.5) patch at a random position.
+
+    The patch has the image's aspect ratio — a square for the square crops that the evaluation uses —
+    of size $\mathrm{round}(\sqrt{s}\,H) \times \mathrm{round}(\sqrt{s}\,W)$, so it covers (up to
+    rounding) the fraction $s$ of the area; $s = 1$ turns the whole image grey. Its top-left corner is
+    uniform over the positions that keep it inside the image, drawn independently per image as
+    $\lfloor u\,(H - h + 1) \rfloor$ with $u \sim U[0, 1)$ from ``generator``: the same generator state
+    gives the same relative positions at every strength. Strength 0 returns an unchanged copy.
+
+    Args:
+        images: ``[B, 3, H, W]`` float images in $[0, 1]$ (any device).
+        strength: $s \in [0, 1]$, the occluded fraction of the area.
+        generator: a CPU `torch.Generator` for the positions (None: torch's global RNG). Deterministic
+            for a given generator state.
+
+    Returns:
+        The occluded images, same shape, dtype and device, in $[0, 1]$.
+
+    Raises:
+        ValueError: if ``images`` is not ``[B, 3, H, W]`` floating point or ``strength`` not in $[0, 1]$.
+    """
+    images = _check_images(images)
+    s = _check_strength(strength)
+    b, _, h, w = images.shape
+    u = torch.rand(b, 2, generator=generator, dtype=torch.float64)  # drawn even at s = 0: same stream
+    if s == 0 or images.numel() == 0:
+        return images.clone()
+    ph = min(h, max(1, round(math.sqrt(s) * h)))
+    pw = min(w, max(1, round(math.sqrt(s) * w)))
+    top = (u[:, 0] * (h - ph + 1)).floor().long().clamp_(max=h - ph).to(images.device)
+    left = (u[:, 1] * (w - pw + 1)).floor().long().clamp_(max=w - pw).to(images.device)
+    rows = torch.arange(h, device=images.device)
+    cols = torch.arange(w, device=images.device)
+    in_rows = (rows >= top[:, None]) & (rows < top[:, None] + ph)  # [B, H]
+    in_cols = (cols >= left[:, None]) & (cols < left[:, None] + pw)  # [B, W]
+    mask = (in_rows[:, :, None] & in_cols[:, None, :]).unsqueeze(1)  # [B, 1, H, W]
+    return torch.where(mask, torch.full((), OCCLUDE_FILL, dtype=images.dtype, device=images.device), images)
+
+
+#: name → degradation function (``occlude`` also takes a generator)
+DEGRADATIONS: dict[str, Callable[..., torch.Tensor]] = {"blur": blur, "downsample": downsample, "occlude": occlude}
+
+
+def degrade(kind: str, images: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Apply the degradation ``kind`` (`blur`, `downsample` or `occlude`) at ``strength``.
+
+    Args:
+        kind: a name of `DEGRADATIONS`.
+        images: ``[B, 3, H, W]`` float images in $[0, 1]$.
+        strength: $s \\in [0, 1]$.
+        generator: for ``occlude`` (ignored by the deterministic ones).
+
+    Returns:
+        The degraded images.
+
+    Raises:
+        ValueError: for an unknown kind, or as the degradation.
+    """
+    if kind not in DEGRADATIONS:
+        raise ValueError(f"unknown degradation {kind!r}; valid: {', '.join(DEGRADATIONS)}")
+    if kind == "occlude":
+        return occlude(images, strength, generator)
+    return DEGRADATIONS[kind](images, strength)
+
+
+def _columnwise_average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Average ranks along dim 0 of an ``[L, M]`` tensor (exact ties), by pairwise comparison (small L)."""
+    acc = _acc_dtype(x.device)
+    less = (x.unsqueeze(1) < x.unsqueeze(0)).to(acc).sum(dim=1)  # [L, M]: #{j: x_j < x_i}
+    equal = (x.unsqueeze(1) == x.unsqueeze(0)).to(acc).sum(dim=1)  # includes i itself
+    return less + (equal + 1) / 2
+
+
+def degradation_test(
+    embed: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    *,
+    levels: Sequence[float] = DEFAULT_LEVELS,
+    kinds: Sequence[str] = ("blur", "downsample", "occlude"),
+    batch_size: int = 64,
+    seed: int = 0,
+    return_kappa: bool = False,
+) -> dict[str, Any] | tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    r"""Does κ fall as images are degraded? Mean κ per strength and its Spearman correlation with strength.
+
+    Every image is degraded by every ``kind`` at every strength $s$ in ``levels`` (`blur`: Gaussian
+    σ = s·min(H, W)/32 px; `downsample`: by the factor $8^s$ and back; `occlude`: a grey patch over the
+    fraction $s$ of the area — see `degradation_parameter`), embedded with ``embed`` in batches of
+    ``batch_size``, and $\kappa = \|e\|$ recorded. Strength 0 is the clean image for every kind
+    (embedded once and shared). The occluder positions come from a CPU generator seeded with
+    ``seed`` afresh for every level, so the occluder of an image sits at the same relative position at
+    every strength; the result is deterministic for given (``seed``, ``batch_size``) and ``embed``.
+
+    The paper's claim, that ambiguous images get a low κ, predicts a *negative* correlation.
+
+    Args:
+        embed: maps a ``[B, 3, H, W]`` batch in $[0, 1]$ to ``[B, D]`` embeddings, e.g. an
+            `dml.models.EmbeddingModel` in eval mode (the caller wraps it in ``torch.no_grad()``).
+        images: ``[N, 3, H, W]`` float images in $[0, 1]$, N ≥ 1, on the device ``embed`` expects.
+        levels: strengths in $[0, 1]$ (in the order to report them).
+        kinds: names of `DEGRADATIONS`.
+        batch_size: images embedded at once.
+        seed: seed of the occluder positions.
+        return_kappa: also return the per-image κ.
+
+    Returns:
+        ``{"levels", "num_images", "seed", "kinds": {kind: {...}}, "mean_spearman",
+        "mean_image_spearman", "mean_kappa"}`` where every ``kinds[kind]`` holds
+
+        * ``parameter`` (``"sigma_px"``, ``"factor"`` or ``"area_fraction"``) and ``parameter_values``
+          (its value at every level, for these images' size),
+        * ``mean_kappa`` and ``std_kappa`` — mean and population standard deviation of κ over the
+          images, per level,
+        * ``spearman`` — Spearman's ρ between strength and κ over all N·L (image, level) pairs (average
+          ranks; None if undefined),
+        * ``mean_image_spearman`` — the mean over images of the Spearman ρ between strength and that
+          image's κ across the levels (free of the differences between images; images with constant κ
+          are left out; None if none is left);
+
+        and at the top level ``mean_spearman`` / ``mean_image_spearman`` (the means of those over the
+        kinds, None-valued kinds left out) and ``mean_kappa`` (per level, the mean over kinds).
+        All JSON-serialisable. With ``return_kappa``, a tuple ``(result, {kind: [L, N] κ on the CPU})``.
+
+    Raises:
+        ValueError: on malformed images, an unknown kind, a strength outside $[0, 1]$, fewer than one
+            level, or if ``embed`` does not return ``[B, D]``.
+
+    References:
+        M. Kirchhof, K. Roth, Z. Akata, E. Kasneci, "A Non-isotropic Probabilistic Take on Proxy-based
+        Deep Metric Learning", ECCV 2022 (κ of images under increasing corruption).
+    """
+    images = _check_images(images)
+    n, _, h, w = images.shape
+    if n < 1:
+        raise ValueError("images must hold at least one image")
+    levels = tuple(_check_strength(s) for s in levels)
+    if not levels:
+        raise ValueError("levels must hold at least one strength")
+    kinds = tuple(kinds)
+    for kind in kinds:
+        if kind not in DEGRADATIONS:
+            raise ValueError(f"unknown degradation {kind!r}; valid: {', '.join(DEGRADATIONS)}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+    def kappas(kind: str | None, strength: float) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(int(seed))
+        out = []
+        for start in range(0, n, batch_size):
+            batch = images[start : start + batch_size]
+            x = batch if kind is None else degrade(kind, batch, strength, generator)
+            e = embed(x)
+            if not isinstance(e, torch.Tensor) or e.dim() != 2 or e.shape[0] != batch.shape[0]:
+                raise ValueError(f"embed must return a [B, D] tensor for a batch of B = {batch.shape[0]} images, got "
+                                 f"{tuple(e.shape) if isinstance(e, torch.Tensor) else type(e).__name__}")
+            out.append(e.detach().float().norm(dim=1))
+        return torch.cat(out)
+
+    clean = kappas(None, 0.0) if 0.0 in levels else None
+    acc = _acc_dtype(images.device)
+    per_kind: dict[str, torch.Tensor] = {}
+    stats = []
+    strengths = torch.tensor(levels, dtype=acc, device=images.device)
+    for kind in kinds:
+        k = torch.stack([clean if s == 0.0 else kappas(kind, s) for s in levels])  # [L, N]
+        per_kind[kind] = k
+        kd = k.to(acc)
+        pooled = _spearman_tensor(strengths.repeat_interleave(n), kd.reshape(-1)) if len(levels) > 1 else \
+            torch.tensor(math.nan, dtype=acc, device=images.device)
+        # per image: ρ across the levels (strength ranks need no ties handling: levels are distinct or tied alike)
+        rs = _columnwise_average_ranks(strengths.unsqueeze(1).expand(-1, n))
+        rk = _columnwise_average_ranks(kd)
+        rs, rk = rs - rs.mean(0), rk - rk.mean(0)
+        den = (rs.square().sum(0) * rk.square().sum(0)).sqrt()
+        valid = den > 0
+        rho_img = (rs * rk).sum(0) / den.clamp_min(torch.finfo(acc).tiny)
+        mean_img = torch.where(valid.any(), (rho_img * valid).sum() / valid.sum().clamp_min(1),
+                               torch.tensor(math.nan, dtype=acc, device=images.device))
+        stats.append(torch.cat([kd.mean(1), kd.std(1, correction=0), pooled.view(1), mean_img.view(1)]))
+    values = torch.stack(stats).cpu().tolist() if stats else []  # one host sync
+    num_levels = len(levels)
+    names = {"blur": "sigma_px", "downsample": "factor", "occlude": "area_fraction"}
+    result_kinds: dict[str, Any] = {}
+    for kind, row in zip(kinds, values):
+        result_kinds[kind] = {
+            "parameter": names[kind],
+            "parameter_values": [degradation_parameter(kind, s, h, w) for s in levels],
+            "mean_kappa": [float(v) for v in row[:num_levels]],
+            "std_kappa": [float(v) for v in row[num_levels : 2 * num_levels]],
+            "spearman": _none_if_nan(row[2 * num_levels]),
+            "mean_image_spearman": _none_if_nan(row[2 * num_levels + 1]),
+        }
+
+    def mean_of(key: str) -> float | None:
+        vals = [r[key] for r in result_kinds.values() if r[key] is not None]
+        return float(np.mean(vals)) if vals else None
+
+    result = {
+        "levels": list(levels),
+        "num_images": int(n),
+        "seed": int(seed),
+        "kinds": result_kinds,
+        "mean_spearman": mean_of("spearman"),
+        "mean_image_spearman": mean_of("mean_image_spearman"),
+        "mean_kappa": [float(np.mean([r["mean_kappa"][i] for r in result_kinds.values()])) for i in range(num_levels)]
+        if result_kinds else [],
+    }
+    if return_kappa:
+        return result, {kind: k.cpu() for kind, k in per_kind.items()}
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# a trained model
+
+
+def evaluate_uncertainty(
+    model: torch.nn.Module,
+    test_split: Any,
+    test_embeddings: torch.Tensor,
+    test_labels: torch.Tensor,
+    *,
+    resolution: int,
+    device: torch.device | str,
+    batch_size: int = 64,
+    seed: int = 0,
+    degradation_images: int = 128,
+    levels: Sequence[float] = DEFAULT_LEVELS,
+    kinds: Sequence[str] = ("blur", "downsample", "occlude"),
+    rejection_fractions: Sequence[float] = DEFAULT_REJECTION_FRACTIONS,
+    chunk_size: int = 1024,
+) -> tuple[dict[str, Any], UncertaintyDetails]:
+    r"""All uncertainty metrics of a trained model on its test split.
+
+    Runs `uncertainty_metrics` on ``test_embeddings`` (the embeddings the retrieval metrics were
+    computed from) and `degradation_test` on ``degradation_images`` test images drawn without
+    replacement by a permutation seeded with ``seed`` (all of them if there are fewer), loaded as the
+    evaluation loads them: ``dml.data.ImageDataset(test_split, EvalTransform(resolution),
+    max_side=round(resolution·256/224))``. The model embeds them in eval mode under
+    ``torch.no_grad()``; its training mode is restored afterwards.
+
+    Two return values keep the JSON apart from the tensors: the first is what goes into
+    ``final_metrics.json``, the second what `dml.report.write_report` needs for its plots.
+
+    Args:
+        model: an `dml.models.EmbeddingModel` (its ``forward`` maps ``[B, 3, H, W]`` float images in
+            $[0, 1]$ to embeddings), already on ``device``. Under DDP pass the unwrapped module.
+        test_split: the `dml.data.Split` the embeddings belong to (same order).
+        test_embeddings: ``[N, D]`` embeddings of the test split.
+        test_labels: ``[N]`` their labels.
+        resolution: the evaluation crop size in pixels.
+        device: where the degradation-test images go.
+        batch_size: images embedded at once in the degradation test.
+        seed: seed of the image subset and of the occluder positions.
+        degradation_images: how many test images the degradation test uses (0: skip it).
+        levels: degradation strengths (`degradation_test`).
+        kinds: degradations (`degradation_test`).
+        rejection_fractions: as `uncertainty_metrics`.
+        chunk_size: as `uncertainty_metrics`.
+
+    Returns:
+        ``(metrics, details)``: ``metrics`` is the dict of `uncertainty_metrics` plus ``degradation``
+        (the dict of `degradation_test`, or None when skipped), JSON-serialisable; ``details`` the
+        `UncertaintyDetails` (per-image κ, per-query correctness and AP@R, the degradation κ per image
+        and the indices of the degradation images), not JSON-serialisable.
+
+    Raises:
+        ValueError: as `uncertainty_metrics` and `degradation_test`, or if the split and the
+            embeddings differ in length.
+        dml.data.DatasetError: if a test image cannot be decoded.
+    """
+    from dml.data import EvalTransform, ImageDataset
+
+    if len(test_split) != test_embeddings.shape[0]:
+        raise ValueError(f"test_split has {len(test_split)} images but test_embeddings {test_embeddings.shape[0]} rows")
+    metrics, details = _uncertainty(test_embeddings, test_labels, rejection_fractions, chunk_size)
+    n = len(test_split)
+    count = min(max(0, int(degradation_images)), n)
+    metrics["degradation"] = None
+    if count == 0:
+        return metrics, details
+    index = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))[:count].sort().values
+    dataset = ImageDataset(test_split, EvalTransform(resolution), max_side=round(resolution * 256 / 224), cache=False)
+    images = torch.stack([dataset[i][0] for i in index.tolist()]).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            degradation, kappa = degradation_test(lambda x: model(x).float(), images, levels=levels, kinds=kinds,
+                                                  batch_size=batch_size, seed=seed, return_kappa=True)
+    finally:
+        model.train(was_training)
+    metrics["degradation"] = degradation
+    details.degradation_kappa = kappa
+    details.degradation_index = index
+    return metrics, details
