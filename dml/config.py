@@ -69,6 +69,8 @@ class TrainConfig:
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``. Default ``"auto"``.
         eval_batch_size: images per batch when embedding for evaluation. Default 256.
         log_every: steps between loss logs (one host sync each). Default 50.
+        degradation_images: test images in the degradation test of κ (vMF losses; 0: 64 on CPU, 256 on
+            GPU). Default 0.
         selection_metric: validation metric that selects the checkpoint (`dml.train.SELECTION_METRICS`).
             Default ``"recall@1"``.
         resume: continue the run in this directory exactly where it stopped. Default None.
@@ -108,6 +110,7 @@ class TrainConfig:
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
     eval_batch_size: int = _opt(256, "images per batch when embedding for evaluation")
     log_every: int = _opt(50, "steps between loss logs (one host sync each)")
+    degradation_images: int = _opt(0, "test images in the degradation test of κ (vMF losses; 0: 64 on CPU, 256 on GPU)")
     selection_metric: str = _opt("recall@1", "validation metric that selects the checkpoint")
     resume: str | None = _opt(None, "continue the run in this directory exactly where it stopped")
     config: str | None = _opt(None, "TOML / YAML / JSON file with any of these keys")

@@ -41,6 +41,8 @@ from dml.config import ConfigError, TrainConfig, config_from_dict, parse_config
 from dml.data import ClassBalancedBatchSampler, DatasetError, Splits, load_splits
 from dml.distributed import DistContext, ModelAndLoss, env_rank, init_from_env, wrap
 from dml.evaluation import evaluate_embeddings
+from dml.report import write_report
+from dml.uncertainty import evaluate_uncertainty, kappa_is_concentration
 from dml.losses import build_loss
 from dml.models import EmbeddingModel, ModelError, build_model
 from dml.pipeline import FeaturePipeline, ImagePipeline, Pipeline
@@ -103,6 +105,8 @@ def check_config(config: TrainConfig) -> None:
     for name in positive:
         if getattr(config, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(config, name)}")
+    if config.degradation_images < 0:
+        raise ConfigError(f"--degradation-images must be >= 0 (0: automatic), got {config.degradation_images}")
     if config.feature_views < 1:
         raise ConfigError(f"--feature-views must be a positive integer, got {config.feature_views}")
     if config.batch_size % config.samples_per_class:
@@ -671,7 +675,16 @@ class Trainer:
         last = self.evaluate("test")
         best_model = self.dist.on_main(lambda: load_checkpoint(self.out / "best.pt")["model"])
         self.model.load_state_dict(best_model)
-        selected = self.evaluate("test")
+        embeddings, labels = self.pipeline.embed_split("test")  # once: retrieval and uncertainty share them
+        selected = self.dist.on_main(lambda: evaluate_embeddings(embeddings, labels, seed=config.seed))
+        resolution = config.resolution or self.model.spec.resolution
+        uncertainty = details = None
+        if main and kappa_is_concentration(config.loss):
+            # κ = ‖e‖ as the image's certainty (vMF losses only); the degradation test re-runs the network
+            uncertainty, details = evaluate_uncertainty(
+                self.model, self.splits.test, embeddings, labels, resolution=resolution, device=self.device,
+                batch_size=min(config.eval_batch_size, 64), seed=config.seed,
+                degradation_images=config.degradation_images or (256 if self.device.type == "cuda" else 64))
         final = {
             **selected,
             "recall@1_initial": initial["recall@1"],
@@ -682,15 +695,24 @@ class Trainer:
             "trunk": config.trunk,
             "device": str(self.device),
             "wall_time_s": round(time.time() - self.started, 1),  # this invocation (a resumed run: since resuming)
+            "uncertainty": uncertainty,
         }
         if self.dist.world_size > 1:
             final["world_size"] = self.dist.world_size
         if main:
             atomic_write_json(self.out / "final_metrics.json", final)
+            write_report(self.out, history=self.history, final_metrics=final, uncertainty=uncertainty,
+                         test_split=self.splits.test, per_query=details, resolution=resolution,
+                         config=config.to_dict())
         self.log(f"test (epoch {self.best['epoch']}, selected on validation): R@1 {selected['recall@1']:.4f} "
                  f"(before training {initial['recall@1']:.4f})  R@4 {selected['recall@4']:.4f}  "
                  f"MAP@R {selected['map@r']:.4f}  NMI {selected['nmi']:.4f}")
-        self.log(f"wrote {self.out / 'final_metrics.json'}")
+        if uncertainty is not None:
+            degradation = uncertainty.get("degradation") or {}
+            auroc = uncertainty.get("auroc_kappa")
+            self.log(f"uncertainty: AUROC(κ → 1-NN correct) {auroc if auroc is None else round(auroc, 4)}  "
+                     f"Spearman(κ, strength) {degradation.get('mean_spearman')}")
+        self.log(f"wrote {self.out / 'final_metrics.json'} and {self.out / 'report.md'}")
         self.dist.barrier()  # every process returns once the files exist
         return final
 

@@ -47,12 +47,18 @@ def test_one_epoch_run_writes_every_file(data_root, tmp_path, loss, trunk, capsy
     out = tmp_path / "run"
     code = main(_args(data_root, out, "--loss", loss, "--trunk", trunk, "--epochs", "1", "--feature-views", "2"))
     assert code == 0, capsys.readouterr().err
-    for name in ("config.json", "history.jsonl", "last.pt", "best.pt", "initial_metrics.json", "final_metrics.json"):
+    for name in ("config.json", "history.jsonl", "last.pt", "best.pt", "initial_metrics.json", "final_metrics.json",
+                 "report.md"):
         assert (out / name).is_file(), name
     final = json.loads((out / "final_metrics.json").read_text())
     for key in ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "nmi", "recall@1_initial"):
         assert 0.0 <= final[key] <= 1.0, key
     assert final["trunk"] == trunk and final["selected_epoch"] == 1
+    if loss == "el_nivmf":  # κ is a concentration: the uncertainty metrics and the degradation test run
+        assert set(final["uncertainty"]) >= {"auroc_kappa", "spearman_kappa_ap", "rejection_curve", "degradation"}
+        assert (out / "report" / "kappa_histogram.png").is_file()
+    else:
+        assert final["uncertainty"] is None
     config = json.loads((out / "config.json").read_text())
     assert config["loss"] == loss and config["epochs"] == 1
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
