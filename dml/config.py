@@ -46,6 +46,8 @@ class TrainConfig:
             Default ``"auto"``.
         feature_views: frozen trunk: views per training image whose features are cached (1: the centre
             crop only; more add random-resized-crop + flip views). Default 1.
+        feature_cache: frozen trunk: a directory where the trunk features are saved and reused across runs
+            (keyed by the image paths, backbone, weights, pooling, resolution, views). Default None.
         resolution: input crop size (0: the backbone's own, 224 for Lite0 / ResNet-50). Default 0.
         loss: a name of `dml.losses.LOSSES` (``el_nivmf``, ``el_nivmf_paper``, ``el_vmf``, ``ppk_vmf``,
             ``kl_vmf``, ``proxy_anchor``, ``proxy_nca``, ``norm_softmax``, ``l2``, ``cosine``).
@@ -90,6 +92,8 @@ class TrainConfig:
     trunk: str = _opt("auto", "finetune | frozen | auto (frozen with cached features on CPU, finetune on GPU)")
     feature_views: int = _opt(1, "frozen trunk: views per training image whose features are cached (1: the centre "
                               "crop only; more add random-resized-crop + flip views)")
+    feature_cache: str | None = _opt(None, "frozen trunk: directory where cached trunk features are kept and reused "
+                                           "across runs (keyed by data, backbone, weights, resolution, views)")
     resolution: int = _opt(0, "input crop size (0: the backbone's own, 224 for Lite0 / ResNet-50)")
     loss: str = _opt("el_nivmf", "el_nivmf | el_nivmf_paper | el_vmf | ppk_vmf | kl_vmf | proxy_anchor | proxy_nca | "
                                  "norm_softmax | l2 | cosine")

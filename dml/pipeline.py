@@ -9,11 +9,15 @@ over the processes and gathers the embeddings.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from dml.checkpoint import save_checkpoint
 from dml.data import EvalTransform, ImageDataset, Split, Splits, TrainTransform
 from dml.distributed import DistContext
 from dml.models import EmbeddingModel
@@ -282,19 +286,50 @@ class FeaturePipeline(Pipeline):
         generator = torch.Generator().manual_seed(10_007 * config.seed + 1)
         train_transform = TrainTransform(resolution, generator=generator)
         eval_transform = EvalTransform(resolution)
-        raw_train = ImageDataset(splits.train, None, max_side=max_side)
-        views = "the centre crop" if self.views == 1 else f"{self.views} views (centre crop + random crops)"
-        log(f"caching frozen-trunk features: {len(raw_train)} training images × {views}, "
-            f"{len(splits.val) + len(splits.test)} evaluation images, {resolution} px, on {device}")
-        features = []
-        for v in range(self.views):
-            transform = eval_transform if v == 0 else train_transform  # view 0: the plain centre crop
-            features.append(self._features(raw_train, transform))
-        self.train_features = torch.stack(features, dim=1)  # [N, V, F]
-        self.eval_features = {name: self._features(ImageDataset(getattr(splits, name), None, max_side=max_side),
-                                                   eval_transform) for name in ("val", "test")}
+        cache = self._cache_path(splits, config, resolution)
+        if cache is not None and cache.is_file():
+            log(f"loading cached frozen-trunk features from {cache}")
+            stored = torch.load(cache, map_location=device, weights_only=True)
+            self.train_features, self.eval_features = stored["train"], {k: stored[k] for k in ("val", "test")}
+        else:
+            raw_train = ImageDataset(splits.train, None, max_side=max_side)
+            views = "the centre crop" if self.views == 1 else f"{self.views} views (centre crop + random crops)"
+            log(f"caching frozen-trunk features: {len(raw_train)} training images × {views}, "
+                f"{len(splits.val) + len(splits.test)} evaluation images, {resolution} px, on {device}")
+            features = []
+            for v in range(self.views):
+                transform = eval_transform if v == 0 else train_transform  # view 0: the plain centre crop
+                features.append(self._features(raw_train, transform))
+            self.train_features = torch.stack(features, dim=1)  # [N, V, F]
+            self.eval_features = {name: self._features(ImageDataset(getattr(splits, name), None, max_side=max_side),
+                                                       eval_transform) for name in ("val", "test")}
+            if cache is not None and self.dist.is_main:
+                save_checkpoint(cache, {"train": self.train_features.cpu(),
+                                        **{k: v.cpu() for k, v in self.eval_features.items()}})
+                log(f"saved the features to {cache}")
         self.train_labels = _labels(splits.train, device)
         self.eval_labels = {name: _labels(getattr(splits, name), device) for name in ("val", "test")}
+
+    def _cache_path(self, splits: Splits, config: TrainConfig, resolution: int) -> Path | None:
+        """``feature_cache/<key>.pt`` for these features, or None without ``--feature-cache``.
+
+        The key hashes everything the features depend on: the image paths, the backbone and its weights
+        file (path, size and modification time), pooling, resolution, views (and the seed when there are
+        random views) and the torch version.
+        """
+        if not getattr(config, "feature_cache", None):
+            return None
+        weights = config.weights
+        if weights not in (None, "none", "default") and Path(weights).is_file():
+            stat = Path(weights).stat()
+            weights = f"{Path(weights).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        key = {
+            "paths": [list(getattr(splits, n).paths) for n in ("train", "val", "test")],
+            "backbone": config.backbone, "weights": weights, "pooling": config.pooling, "resolution": resolution,
+            "views": self.views, "seed": config.seed if self.views > 1 else None, "torch": torch.__version__,
+        }
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+        return Path(config.feature_cache) / f"{splits.name}-{config.backbone}-{resolution}px-{digest}.pt"
 
     @torch.no_grad()
     def _features(self, raw: ImageDataset, transform) -> torch.Tensor:

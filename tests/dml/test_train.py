@@ -223,3 +223,19 @@ def test_real_sigint_leaves_a_resumable_checkpoint(data_root, tmp_path):
     assert "--resume" in err
     state = load_checkpoint(out / "last.pt")
     assert 1 <= state["epoch"] < 1000
+
+
+def test_feature_cache_is_reused_and_gives_the_same_run(data_root, tmp_path, capsys):
+    cache = tmp_path / "features"
+    common = ["--loss", "norm_softmax", "--trunk", "frozen", "--epochs", "1", "--feature-cache", str(cache)]
+    assert main(_args(data_root, tmp_path / "a", *common)) == 0
+    assert "saved the features" in capsys.readouterr().out
+    assert len(list(cache.glob("*.pt"))) == 1
+    assert main(_args(data_root, tmp_path / "b", *common)) == 0
+    assert "loading cached frozen-trunk features" in capsys.readouterr().out
+    a = json.loads((tmp_path / "a" / "final_metrics.json").read_text())
+    b = json.loads((tmp_path / "b" / "final_metrics.json").read_text())
+    assert a["recall@1"] == b["recall@1"] and a["map@r"] == b["map@r"]
+    # another resolution is another cache entry
+    assert main(_args(data_root, tmp_path / "c", *common, "--resolution", "24")) == 0
+    assert len(list(cache.glob("*.pt"))) == 2
