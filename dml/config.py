@@ -46,6 +46,12 @@ class TrainConfig:
             Default ``"auto"``.
         feature_views: frozen trunk: views per training image whose features are cached (1: the centre
             crop only; more add random-resized-crop + flip views). Default 1.
+        amp: mixed precision of the network: ``auto`` (bf16 on CUDA, off on CPU), ``bf16`` or ``off``; the
+            vMF parts of the losses run in float32/float64 regardless. Default ``"auto"``.
+        channels_last: channels-last memory format: ``auto`` (on CUDA), ``on`` or ``off``. Default ``"auto"``.
+        device_augment: fine-tuning with the images on the device (`dml.pipeline.DeviceImagePipeline`):
+            ``auto`` (on CUDA when they fit), ``on`` or ``off``. Default ``"auto"``.
+        compile: ``torch.compile`` the trunk's forward. Default False.
         feature_cache: frozen trunk: a directory where the trunk features are saved and reused across runs
             (keyed by the image paths, backbone, weights, pooling, resolution, views). Default None.
         resolution: input crop size (0: the backbone's own, 224 for Lite0 / ResNet-50). Default 0.
@@ -92,6 +98,11 @@ class TrainConfig:
     trunk: str = _opt("auto", "finetune | frozen | auto (frozen with cached features on CPU, finetune on GPU)")
     feature_views: int = _opt(1, "frozen trunk: views per training image whose features are cached (1: the centre "
                               "crop only; more add random-resized-crop + flip views)")
+    amp: str = _opt("auto", "mixed precision of the network: auto (bf16 on CUDA, off on CPU) | bf16 | off")
+    channels_last: str = _opt("auto", "channels-last memory format for the network: auto (on CUDA) | on | off")
+    device_augment: str = _opt("auto", "fine-tuning: images as uint8 on the device, crops by grid_sample: auto (on "
+                                       "CUDA when they fit in 40% of free memory) | on | off")
+    compile: bool = _opt(False, "torch.compile the trunk's forward")
     feature_cache: str | None = _opt(None, "frozen trunk: directory where cached trunk features are kept and reused "
                                            "across runs (keyed by data, backbone, weights, resolution, views)")
     resolution: int = _opt(0, "input crop size (0: the backbone's own, 224 for Lite0 / ResNet-50)")

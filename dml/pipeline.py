@@ -30,6 +30,11 @@ def _labels(split: Split, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(split.labels, dtype=torch.long, device=device)
 
 
+def step_seed(seed: int, epoch: int, step: int) -> int:
+    """The seed of one training step's augmentation: ``(seed · 1000003 + epoch) · 1000033 + step``."""
+    return (seed * 1_000_003 + epoch) * 1_000_033 + step
+
+
 def step_generator(seed: int, epoch: int, step: int) -> torch.Generator:
     """A CPU generator for the augmentation of one training step (independent of the global RNG).
 
@@ -41,7 +46,7 @@ def step_generator(seed: int, epoch: int, step: int) -> torch.Generator:
     Returns:
         A `torch.Generator` seeded with ``(seed · 1000003 + epoch) · 1000033 + step``.
     """
-    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_033 + step)
+    return torch.Generator().manual_seed(step_seed(seed, epoch, step))
 
 
 def local_part(batch_size: int, rank: int, world_size: int) -> slice:
@@ -81,6 +86,19 @@ class Pipeline:
 
     model: EmbeddingModel
     dist: DistContext
+    #: bf16 autocast for the network's forward passes (set by the trainer from ``--amp``); None: off
+    autocast_dtype: torch.dtype | None = None
+    #: feed images in channels-last memory format (set by the trainer from ``--channels-last``)
+    channels_last: bool = False
+
+    def _autocast(self):
+        """The autocast context of the network's forward passes (a no-op when off)."""
+        device_type = "cuda" if self.model.head.weight.is_cuda else "cpu"
+        return torch.autocast(device_type, dtype=self.autocast_dtype or torch.bfloat16,
+                              enabled=self.autocast_dtype is not None)
+
+    def _layout(self, images: torch.Tensor) -> torch.Tensor:
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
     def train_batches(self, batches: Sequence[list[int]], epoch: int, start: int = 0
                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -195,7 +213,7 @@ class ImagePipeline(Pipeline):
             images = torch.stack([transform(self.train_set.image(i)) for i in batches[step][mine]])
             if self.device.type == "cuda":
                 images = images.pin_memory()  # lets the copy overlap with the previous step's kernels
-            yield images.to(self.device, non_blocking=True), self.train_labels[index[step, mine]]
+            yield self._layout(images.to(self.device, non_blocking=True)), self.train_labels[index[step, mine]]
 
     def _size(self, index: int) -> tuple[int, int]:
         """``(height, width)`` of decoded training image ``index`` (decoded once if not cached)."""
@@ -207,7 +225,8 @@ class ImagePipeline(Pipeline):
 
     def embed_train(self, inputs):
         """See `Pipeline.embed_train`."""
-        return self.model(inputs)
+        with self._autocast():
+            return self.model(inputs)
 
     @torch.no_grad()
     def embed_split(self, name):
@@ -215,13 +234,14 @@ class ImagePipeline(Pipeline):
         was_training = self.model.training
         self.model.eval()
         chunks = []
-        dataset = self.eval_sets[name]
+        count = len(getattr(self.splits, name))
         size = self.config.eval_batch_size
-        starts = list(range(0, len(dataset), size))
+        starts = list(range(0, count, size))
         world, rank = self.dist.world_size, self.dist.rank
         for start in starts[rank::world]:  # a single process: every batch
-            images = torch.stack([dataset[i][0] for i in range(start, min(start + size, len(dataset)))])
-            chunks.append(self.model(images.to(self.device)).float())
+            images = self._eval_images(name, start, min(start + size, count))
+            with self._autocast():
+                chunks.append(self.model(self._layout(images)).float())
         self.model.train(was_training)
         labels = _labels(getattr(self.splits, name), self.device)
         local = torch.cat(chunks) if chunks else torch.zeros(0, self.model.embed_dim, device=self.device)
@@ -230,10 +250,15 @@ class ImagePipeline(Pipeline):
         # batch k was embedded by rank k % world as its (k // world)-th batch; only the very last batch of
         # the split can be short, so within a rank batch j starts at row j * size
         parts = self.dist.all_gather_rows(local)
-        out = [parts[k % world][(k // world) * size:(k // world) * size + min(size, len(dataset) - start)]
+        out = [parts[k % world][(k // world) * size:(k // world) * size + min(size, count - start)]
                for k, start in enumerate(starts)]
         embeddings = torch.cat(out) if out else torch.zeros(0, self.model.embed_dim, device=self.device)
         return embeddings, labels
+
+    def _eval_images(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Evaluation images ``start:stop`` of split ``name`` on the device, float in [0, 1]."""
+        dataset = self.eval_sets[name]
+        return torch.stack([dataset[i][0] for i in range(start, stop)]).to(self.device)
 
     @torch.no_grad()
     def calibration_features(self):
@@ -251,6 +276,86 @@ class ImagePipeline(Pipeline):
     def describe(model: EmbeddingModel, config: TrainConfig, resolution: int, device: torch.device) -> str:
         """See `Pipeline.describe`."""
         return f"trunk: fine-tuning the whole {model.spec.name} at {resolution} px on {device}"
+
+
+class DeviceImagePipeline(ImagePipeline):
+    """`ImagePipeline` with the images on the device: every split decoded once into a uint8
+    `dml.data.DeviceImageBank` (shorter side resized to ``round(resolution · 256/224)``, centre-cropped to a
+    square), random-resized crops and flips of a whole batch by one ``grid_sample``
+    (`dml.data.random_resized_crop`), evaluation views by `dml.data.center_crop`. No per-image Python
+    work and no host-to-device copy in the training step. The trainer uses it on CUDA when the banks fit
+    (``--device-augment auto``).
+
+    The crops of step ``s`` of epoch ``e`` come from a device generator seeded as in `step_seed`; under
+    DDP every process draws the parameters of the whole global batch and uses its part, so the crops
+    equal a single process's. They differ from `ImagePipeline`'s CPU crops (another generator, and
+    crops are clipped rather than redrawn when out of range).
+
+    Args:
+        model, splits, config, resolution, device, log, dist: as for `ImagePipeline`.
+    """
+
+    def __init__(self, model: EmbeddingModel, splits: Splits, config: TrainConfig, resolution: int, device: torch.device,
+                 log: Callable[[str], None] = print, dist: DistContext | None = None):
+        from dml.data import DeviceImageBank
+
+        self.model, self.splits, self.config, self.device = model, splits, config, device
+        self.dist = dist or DistContext()
+        self.resolution = resolution
+        side = round(resolution * 256 / 224)
+        log(f"decoding {len(splits.train) + len(splits.val) + len(splits.test)} images into uint8 banks on {device} "
+            f"({side} px)")
+        self.banks = {name: DeviceImageBank(getattr(splits, name), side, device) for name in ("train", "val", "test")}
+        self.train_labels = self.banks["train"].labels
+
+    @staticmethod
+    def fits(splits: Splits, resolution: int, device: torch.device, fraction: float = 0.4) -> bool:
+        """Whether the three banks take less than ``fraction`` of the free memory of CUDA ``device``."""
+        from dml.data import DeviceImageBank
+
+        if device.type != "cuda":
+            return False
+        side = round(resolution * 256 / 224)
+        needed = DeviceImageBank.nbytes(len(splits.train) + len(splits.val) + len(splits.test), side)
+        free, _ = torch.cuda.mem_get_info(device)
+        return needed < fraction * free
+
+    def train_batches(self, batches, epoch, start=0):
+        """See `Pipeline.train_batches`."""
+        from dml.data import random_resized_crop
+
+        index = torch.as_tensor(batches, dtype=torch.long).to(self.device)
+        total = index.shape[1] if len(batches) else 0
+        mine = local_part(total, self.dist.rank, self.dist.world_size)
+        generator = torch.Generator(device=self.device)
+        for step in range(start, len(batches)):
+            generator.manual_seed(step_seed(self.config.seed, epoch, step))
+            part = index[step, mine]
+            images = random_resized_crop(self.banks["train"].images[part], self.resolution, generator=generator,
+                                         draws=(total, mine.start))
+            yield self._layout(images), self.train_labels[part]
+
+    def _eval_images(self, name: str, start: int, stop: int) -> torch.Tensor:
+        from dml.data import center_crop
+
+        return center_crop(self.banks[name].images[start:stop], self.resolution)
+
+    @torch.no_grad()
+    def calibration_features(self):
+        """See `Pipeline.calibration_features`."""
+        was_training = self.model.training
+        self.model.eval()
+        n = min(len(self.splits.train), self.config.eval_batch_size)
+        with self._autocast():
+            features = self.model.features(self._layout(self._eval_images("train", 0, n))).float()
+        self.model.train(was_training)
+        return features
+
+    @staticmethod
+    def describe(model: EmbeddingModel, config: TrainConfig, resolution: int, device: torch.device) -> str:
+        """See `Pipeline.describe`."""
+        return (f"trunk: fine-tuning the whole {model.spec.name} at {resolution} px on {device}, images and "
+                "augmentation on the device")
 
 
 class FeaturePipeline(Pipeline):

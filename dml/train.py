@@ -45,7 +45,7 @@ from dml.report import write_report
 from dml.uncertainty import evaluate_uncertainty, kappa_is_concentration
 from dml.losses import build_loss
 from dml.models import EmbeddingModel, ModelError, build_model
-from dml.pipeline import FeaturePipeline, ImagePipeline, Pipeline
+from dml.pipeline import DeviceImagePipeline, FeaturePipeline, ImagePipeline, Pipeline
 
 USAGE_ERRORS = (ConfigError, DatasetError, ModelError)
 
@@ -118,7 +118,8 @@ def check_config(config: TrainConfig) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
     if not 0 <= config.val_fraction < 1:
         raise ConfigError(f"--val-fraction must be in [0, 1), got {config.val_fraction}")
-    choices = {"optimizer": ("adamw", "adam"), "scheduler": ("cosine", "constant"),
+    choices = {"optimizer": ("adamw", "adam"), "scheduler": ("cosine", "constant"), "amp": ("auto", "bf16", "off"),
+               "channels_last": ("auto", "on", "off"), "device_augment": ("auto", "on", "off"),
                "trunk": ("auto", "frozen", "finetune"), "selection_metric": SELECTION_METRICS}
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
@@ -330,7 +331,20 @@ class Trainer:
         except ValueError as err:  # unknown loss or option: a usage error, reported in one line
             raise ConfigError(str(err)) from None
         resolution = config.resolution or self.model.spec.resolution
-        pipeline_type = FeaturePipeline if config.trunk == "frozen" else ImagePipeline
+        cuda = self.device.type == "cuda"
+        amp = config.amp == "bf16" or (config.amp == "auto" and cuda)
+        channels_last = config.channels_last == "on" or (config.channels_last == "auto" and cuda)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if config.compile:
+            self.model.trunk.forward = torch.compile(self.model.trunk.forward)  # state-dict keys unchanged
+        if config.trunk == "frozen":
+            pipeline_type = FeaturePipeline
+        elif config.device_augment == "on" or (config.device_augment == "auto" and
+                                               DeviceImagePipeline.fits(self.splits, resolution, self.device)):
+            pipeline_type = DeviceImagePipeline
+        else:
+            pipeline_type = ImagePipeline
         s = self.splits
         self.log(f"data: {s.name}: {s.train.num_classes} train / {s.val.num_classes} val / {s.test.num_classes} test "
                  f"classes ({len(s.train)} / {len(s.val)} / {len(s.test)} images)")
@@ -343,6 +357,8 @@ class Trainer:
                      f"{part}{split_groups}")
         self.pipeline: Pipeline = pipeline_type(self.model, self.splits, config, resolution, self.device, log=self.log,
                                                 dist=dist)
+        self.pipeline.autocast_dtype = torch.bfloat16 if amp else None
+        self.pipeline.channels_last = channels_last
         self.sampler = ClassBalancedBatchSampler(self.splits.train.labels, config.batch_size, config.samples_per_class,
                                                  seed=config.seed, num_replicas=dist.world_size, rank=dist.rank)
         self.steps_per_epoch = len(self.sampler)

@@ -69,7 +69,8 @@ def _to_float(images: torch.Tensor) -> torch.Tensor:
 
 def random_resized_crop(images: torch.Tensor, size: int, *, scale: tuple[float, float] = (0.16, 1.0),
                         ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True,
-                        generator: torch.Generator | None = None) -> torch.Tensor:
+                        generator: torch.Generator | None = None,
+                        draws: tuple[int, int] | None = None) -> torch.Tensor:
     """Random-resized crops (+ horizontal flips) of a batch, as float32 ``[B, 3, size, size]`` in [0, 1].
 
     Args:
@@ -79,13 +80,18 @@ def random_resized_crop(images: torch.Tensor, size: int, *, scale: tuple[float, 
         ratio: range of the crop's aspect ratio (width / height), drawn log-uniformly.
         flip: mirror each crop with probability ½.
         generator: a generator on ``images.device`` (seeded for reproducible crops); default: the global RNG.
+        draws: ``(total, offset)``: draw the parameters of ``total`` crops and use those from ``offset`` on —
+            so a process holding part of a global batch gets the crops a single process would give
+            those images (default: ``(B, 0)``).
 
     Returns:
         Float32 tensor ``[B, 3, S, S]`` in [0, 1].
     """
     b = images.shape[0]
     device = images.device
-    u = torch.rand((4, b), generator=generator, device=device, dtype=torch.float32)
+    total, offset = draws if draws is not None else (b, 0)
+    window = slice(offset, offset + b)
+    u = torch.rand((4, total), generator=generator, device=device, dtype=torch.float32)[:, window]
     area = scale[0] + (scale[1] - scale[0]) * u[0]
     log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[1]
     aspect = torch.exp(log_r)
@@ -95,7 +101,7 @@ def random_resized_crop(images: torch.Tensor, size: int, *, scale: tuple[float, 
     cy = (u[3] * (1 - height) + height / 2) * 2 - 1
     sign = torch.ones(b, device=device)
     if flip:
-        mirror = torch.rand(b, generator=generator, device=device) < 0.5
+        mirror = torch.rand(total, generator=generator, device=device)[window] < 0.5
         sign = torch.where(mirror, -sign, sign)
     theta = torch.zeros((b, 2, 3), device=device, dtype=torch.float32)
     theta[:, 0, 0] = width * sign

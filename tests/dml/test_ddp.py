@@ -34,7 +34,14 @@ from dml.train import Trainer, main
 
 REPO = Path(__file__).resolve().parents[2]
 WORLD = 2
-CASES = [("norm_softmax", "finetune"), ("el_vmf", "finetune"), ("norm_softmax", "frozen"), ("el_vmf", "frozen")]
+CASES = [("norm_softmax", "finetune"), ("el_vmf", "finetune"), ("norm_softmax", "frozen"), ("el_vmf", "frozen"),
+         ("norm_softmax", "device")]  # "device": fine-tuning with the images and crops on the device
+
+
+def _trunk_flags(trunk: str) -> list[str]:
+    if trunk == "device":
+        return ["--trunk", "finetune", "--device-augment", "on"]
+    return ["--trunk", trunk, "--device-augment", "off"]
 
 
 def _make_folder_dataset(root, classes=16, per_class=4, size=24):
@@ -124,7 +131,7 @@ def _equivalence_worker(rank, port, data_root, out):
         assert dist.enabled and dist.world_size == WORLD and dist.rank == rank
         results = {}
         for loss, trunk in CASES:
-            config = parse_config(_args(data_root, Path(out) / f"{loss}-{trunk}", "--loss", loss, "--trunk", trunk))
+            config = parse_config(_args(data_root, Path(out) / f"{loss}-{trunk}", "--loss", loss, *_trunk_flags(trunk)))
             trainer = Trainer(config, quiet=True, dist=dist)
             metrics = trainer.evaluate("test")  # gathered embeddings, identical weights on both sides
             value = _one_step(trainer)
@@ -179,7 +186,7 @@ def test_one_ddp_step_equals_one_single_process_step(data_root, tmp_path):
     _spawn(_equivalence_worker, _free_port(), str(data_root), str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     for loss, trunk in CASES:
-        config = parse_config(_args(data_root, tmp_path / "single", "--loss", loss, "--trunk", trunk))
+        config = parse_config(_args(data_root, tmp_path / "single", "--loss", loss, *_trunk_flags(trunk)))
         single = Trainer(config, quiet=True)
         initial = {k: v.clone() for k, v in single.model.state_dict().items()}
         metrics = single.evaluate("test")

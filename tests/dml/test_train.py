@@ -239,3 +239,18 @@ def test_feature_cache_is_reused_and_gives_the_same_run(data_root, tmp_path, cap
     # another resolution is another cache entry
     assert main(_args(data_root, tmp_path / "c", *common, "--resolution", "24")) == 0
     assert len(list(cache.glob("*.pt"))) == 2
+
+
+def test_gpu_path_options_run_on_cpu(data_root, tmp_path):
+    """bf16 autocast, channels-last and the on-device image bank with batched crops (the CUDA defaults) also
+    work on a CPU; the run is finite and evaluates the same embeddings as the bank's centre crops."""
+    out = tmp_path / "run"
+    code = main(_args(data_root, out, "--loss", "el_vmf", "--trunk", "finetune", "--epochs", "1", "--amp", "bf16",
+                      "--channels-last", "on", "--device-augment", "on"))
+    assert code == 0
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert 0.0 <= final["recall@1"] <= 1.0
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert np.isfinite(history[0]["train"]["loss"])
+    with pytest.raises(ConfigError, match="--amp must be one of"):
+        train_module.check_config(parse_config(["--amp", "fp8"]))
