@@ -292,7 +292,13 @@ class DeviceImagePipeline(ImagePipeline):
     crops are clipped rather than redrawn when out of range).
 
     Args:
-        model, splits, config, resolution, device, log, dist: as for `ImagePipeline`.
+        model: the embedding model (moved to ``device`` by the caller).
+        splits: the dataset's train / val / test splits.
+        config: the run's `dml.config.TrainConfig` (``seed``, ``eval_batch_size``).
+        resolution: the crop size in pixels.
+        device: where the banks, batches and embeddings live.
+        log: receives progress lines.
+        dist: the `dml.distributed.DistContext` (default: a single process).
     """
 
     def __init__(self, model: EmbeddingModel, splits: Splits, config: TrainConfig, resolution: int, device: torch.device,
