@@ -1,0 +1,116 @@
+"""benchmarks/compare_losses.py on a tiny generated dataset: 2 losses × 2 seeds of 1 epoch, one shared
+feature cache computed once, the table equals mean ± std recomputed from the runs' final_metrics.json,
+a second invocation skips the finished runs (and resumes an interrupted one), --write-docs edits only the
+marked section."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from tests.dml.test_train import _make_folder_dataset
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "compare_losses.py"
+LOSSES = ("el_nivmf", "proxy_anchor")
+SEEDS = (0, 1)
+
+
+@pytest.fixture(scope="module")
+def compare():
+    spec = importlib.util.spec_from_file_location("compare_losses", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _argv(data_root, out, docs):
+    return ["--losses", *LOSSES, "--seeds", *map(str, SEEDS), "--dataset", "folder", "--data-root", str(data_root),
+            "--output-dir", str(out), "--epochs", "1", "--write-docs", "--docs", str(docs),
+            # passed on to dml.train
+            "--backbone", "tiny", "--weights", "none", "--embed-dim", "16", "--batch-size", "8",
+            "--eval-batch-size", "16", "--val-fraction", "0.25", "--device", "cpu"]
+
+
+def _expected(out, loss, key):
+    values = []
+    for seed in SEEDS:
+        final = json.loads((out / loss / f"seed{seed}" / "final_metrics.json").read_text())
+        if key == "auroc_kappa":
+            value = (final["uncertainty"] or {}).get("auroc_kappa")
+        elif key == "degradation_spearman":
+            value = ((final["uncertainty"] or {}).get("degradation") or {}).get("mean_spearman")
+        else:
+            value = final[key]
+        if value is not None:
+            values.append(float(value))
+    return values
+
+
+def test_compare_losses_end_to_end(compare, tmp_path, capsys):
+    data_root = _make_folder_dataset(tmp_path / "data")
+    out = tmp_path / "compare"
+    docs = tmp_path / "results.md"
+    docs.write_text(f"# Results\n\nintro\n\n{compare.BEGIN}\nold table\n{compare.END}\n\n## Other\n\nkept\n")
+
+    assert compare.main(_argv(data_root, out, docs)) == 0
+    printed = capsys.readouterr().out
+    # one shared cache: the first run computes the trunk features, the other three load them
+    assert printed.count("caching frozen-trunk features") == 1
+    assert printed.count("loading cached frozen-trunk features") == len(LOSSES) * len(SEEDS) - 1
+    assert len(list((out / "features").glob("*.pt"))) == 1
+    for loss in LOSSES:
+        for seed in SEEDS:
+            assert (out / loss / f"seed{seed}" / "final_metrics.json").is_file()
+            assert json.loads((out / loss / f"seed{seed}" / "config.json").read_text())["seed"] == seed
+
+    results = json.loads((out / "results.json").read_text())
+    table = (out / "results.md").read_text()
+    for loss in LOSSES:
+        metrics = results["losses"][loss]["metrics"]
+        for key, _ in compare.METRICS:
+            values = _expected(out, loss, key)
+            if key in ("auroc_kappa", "degradation_spearman") and loss == "proxy_anchor":
+                assert values == [] and metrics[key]["mean"] is None  # the norm is no uncertainty here
+                continue
+            assert len(values) == len(SEEDS), (loss, key)
+            assert metrics[key]["values"] == values
+            assert metrics[key]["mean"] == pytest.approx(statistics.fmean(values), abs=1e-12)
+            assert metrics[key]["std"] == pytest.approx(statistics.stdev(values), abs=1e-12)
+        row = next(line for line in table.splitlines() if line.startswith(f"| `{loss}` | 0, 1 |"))
+        r1 = _expected(out, loss, "recall@1")
+        assert f"{statistics.fmean(r1):.3f} ± {statistics.stdev(r1):.3f}" in row
+        if loss == "proxy_anchor":
+            assert row.rstrip().endswith("| — | — |")
+    text = docs.read_text()
+    assert text.startswith("# Results\n\nintro\n\n") and text.endswith("\n\n## Other\n\nkept\n")
+    assert "old table" not in text and compare.format_table(results) in text
+
+    # again: every run is skipped, nothing is retrained, the features are not recomputed
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/seed*/final_metrics.json")}
+    assert compare.main(_argv(data_root, out, docs)) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("finished before, skipped") == len(LOSSES) * len(SEEDS)
+    assert "caching frozen-trunk features" not in printed and ": training" not in printed
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert json.loads((out / "results.json").read_text())["losses"] == results["losses"]
+
+    # an interrupted run (last.pt, no final_metrics.json) is resumed, not restarted
+    (out / "proxy_anchor" / "seed1" / "final_metrics.json").unlink()
+    assert compare.main(_argv(data_root, out, docs)) == 0
+    printed = capsys.readouterr().out
+    assert "proxy_anchor/seed1: interrupted before, resuming" in printed
+    assert printed.count("finished before, skipped") == len(LOSSES) * len(SEEDS) - 1
+    assert (out / "proxy_anchor" / "seed1" / "final_metrics.json").is_file()
+
+
+def test_reserved_flags_and_markers(compare, tmp_path):
+    with pytest.raises(SystemExit):
+        compare.main(["--output-dir", str(tmp_path), "--seed", "3"])
+    with pytest.raises(ValueError):
+        compare.replace_between_markers("no markers", "x")
+    assert compare.replace_between_markers(f"a{compare.BEGIN}b{compare.END}c", "new") == \
+        f"a{compare.BEGIN}\nnew\n{compare.END}c"
