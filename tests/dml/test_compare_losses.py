@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dml.test_train import _make_folder_dataset
+from tests.dml.tiny_runs import make_folder_dataset
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "compare_losses.py"
 LOSSES = ("el_nivmf", "proxy_anchor")
@@ -51,7 +51,7 @@ def _expected(out, loss, key):
 
 
 def test_compare_losses_end_to_end(compare, tmp_path, capsys):
-    data_root = _make_folder_dataset(tmp_path / "data")
+    data_root = make_folder_dataset(tmp_path / "data")
     out = tmp_path / "compare"
     docs = tmp_path / "results.md"
     docs.write_text(f"# Results\n\nintro\n\n{compare.BEGIN}\nold table\n{compare.END}\n\n## Other\n\nkept\n")

@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from PIL import Image
 
 from dml import train as train_module
 from dml.checkpoint import load_checkpoint
@@ -31,6 +30,7 @@ from dml.config import parse_config
 from dml.distributed import DistContext, init_from_env
 from dml.pipeline import local_part
 from dml.train import Trainer, main
+from tests.dml.tiny_runs import make_folder_dataset, tiny_args
 
 REPO = Path(__file__).resolve().parents[2]
 WORLD = 2
@@ -44,33 +44,16 @@ def _trunk_flags(trunk: str) -> list[str]:
     return ["--trunk", trunk, "--device-augment", "off"]
 
 
-def _make_folder_dataset(root, classes=16, per_class=4, size=24):
-    rng = np.random.default_rng(0)
-    for c in range(classes):
-        d = root / f"class_{c:02d}"
-        d.mkdir(parents=True)
-        colour = rng.integers(0, 256, 3)
-        y0, x0 = rng.integers(0, size // 2, 2)
-        for i in range(per_class):
-            # mixed image sizes, so that the random crops of other ranks' images consume varying draws
-            img = rng.integers(0, 256, (size + i, size + 2 * i, 3)).astype(np.uint8) // 2
-            img[y0:y0 + size // 2, x0:x0 + size // 2] = colour
-            Image.fromarray(img).save(d / f"{i}.png")
-    return root
-
-
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    return _make_folder_dataset(tmp_path_factory.mktemp("ddp_data"))
+    # mixed image sizes, so that the random crops of other ranks' images consume varying draws
+    return make_folder_dataset(tmp_path_factory.mktemp("ddp_data"), mixed_sizes=True)
 
 
 def _args(data_root, out, *extra):
     # --batch-size is the global batch: 2 processes x 4 images; 5 evaluation images per batch deal an
     # uneven number of evaluation batches to the two processes
-    return ["--output-dir", str(out), "--dataset", "folder", "--data-root", str(data_root), "--backbone", "tiny",
-            "--weights", "none", "--embed-dim", "16", "--batch-size", "8", "--samples-per-class", "2",
-            "--device", "cpu", "--seed", "3", "--eval-batch-size", "5", "--val-fraction", "0.25",
-            "--feature-views", "2", *extra]
+    return tiny_args(data_root, out, "--feature-views", "2", *extra, eval_batch_size=5)
 
 
 def _free_port() -> int:

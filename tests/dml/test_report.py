@@ -15,30 +15,11 @@ from dml.data import Split
 from dml.report import PLOT_NAMES, write_report
 from dml.train import main as train_main
 from dml.uncertainty import degradation_test, per_query_uncertainty, uncertainty_metrics
+from tests.dml.tiny_runs import make_folder_dataset
+from tests.dml.tiny_runs import tiny_args as _args
 
 KAPPA_PLOTS = ("kappa_histogram.png", "rejection_curve.png", "kappa_vs_degradation.png", "degradation_examples.png",
                "confident_images.png")
-
-
-def _make_folder_dataset(root, classes=16, per_class=4, size=24):
-    """As tests/dml/test_train.py: class c is a coloured square at a class-specific position on noise."""
-    rng = np.random.default_rng(0)
-    for c in range(classes):
-        d = root / f"class_{c:02d}"
-        d.mkdir(parents=True)
-        colour = rng.integers(0, 256, 3)
-        y0, x0 = rng.integers(0, size // 2, 2)
-        for i in range(per_class):
-            img = rng.integers(0, 256, (size, size, 3)).astype(np.uint8) // 2
-            img[y0:y0 + size // 2, x0:x0 + size // 2] = colour
-            Image.fromarray(img).save(d / f"{i}.png")
-    return root
-
-
-def _args(data_root, out, *extra):
-    return ["--output-dir", str(out), "--dataset", "folder", "--data-root", str(data_root), "--backbone", "tiny",
-            "--weights", "none", "--embed-dim", "16", "--batch-size", "8", "--samples-per-class", "2",
-            "--device", "cpu", "--seed", "3", "--eval-batch-size", "16", "--val-fraction", "0.25", *extra]
 
 
 def _assert_png(path):
@@ -144,7 +125,7 @@ def test_write_report_uncertainty_without_per_query(fake_run):
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    return _make_folder_dataset(tmp_path_factory.mktemp("evaldata"))
+    return make_folder_dataset(tmp_path_factory.mktemp("evaldata"))
 
 
 @pytest.fixture(scope="module")

@@ -8,38 +8,18 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from dml import train as train_module
 from dml.checkpoint import load_checkpoint
 from dml.config import ConfigError, parse_config
 from dml.train import main
-
-
-def _make_folder_dataset(root, classes=16, per_class=4, size=24):
-    """Class c: a coloured square at a class-specific position on noise (learnable, not trivial)."""
-    rng = np.random.default_rng(0)
-    for c in range(classes):
-        d = root / f"class_{c:02d}"
-        d.mkdir(parents=True)
-        colour = rng.integers(0, 256, 3)
-        y0, x0 = rng.integers(0, size // 2, 2)
-        for i in range(per_class):
-            img = rng.integers(0, 256, (size, size, 3)).astype(np.uint8) // 2
-            img[y0:y0 + size // 2, x0:x0 + size // 2] = colour
-            Image.fromarray(img).save(d / f"{i}.png")
-    return root
+from tests.dml.tiny_runs import make_folder_dataset
+from tests.dml.tiny_runs import tiny_args as _args
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    return _make_folder_dataset(tmp_path_factory.mktemp("tinydata"))
-
-
-def _args(data_root, out, *extra):
-    return ["--output-dir", str(out), "--dataset", "folder", "--data-root", str(data_root), "--backbone", "tiny",
-            "--weights", "none", "--embed-dim", "16", "--batch-size", "8", "--samples-per-class", "2",
-            "--device", "cpu", "--seed", "3", "--eval-batch-size", "16", "--val-fraction", "0.25", *extra]
+    return make_folder_dataset(tmp_path_factory.mktemp("tinydata"))
 
 
 @pytest.mark.parametrize("loss,trunk", [("el_nivmf", "finetune"), ("proxy_anchor", "frozen")])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -21,31 +20,13 @@ from dml.data import load_splits
 from dml.losses import build_loss
 from dml.pipeline import FeaturePipeline
 from dml.train import main
-
-
-def _make_folder_dataset(root, classes=16, per_class=4, size=24):
-    rng = np.random.default_rng(0)
-    for c in range(classes):
-        d = root / f"class_{c:02d}"
-        d.mkdir(parents=True)
-        colour = rng.integers(0, 256, 3)
-        y0, x0 = rng.integers(0, size // 2, 2)
-        for i in range(per_class):
-            img = rng.integers(0, 256, (size, size, 3)).astype(np.uint8) // 2
-            img[y0:y0 + size // 2, x0:x0 + size // 2] = colour
-            Image.fromarray(img).save(d / f"{i}.png")
-    return root
+from tests.dml.tiny_runs import make_folder_dataset
+from tests.dml.tiny_runs import tiny_args as _args
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    return _make_folder_dataset(tmp_path_factory.mktemp("review_data"))
-
-
-def _args(data_root, out, *extra):
-    return ["--output-dir", str(out), "--dataset", "folder", "--data-root", str(data_root), "--backbone", "tiny",
-            "--weights", "none", "--embed-dim", "16", "--batch-size", "8", "--samples-per-class", "2",
-            "--device", "cpu", "--seed", "3", "--eval-batch-size", "16", "--val-fraction", "0.25", *extra]
+    return make_folder_dataset(tmp_path_factory.mktemp("review_data"))
 
 
 def _assert_one_line_usage_error(code, err):
@@ -100,7 +81,7 @@ def test_bad_numeric_flags_are_one_line_errors(data_root, tmp_path, capsys, flag
 
 def test_split_without_any_query_is_a_one_line_error(tmp_path, capsys):
     # one image per class: no test query has a relevant item; evaluation raises a bare ValueError
-    root = _make_folder_dataset(tmp_path / "singletons", classes=12, per_class=1)
+    root = make_folder_dataset(tmp_path / "singletons", classes=12, per_class=1)
     code = main(_args(root, tmp_path / "run", "--loss", "cosine", "--trunk", "frozen", "--epochs", "1"))
     _assert_one_line_usage_error(code, capsys.readouterr().err)
 

@@ -1,0 +1,35 @@
+"""The tiny training set-up shared by the trainer tests: a generated folder dataset and the flags of a
+seconds-long `python -m dml.train` run with the tiny backbone on the CPU."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+
+def make_folder_dataset(root, classes=16, per_class=4, size=24, *, mixed_sizes=False):
+    """Class c: a coloured square at a class-specific position on noise (learnable, not trivial).
+
+    ``mixed_sizes``: image i of a class is ``(size + i) × (size + 2i)`` instead of square, so that random
+    crops of different images consume different numbers of draws.
+    """
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        d = root / f"class_{c:02d}"
+        d.mkdir(parents=True)
+        colour = rng.integers(0, 256, 3)
+        y0, x0 = rng.integers(0, size // 2, 2)
+        for i in range(per_class):
+            shape = (size + i, size + 2 * i, 3) if mixed_sizes else (size, size, 3)
+            img = rng.integers(0, 256, shape).astype(np.uint8) // 2
+            img[y0:y0 + size // 2, x0:x0 + size // 2] = colour
+            Image.fromarray(img).save(d / f"{i}.png")
+    return root
+
+
+def tiny_args(data_root, out, *extra, eval_batch_size=16):
+    """Flags of a tiny run: folder data, tiny backbone, 16-d embedding, batches of 8 (2 per class), CPU, seed 3."""
+    return ["--output-dir", str(out), "--dataset", "folder", "--data-root", str(data_root), "--backbone", "tiny",
+            "--weights", "none", "--embed-dim", "16", "--batch-size", "8", "--samples-per-class", "2",
+            "--device", "cpu", "--seed", "3", "--eval-batch-size", str(eval_batch_size), "--val-fraction", "0.25",
+            *extra]
