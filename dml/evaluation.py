@@ -35,7 +35,7 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -109,6 +109,47 @@ def _accumulator_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
 
 
+def _queries(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """R per item (the number of other items of its class) and the indices of the queries (R ≥ 1).
+
+    Raises:
+        ValueError: if no item has R ≥ 1.
+    """
+    _, inverse, counts = torch.unique(y, return_inverse=True, return_counts=True)
+    r_all = counts[inverse] - 1
+    queries = torch.nonzero(r_all > 0).squeeze(1)  # host sync (sizes the loops)
+    if queries.numel() == 0:
+        raise ValueError("labels: no class has two or more items, so no query has a relevant item (R = 0 for all)")
+    return r_all, queries
+
+
+def _ranked_chunks(
+    scores_of: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor, queries: torch.Tensor, top: int, chunk_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Leave-one-out retrieval of the queries in chunks: ``(q, nearest, rel)`` per chunk.
+
+    ``scores_of(q)`` gives the ``[c, N]`` similarities of queries ``q`` to every item (higher is nearer);
+    ``nearest`` is the ``[c, top]`` indices of the ``top`` nearest other items in order, ``rel`` whether
+    each has the query's class. Never more than ``chunk_size × N`` scores at once.
+    """
+    for start in range(0, queries.numel(), chunk_size):
+        q = queries[start : start + chunk_size]
+        scores = scores_of(q)
+        scores.scatter_(1, q.unsqueeze(1), -math.inf)  # leave-one-out: never retrieve the query
+        nearest = scores.topk(top, dim=1).indices
+        del scores
+        yield q, nearest, y[nearest] == y[q].unsqueeze(1)
+
+
+def _average_precision_at_r(rel: torch.Tensor, rq: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    r"""AP@R per query: $\frac1R\sum_{i \le R} P(i)\,\mathrm{rel}(i)$ from ``rel`` [c, top] (ranks in order)."""
+    ranks = torch.arange(1, rel.shape[1] + 1, device=rel.device)
+    rel_f = rel.to(acc)
+    precision_at = rel_f.cumsum(dim=1) / ranks.to(acc)
+    within_r = ranks.unsqueeze(0) <= rq.unsqueeze(1)  # ranks 1..R
+    return (precision_at * rel_f * within_r).sum(dim=1) / rq.to(acc)
+
+
 def _retrieval(
     embeddings: torch.Tensor, labels: torch.Tensor, ks: Sequence[int], chunk_size: int
 ) -> tuple[dict[str, float], int]:
@@ -120,12 +161,8 @@ def _retrieval(
     chunk_size = _check_positive_int(chunk_size, "chunk_size")
     device, acc = x.device, _accumulator_dtype(x.device)
 
-    _, inverse, counts = torch.unique(y, return_inverse=True, return_counts=True)
-    r_all = counts[inverse] - 1  # R per item: the other items of its class
-    queries = torch.nonzero(r_all > 0).squeeze(1)  # host sync (sizes the loop)
+    r_all, queries = _queries(y)
     num_queries = int(queries.numel())
-    if num_queries == 0:
-        raise ValueError("labels: no class has two or more items, so no query has a relevant item (R = 0 for all)")
     r_max = int(r_all.max())  # host sync (sizes topk)
     top = min(max(max(ks), r_max), n - 1)  # ≥ every R; never more than the N − 1 other items
 
@@ -135,33 +172,23 @@ def _retrieval(
     centred = x - x.mean(dim=0)
     centred = centred / centred.norm(dim=1).max().clamp_min(torch.finfo(x.dtype).tiny)
     neg_sq_norm = centred.square().sum(dim=1).neg().unsqueeze(0)
+    score_fns = {
+        "": lambda q: unit[q] @ unit.T,
+        "_euclidean": lambda q: torch.addmm(neg_sq_norm, centred[q], centred.T, alpha=2.0),
+    }
 
     ranks = torch.arange(1, top + 1, device=device)
-    ranks_f = ranks.to(acc)
-    totals = {"": torch.zeros(len(ks) + 2, dtype=acc, device=device)}
-    totals["_euclidean"] = torch.zeros_like(totals[""])
-
-    for start in range(0, num_queries, chunk_size):
-        q = queries[start : start + chunk_size]
-        yq = y[q].unsqueeze(1)
-        rq = r_all[q]
-        within_r = ranks.unsqueeze(0) <= rq.unsqueeze(1)  # [c, top]: ranks 1..R
-        for suffix in ("", "_euclidean"):  # one [c, N] block at a time
-            if suffix:
-                scores = torch.addmm(neg_sq_norm, centred[q], centred.T, alpha=2.0)
-            else:
-                scores = unit[q] @ unit.T
-            scores.scatter_(1, q.unsqueeze(1), -math.inf)  # leave-one-out: never retrieve the query
-            nearest = scores.topk(top, dim=1).indices
-            del scores
-            rel = y[nearest] == yq  # [c, top], ranks in order
-            rel_f = rel.to(acc)
+    totals = {}
+    for suffix, scores_of in score_fns.items():  # one [c, N] block at a time
+        total = torch.zeros(len(ks) + 2, dtype=acc, device=device)
+        for q, _, rel in _ranked_chunks(scores_of, y, queries, top, chunk_size):
+            rq = r_all[q]
             recalls = [rel[:, :k].any(dim=1).to(acc).sum() for k in ks]
-            hits_in_r = (rel_f * within_r).sum(dim=1)
-            precision_at = rel_f.cumsum(dim=1) / ranks_f
-            map_r = (precision_at * rel_f * within_r).sum(dim=1) / rq.to(acc)
+            hits_in_r = (rel.to(acc) * (ranks.unsqueeze(0) <= rq.unsqueeze(1))).sum(dim=1)
+            map_r = _average_precision_at_r(rel, rq, acc)
             r_precision = hits_in_r / rq.to(acc)
-            totals[suffix] += torch.stack([*recalls, map_r.sum(), r_precision.sum()])
+            total += torch.stack([*recalls, map_r.sum(), r_precision.sum()])
+        totals[suffix] = total
 
     values = torch.cat([totals[""], totals["_euclidean"]]).cpu().tolist()  # the one sync at the end
     names = [f"recall@{k}" for k in ks] + ["map@r", "r_precision"]

@@ -45,6 +45,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dml.evaluation import _accumulator_dtype, _average_precision_at_r, _queries, _ranked_chunks
+
 __all__ = [
     "DEFAULT_REJECTION_FRACTIONS",
     "DEFAULT_LEVELS",
@@ -79,10 +81,6 @@ OCCLUDE_FILL = 0.5
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
-def _acc_dtype(device: torch.device) -> torch.dtype:
-    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-
-
 def _none_if_nan(value: float) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
@@ -109,7 +107,7 @@ def average_ranks(x: torch.Tensor) -> torch.Tensor:
     """
     if x.dim() != 1:
         raise ValueError(f"average_ranks expects a 1-D tensor, got shape {tuple(x.shape)}")
-    acc = _acc_dtype(x.device)
+    acc = _accumulator_dtype(x.device)
     if x.numel() == 0:
         return torch.zeros(0, dtype=acc, device=x.device)
     sorted_x, order = torch.sort(x, stable=True)
@@ -123,7 +121,7 @@ def average_ranks(x: torch.Tensor) -> torch.Tensor:
 
 def _auroc_tensor(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
     """AUROC as a 0-dim tensor (NaN when one class is empty); no host synchronisation."""
-    acc = _acc_dtype(scores.device)
+    acc = _accumulator_dtype(scores.device)
     ranks = average_ranks(scores)
     pos = positive.to(acc)
     n_pos = pos.sum()
@@ -299,29 +297,17 @@ def _check_fractions(fractions: object) -> tuple[float, ...]:
 
 
 def _per_query_tensors(x: torch.Tensor, y: torch.Tensor, chunk_size: int) -> dict[str, torch.Tensor]:
-    """κ of all items; query indices, 1-NN correctness, 1-NN index and AP@R per query (on the device)."""
-    n = x.shape[0]
-    acc = _acc_dtype(x.device)
-    _, inverse, counts = torch.unique(y, return_inverse=True, return_counts=True)
-    r_all = counts[inverse] - 1  # R per item: the other items of its class
-    queries = torch.nonzero(r_all > 0).squeeze(1)  # host sync (sizes the loop)
-    if queries.numel() == 0:
-        raise ValueError("labels: no class has two or more items, so no query has a relevant item (R = 0 for all)")
-    top = min(int(r_all.max()), n - 1)  # host sync (sizes topk); ≥ 1
+    """κ of all items; query indices, 1-NN correctness, 1-NN index and AP@R per query (on the device).
+
+    The leave-one-out cosine retrieval of `dml.evaluation` (same queries, ranking and AP@R), kept per query.
+    """
+    acc = _accumulator_dtype(x.device)
+    r_all, queries = _queries(y)
+    top = min(int(r_all.max()), x.shape[0] - 1)  # host sync (sizes topk); ≥ 1
     unit = F.normalize(x, dim=1)
-    ranks = torch.arange(1, top + 1, device=x.device)
     correct, nearest_all, ap = [], [], []
-    for start in range(0, queries.numel(), chunk_size):
-        q = queries[start : start + chunk_size]
-        scores = unit[q] @ unit.T  # [c, N]: never more than chunk_size × N at once
-        scores.scatter_(1, q.unsqueeze(1), -math.inf)  # leave-one-out
-        nearest = scores.topk(top, dim=1).indices
-        del scores
-        rel = y[nearest] == y[q].unsqueeze(1)  # [c, top], ranks in order
-        rq = r_all[q]
-        rel_f = rel.to(acc) * (ranks.unsqueeze(0) <= rq.unsqueeze(1))  # relevant items within ranks 1..R
-        precision_at = rel.to(acc).cumsum(dim=1) / ranks.to(acc)
-        ap.append((precision_at * rel_f).sum(dim=1) / rq.to(acc))
+    for q, nearest, rel in _ranked_chunks(lambda q: unit[q] @ unit.T, y, queries, top, chunk_size):
+        ap.append(_average_precision_at_r(rel, r_all[q], acc))
         correct.append(rel[:, 0])
         nearest_all.append(nearest[:, 0])
     return {
@@ -372,7 +358,7 @@ def _uncertainty(
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     t = _per_query_tensors(x, y, chunk_size)
-    acc = _acc_dtype(x.device)
+    acc = _accumulator_dtype(x.device)
     kappa_all = t["kappa"]
     kappa_q = kappa_all[t["query_index"]]
     correct = t["correct"]
@@ -665,7 +651,7 @@ def degrade(kind: str, images: torch.Tensor, strength: float, generator: torch.G
 
 def _columnwise_average_ranks(x: torch.Tensor) -> torch.Tensor:
     """Average ranks along dim 0 of an ``[L, M]`` tensor (exact ties), by pairwise comparison (small L)."""
-    acc = _acc_dtype(x.device)
+    acc = _accumulator_dtype(x.device)
     less = (x.unsqueeze(1) < x.unsqueeze(0)).to(acc).sum(dim=1)  # [L, M]: #{j: x_j < x_i}
     equal = (x.unsqueeze(1) == x.unsqueeze(0)).to(acc).sum(dim=1)  # includes i itself
     return less + (equal + 1) / 2
@@ -757,7 +743,7 @@ def degradation_test(
         return torch.cat(out)
 
     clean = kappas(None, 0.0) if 0.0 in levels else None
-    acc = _acc_dtype(images.device)
+    acc = _accumulator_dtype(images.device)
     per_kind: dict[str, torch.Tensor] = {}
     stats = []
     strengths = torch.tensor(levels, dtype=acc, device=images.device)
