@@ -27,7 +27,7 @@ import torch
 
 from dml.checkpoint import atomic_write_json, load_checkpoint
 from dml.config import ConfigError, TrainConfig, config_from_dict
-from dml.data import DatasetError, EvalTransform, ImageDataset, Split, load_splits
+from dml.data import DatasetError, EvalTransform, ImageDataset, Split, eval_resize, load_splits
 from dml.evaluation import evaluate_embeddings
 from dml.models import EmbeddingModel, ModelError, build_model
 from dml.report import write_report
@@ -147,7 +147,7 @@ def embed_split(model: EmbeddingModel, split: Split, resolution: int, device: to
         DatasetError: if an image cannot be decoded.
     """
     model.eval()
-    dataset = ImageDataset(split, EvalTransform(resolution), max_side=round(resolution * 256 / 224), cache=False)
+    dataset = ImageDataset(split, EvalTransform(resolution), max_side=eval_resize(resolution), cache=False)
     chunks = []
     for start in range(0, len(dataset), batch_size):
         images = torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))])

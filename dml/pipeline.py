@@ -18,7 +18,17 @@ from typing import TYPE_CHECKING
 import torch
 
 from dml.checkpoint import save_checkpoint
-from dml.data import EvalTransform, ImageDataset, Split, Splits, TrainTransform
+from dml.data import (
+    DeviceImageBank,
+    EvalTransform,
+    ImageDataset,
+    Split,
+    Splits,
+    TrainTransform,
+    center_crop,
+    eval_resize,
+    random_resized_crop,
+)
 from dml.distributed import DistContext
 from dml.models import EmbeddingModel
 
@@ -196,7 +206,7 @@ class ImagePipeline(Pipeline):
         self.dist = dist or DistContext()
         self._sizes: dict[int, tuple[int, int]] = {}  # training image sizes seen (DDP: to skip others' draws)
         self.resolution = resolution
-        max_side = round(resolution * 256 / 224)  # the eval resize; random crops come from the same image
+        max_side = eval_resize(resolution)  # the eval resize; random crops come from the same image
         self.train_set = ImageDataset(splits.train, None, max_side=max_side)
         self.eval_sets = {name: ImageDataset(getattr(splits, name), EvalTransform(resolution), max_side=max_side)
                           for name in ("val", "test")}
@@ -303,12 +313,10 @@ class DeviceImagePipeline(ImagePipeline):
 
     def __init__(self, model: EmbeddingModel, splits: Splits, config: TrainConfig, resolution: int, device: torch.device,
                  log: Callable[[str], None] = print, dist: DistContext | None = None):
-        from dml.data import DeviceImageBank
-
         self.model, self.splits, self.config, self.device = model, splits, config, device
         self.dist = dist or DistContext()
         self.resolution = resolution
-        side = round(resolution * 256 / 224)
+        side = eval_resize(resolution)
         log(f"decoding {len(splits.train) + len(splits.val) + len(splits.test)} images into uint8 banks on {device} "
             f"({side} px)")
         self.banks = {name: DeviceImageBank(getattr(splits, name), side, device) for name in ("train", "val", "test")}
@@ -317,19 +325,15 @@ class DeviceImagePipeline(ImagePipeline):
     @staticmethod
     def fits(splits: Splits, resolution: int, device: torch.device, fraction: float = 0.4) -> bool:
         """Whether the three banks take less than ``fraction`` of the free memory of CUDA ``device``."""
-        from dml.data import DeviceImageBank
-
         if device.type != "cuda":
             return False
-        side = round(resolution * 256 / 224)
+        side = eval_resize(resolution)
         needed = DeviceImageBank.nbytes(len(splits.train) + len(splits.val) + len(splits.test), side)
         free, _ = torch.cuda.mem_get_info(device)
         return needed < fraction * free
 
     def train_batches(self, batches, epoch, start=0):
         """See `Pipeline.train_batches`."""
-        from dml.data import random_resized_crop
-
         index = torch.as_tensor(batches, dtype=torch.long).to(self.device)
         total = index.shape[1] if len(batches) else 0
         mine = local_part(total, self.dist.rank, self.dist.world_size)
@@ -342,8 +346,6 @@ class DeviceImagePipeline(ImagePipeline):
             yield self._layout(images), self.train_labels[part]
 
     def _eval_images(self, name: str, start: int, stop: int) -> torch.Tensor:
-        from dml.data import center_crop
-
         return center_crop(self.banks[name].images[start:stop], self.resolution)
 
     @torch.no_grad()
@@ -393,7 +395,7 @@ class FeaturePipeline(Pipeline):
         self.dist = dist or DistContext()
         self.resolution = resolution
         self.views = max(1, int(config.feature_views))
-        max_side = round(resolution * 256 / 224)
+        max_side = eval_resize(resolution)
         generator = torch.Generator().manual_seed(10_007 * config.seed + 1)
         train_transform = TrainTransform(resolution, generator=generator)
         eval_transform = EvalTransform(resolution)

@@ -196,9 +196,9 @@ def _plot_degradation(degradation: dict, path: Path) -> None:
 
 
 def _eval_image(path: str, resolution: int) -> torch.Tensor:
-    from dml.data import EvalTransform, decode_image
+    from dml.data import EvalTransform, decode_image, eval_resize
 
-    return EvalTransform(resolution)(decode_image(path, max_side=round(resolution * 256 / 224)))
+    return EvalTransform(resolution)(decode_image(path, max_side=eval_resize(resolution)))
 
 
 def _show(ax, image: torch.Tensor) -> None:

@@ -855,7 +855,7 @@ def evaluate_uncertainty(
             embeddings differ in length.
         dml.data.DatasetError: if a test image cannot be decoded.
     """
-    from dml.data import EvalTransform, ImageDataset
+    from dml.data import EvalTransform, ImageDataset, eval_resize
 
     if len(test_split) != test_embeddings.shape[0]:
         raise ValueError(f"test_split has {len(test_split)} images but test_embeddings {test_embeddings.shape[0]} rows")
@@ -866,7 +866,7 @@ def evaluate_uncertainty(
     if count == 0:
         return metrics, details
     index = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))[:count].sort().values
-    dataset = ImageDataset(test_split, EvalTransform(resolution), max_side=round(resolution * 256 / 224), cache=False)
+    dataset = ImageDataset(test_split, EvalTransform(resolution), max_side=eval_resize(resolution), cache=False)
     images = torch.stack([dataset[i][0] for i in index.tolist()]).to(device)
     was_training = model.training
     model.eval()

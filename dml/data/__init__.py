@@ -5,7 +5,7 @@ from .device_augment import DeviceImageBank, center_crop, random_resized_crop
 from .datasets import DATASETS, DatasetError, Split, Splits, default_emoji_root, load_splits
 from .images import ImageDataset, decode_image
 from .sampler import ClassBalancedBatchSampler
-from .transforms import EvalTransform, TrainTransform
+from .transforms import EvalTransform, TrainTransform, eval_resize
 
 __all__ = [
     "DATASETS",
@@ -20,6 +20,7 @@ __all__ = [
     "center_crop",
     "decode_image",
     "default_emoji_root",
+    "eval_resize",
     "load_splits",
     "random_resized_crop",
 ]

@@ -134,6 +134,12 @@ class TrainTransform:
         return f"TrainTransform(size={self.size}, scale={self.scale}, ratio={self.ratio}, flip={self.flip})"
 
 
+def eval_resize(size: int) -> int:
+    """The shorter side images are resized to before a central ``size × size`` crop: ``round(size · 256/224)``
+    (the usual ImageNet ratio; 256 for 224-pixel crops). Also the side images are decoded and stored at."""
+    return round(size * 256 / 224)
+
+
 class EvalTransform:
     """Resize the shorter side to ``resize``, then take the central ``size × size`` crop.
 
@@ -148,7 +154,7 @@ class EvalTransform:
 
     def __init__(self, size: int, resize: int | None = None) -> None:
         self.size = _check_size("size", size)
-        self.resize = round(size * 256 / 224) if resize is None else _check_size("resize", resize)
+        self.resize = eval_resize(size) if resize is None else _check_size("resize", resize)
         if self.resize < self.size:
             raise ValueError(f"resize must be >= size ({self.size}), got {self.resize}")
 
