@@ -67,6 +67,11 @@ class BesselParts(NamedTuple):
     complement: torch.Tensor | None = None  # 1 − I_{ν+1}(x)/I_ν(x)
 
 
+def _log1p_nonnegative(x: torch.Tensor) -> torch.Tensor:
+    """log(1 + x) for float64 x ≥ 0 up to the largest float: torch < 2.5's log1p returns inf above ~1e307."""
+    return torch.where(x < 1e300, torch.log1p(x), torch.log(x))  # log1p(x) = log x + O(1e-300) there
+
+
 def _uniform_expansion(order: float | torch.Tensor, x: torch.Tensor, with_derivative: bool, with_complement: bool):
     """`BesselParts` by the uniform expansion, for orders μ ≥ MIN_ORDER.
 
@@ -86,9 +91,11 @@ def _uniform_expansion(order: float | torch.Tensor, x: torch.Tensor, with_deriva
     t = torch.reciprocal(s)
     u = _horner(u_coeffs, t)
     w = _horner(w_coeffs, t)
-    # μ (s − z − log(1+s) − log μ) − ½ log μ − ½ log 2π − ½ log s + log U, with s − z = 1/(s + z)
-    log_i = torch.log1p(s).neg_().add_(torch.reciprocal(s + z)).sub_(log_order).mul_(order)
-    log_i.sub_(torch.log(s).mul_(0.5)).add_(torch.log(u)).sub_(0.5 * log_order + _HALF_LOG_2PI)
+    # μ (s − z − log(1+s) − log μ) − ½ log μ − ½ log 2π − ½ log s + log U, with s − z = 1/(s + z) and
+    # log(1+s) = log s + log1p(t) (torch < 2.5's float64 log1p returns inf above ~1e307)
+    log_s = torch.log(s)
+    log_i = torch.log1p(t).add_(log_s).neg_().add_(torch.reciprocal(s + z)).sub_(log_order).mul_(order)
+    log_i.sub_(log_s.mul_(0.5)).add_(torch.log(u)).sub_(0.5 * log_order + _HALF_LOG_2PI)
     g = torch.div(w, u).add_(torch.reciprocal(t + 1.0))  # 1/(1+t) + W/U
     rho = torch.mul(t, g).div_(order)
     deriv = None
@@ -156,7 +163,7 @@ def log_iv_ratio_core(order, x: torch.Tensor, with_derivative: bool = False, wit
                     deriv = new_deriv
                 if with_complement:
                     complement = new_complement
-        log_i = log_i - torch.log(scaled_product) + lift * torch.log1p(finite_x)
+        log_i = log_i - torch.log(scaled_product) + lift * _log1p_nonnegative(finite_x)
 
     log_i = torch.where(inf_x, torch.full_like(log_i, -math.inf), log_i)
     rho = torch.where(inf_x, torch.zeros_like(rho), rho)
