@@ -134,9 +134,12 @@ def sample_one_minus_w(dim: int, kappa: torch.Tensor) -> torch.Tensor:
 
 
 @lru_cache(maxsize=None)
-def _gauss_legendre(n: int) -> tuple[np.ndarray, np.ndarray]:
+def _gauss_legendre(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """n-point Gauss-Legendre nodes and weights on [0, 1] (float64), cached per device: the training
+    step's backward then never copies them from the host (a copy that would wait for the GPU)."""
     nodes, weights = np.polynomial.legendre.leggauss(n)
-    return (nodes + 1.0) / 2.0, weights / 2.0  # on [0, 1]
+    return (torch.as_tensor((nodes + 1.0) / 2.0, dtype=torch.float64, device=device),
+            torch.as_tensor(weights / 2.0, dtype=torch.float64, device=device))
 
 
 def d_one_minus_w_d_kappa(dim: int, kappa: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -158,9 +161,7 @@ def d_one_minus_w_d_kappa(dim: int, kappa: torch.Tensor, y: torch.Tensor) -> tor
     lo = torch.clamp(torch.minimum(theta, mode) - _WINDOW_SDS * sd, min=0.0)
     lo = torch.minimum(lo, hi)
 
-    nodes, weights = _gauss_legendre(_QUADRATURE_NODES)
-    nodes = torch.as_tensor(nodes, dtype=torch.float64, device=y.device)
-    weights = torch.as_tensor(weights, dtype=torch.float64, device=y.device)
+    nodes, weights = _gauss_legendre(_QUADRATURE_NODES, y.device)
     width = (hi - lo).unsqueeze(-1)
     phi = lo.unsqueeze(-1) + width * nodes
     half_chord = 2.0 * torch.sin(0.5 * phi) ** 2  # 1 − cos φ without cancellation

@@ -126,6 +126,14 @@ def _order_on(v, x: torch.Tensor):
     return v.to(x.device) if isinstance(v, torch.Tensor) else v
 
 
+def _order_tensor(v, like: torch.Tensor) -> torch.Tensor:
+    """The order as a tensor of ``like``'s dtype and device; a Python number is filled in on the device
+    (``torch.as_tensor(float, device=cuda)`` would copy from the host and wait for the GPU)."""
+    if isinstance(v, torch.Tensor):
+        return v.to(dtype=like.dtype, device=like.device)
+    return torch.full((), float(v), dtype=like.dtype, device=like.device)
+
+
 # --------------------------------------------------------------------------------------------------
 # autograd functions (float64 inside, the input's dtype outside)
 
@@ -150,7 +158,7 @@ class _LogBesselIv(torch.autograd.Function):
         x64 = x.to(torch.float64)
         order = _order_on(v, x64)
         log_scaled, rho, _, _ = log_iv_ratio_core(order, x64)
-        order64 = torch.as_tensor(order, dtype=torch.float64, device=x64.device)
+        order64 = _order_tensor(order, x64)
         # For x ≤ 1, log I_v(x) − v log(x/2) + log Γ(v+1) = log 0F1(; v+1; x²/4) by its series, so that
         # log I_0(x) ≈ x²/4 keeps relative precision as x → 0 (the general path is exact only in
         # absolute terms, ~1e-14, there).
@@ -172,7 +180,7 @@ class _LogBesselIv(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph: recompute the ratio differentiably
             ratio = bessel_iv_ratio(order, x, validate_args=False)
         # d/dx log I_v(x) = I_{v+1}/I_v + v/x; v/x is taken as 0 when v = 0 (including at x = 0).
-        order_t = torch.as_tensor(order, dtype=x.dtype, device=x.device)
+        order_t = _order_tensor(order, x)
         v_over_x = order_t / torch.where(order_t == 0, torch.ones_like(x), x)
         return grad * (ratio + v_over_x), None
 
@@ -220,7 +228,7 @@ class _RatioDerivative(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         order = ctx.order
         x64 = x.to(torch.float64)
-        scale = torch.sqrt(2.0 * torch.as_tensor(order, dtype=torch.float64, device=x.device) + 2.0)
+        scale = torch.sqrt(2.0 * _order_tensor(order, x64) + 2.0)
         h = 2e-3 * torch.maximum(x64, scale)
 
         def central(step):

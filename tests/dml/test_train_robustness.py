@@ -17,7 +17,7 @@ from dml import train as train_module
 from dml.checkpoint import load_checkpoint
 from dml.config import parse_config
 from dml.data import load_splits
-from dml.losses import build_loss
+from dml.losses import LOSSES, build_loss
 from dml.pipeline import FeaturePipeline
 from dml.train import main
 from tests.dml.tiny_runs import make_folder_dataset
@@ -201,7 +201,7 @@ def test_interrupt_before_first_checkpoint_gives_working_advice(data_root, tmp_p
 #    `bool(T > 0)` on every forward; the trainer never turns the switch off for its loop.
 
 
-@pytest.mark.parametrize("name", ["proxy_anchor", "el_vmf"])
+@pytest.mark.parametrize("name", sorted(LOSSES))
 def test_loss_forward_has_no_host_sync_under_default_settings(name, monkeypatch):
     from dml.train import _validation
 
@@ -224,7 +224,10 @@ def test_loss_forward_has_no_host_sync_under_default_settings(name, monkeypatch)
     # around the training loop (dml.train._validation), and then a step must not synchronise.
     with _validation(False):
         loss(emb, labels).backward()
-    assert syncs["n"] == 0, f"{syncs['n']} host synchronisation(s) in one {name} forward/backward"
+    # el_nivmf samples: its rejection sampler asks once whether every row was accepted (and, if not, where
+    # the rejected rows are); the other losses are closed-form and never synchronise.
+    allowed = 2 if name == "el_nivmf" else 0
+    assert syncs["n"] <= allowed, f"{syncs['n']} host synchronisation(s) in one {name} forward/backward"
 
 
 # ------------------------------------------------------------------------------------------------
