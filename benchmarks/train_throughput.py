@@ -27,7 +27,7 @@ Measured per cell (backbone, p, C, loss):
 * share = loss ms / step ms; img/s = batch / step ms;
 * syncs/step (CUDA): host synchronisations counted in one warm-up step with
   ``torch.cuda.set_sync_debug_mode("warn")`` (e.g. a rejection sampler's ``bool(done.all())``);
-* peak mem (CUDA): ``torch.cuda.max_memory_allocated`` over the cell's steps (model, AdamW state,
+* peak mem (CUDA): ``torch.cuda.max_memory_allocated`` over the cell's timed steps (model, AdamW state,
   activations, loss); loss mem: the peak of the loss alone above what was allocated before it.
 
 Anchor, per (p, C): the paper's loss as its reference code computes it (Kirchhof et al., ECCV 2022;
@@ -296,6 +296,7 @@ def run_cell(model, images_u8, labels, loss_name, num_classes, dim, args, clock,
     for _ in range(max(args.warmup - 1, 0)):
         step()
     syncs = clock.count_syncs(step)  # the last warm-up step
+    clock.reset_peak()  # the peak of the timed steps, without cuDNN's autotuning workspaces of the warm-up
     step_ms = clock.times(step, args.steps)
     peak = clock.peak()
     final_value = float(holder["value"].detach())
