@@ -851,6 +851,7 @@ def main(argv: list[str] | None = None) -> int:
     dist = DistContext()
     rank = env_rank()
     clean = False
+    trainer = None
 
     def report(err: BaseException, line: str) -> None:
         # one line per failure: rank 0 prints shared errors, another rank only what happened to it alone
@@ -904,6 +905,7 @@ def main(argv: list[str] | None = None) -> int:
         clean = getattr(err, "dist_shared", False) or dist.world_size == 1
         return 130
     finally:
+        trainer = None  # its DDP module holds the process group: release it before leaving the group
         dist.close(clean)
     return 0
 

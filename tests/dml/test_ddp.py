@@ -121,6 +121,7 @@ def _equivalence_worker(rank, port, data_root, out):
             results[(loss, trunk)] = _snapshot(trainer, value, metrics)
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
+        trainer = None  # release DDP before leaving the group (DistContext.close)
         dist.close()
 
 
