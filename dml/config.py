@@ -47,7 +47,8 @@ class TrainConfig:
         feature_views: frozen trunk: views per training image whose features are cached (1: the centre
             crop only; more add random-resized-crop + flip views). Default 1.
         amp: mixed precision of the network: ``auto`` (bf16 on CUDA, off on CPU), ``bf16`` or ``off``; the
-            vMF parts of the losses run in float32/float64 regardless. Default ``"auto"``.
+            embedding head and the vMF parts of the losses run in float32/float64 regardless. Default
+            ``"auto"``.
         channels_last: channels-last memory format: ``auto`` (on CUDA), ``on`` or ``off``. Default ``"auto"``.
         device_augment: fine-tuning with the images on the device (`dml.pipeline.DeviceImagePipeline`):
             ``auto`` (on CUDA when they fit), ``on`` or ``off``. Default ``"auto"``.

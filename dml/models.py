@@ -472,15 +472,22 @@ class EmbeddingModel(nn.Module):
         return fmap.mean((-2, -1)) + fmap.amax((-2, -1))
 
     def embed(self, features: torch.Tensor) -> torch.Tensor:
-        """The embedding head applied to pooled features (times the fixed ``output_scale``).
+        """The embedding head applied to pooled features (times the fixed ``output_scale``), in float32.
+
+        The head runs outside autocast: the embedding is the image's vMF parameter (κ = ‖e‖, μ = e/‖e‖),
+        which bf16 would round to 2⁻⁸ relative (κ ≈ 1280 in steps of 5); it is one small matrix product.
 
         Args:
-            features: ``[B, feature_dim]`` pooled features (from `features`, or cached).
+            features: ``[B, feature_dim]`` pooled features (from `features`, or cached), any float dtype.
 
         Returns:
-            ``[B, embed_dim]`` embeddings.
+            ``[B, embed_dim]`` float32 embeddings (float64 for a float64 model).
         """
-        return self.head(features) * self.output_scale
+        dtype = self.output_scale.dtype
+        if features.device.type in ("cpu", "cuda"):
+            with torch.autocast(features.device.type, enabled=False):
+                return self.head(features.to(dtype)) * self.output_scale
+        return self.head(features.to(dtype)) * self.output_scale
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Embeddings of images: `embed` of `features`.

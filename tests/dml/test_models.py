@@ -128,3 +128,21 @@ def test_embedding_shapes_and_calibration(pooling):
         model.calibrate_head(features, 0.0)
     with pytest.raises(ModelError, match="pooling"):
         build_model("tiny", 12, weights=None, pooling="median")
+
+
+def test_embedding_head_runs_in_float32_under_autocast():
+    """Under bf16 autocast the trunk runs in bf16 but the head does not: the embedding (the vMF parameter
+    κ = ‖e‖, μ = e/‖e‖) is the float32 head applied to the trunk's features."""
+    torch.manual_seed(0)
+    model = build_model("tiny", 12, weights=None).eval()
+    model.calibrate_head(model.features(torch.rand(4, 3, 40, 40)), 1280.0)
+    images = torch.rand(5, 3, 40, 40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        features = model.features(images)
+        embeddings = model(images)
+    assert features.dtype == torch.bfloat16  # the trunk did run under autocast
+    assert embeddings.dtype == torch.float32
+    torch.testing.assert_close(embeddings, model.head(features.float()) * model.output_scale, rtol=0, atol=0)
+    # bf16 would have put κ ≈ 1280 on a grid of step 4-8
+    kappa = embeddings.norm(dim=-1)
+    assert not torch.equal(kappa, kappa.bfloat16().float())
