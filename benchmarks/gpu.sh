@@ -53,7 +53,7 @@ part target 120 python3 benchmarks/train_throughput.py --device cuda --backbones
 part kernels 120 python3 benchmarks/kernels.py --device cuda --max-naive-gb 14 --loop-images 8 2>&1 | tee "$OUT_DIR/kernels.md" || status=1
 # 2. the CUDA tests: vmf_dists on the device vs the CPU, no host sync in a loss backward, tiny training runs with
 #    bf16 / channels-last / device augmentation / torch.compile, torchrun with NCCL (~2-3 min)
-part tests 180 python3 -m pytest -q -p no:cacheprovider tests/test_devices.py tests/dml/test_cuda.py \
+part tests 240 python3 -m pytest -q -p no:cacheprovider tests/test_devices.py tests/dml/test_cuda.py \
     tests/dml/test_evaluation.py::test_cuda_matches_cpu 2>&1 | tee "$OUT_DIR/tests.log" || status=1
 # 3. the whole train-throughput grid: 2 backbones × p ∈ {128, 512} × C ∈ {100, 1000, 11318} × 3 losses + the
 #    paper loop per (p, C) (~3 min)
@@ -72,7 +72,7 @@ grep -E '^\| (p \| C|(128|512) \| [0-9]+) \| ' "$OUT_DIR/kernels.md" 2>/dev/null
 echo
 if grep -q '^## train step throughput' "$OUT_DIR/throughput.md" 2>/dev/null; then
     grep '^## train step throughput' "$OUT_DIR/throughput.md"
-    grep -E '^\| (backbone|[a-z][a-z_0-9]* \| [0-9]+ \| [0-9]+ \|)' "$OUT_DIR/throughput.md" | cut -d'|' -f1-9
+    grep -E '^\| (backbone|[a-z][a-z_0-9]* \| [0-9]+ \| [0-9]+ \|)' "$OUT_DIR/throughput.md"
     grep -E '^\| (p|[0-9]+) \| [A-Za-z0-9]+ \| [^|]+ \| [^|]+ \| [^|]+ \|$' "$OUT_DIR/throughput.md"
 else
     echo "(throughput grid did not finish; its progress lines:)"

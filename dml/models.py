@@ -474,7 +474,7 @@ class EmbeddingModel(nn.Module):
     def embed(self, features: torch.Tensor) -> torch.Tensor:
         """The embedding head applied to pooled features (times the fixed ``output_scale``), in float32.
 
-        The head runs outside autocast: the embedding is the image's vMF parameter (κ = ‖e‖, μ = e/‖e‖),
+        On CPU and CUDA the head runs outside autocast: the embedding is the image's vMF parameter (κ = ‖e‖, μ = e/‖e‖),
         which bf16 would round to 2⁻⁸ relative (κ ≈ 1280 in steps of 5); it is one small matrix product.
 
         Args:

@@ -23,6 +23,7 @@ from collections import Counter
 import math
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -906,6 +907,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         trainer = None  # its DDP module holds the process group: release it before leaving the group
+        propagating = sys.exc_info()[1]
+        if propagating is not None:  # an uncaught error's traceback would keep the trainer's frames alive
+            traceback.clear_frames(propagating.__traceback__)
         dist.close(clean)
     return 0
 

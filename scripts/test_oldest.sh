@@ -7,6 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 if [ ! -x .venv-oldest/bin/python ]; then
+    if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info >= (3, 13))'; then
+        echo "scripts/test_oldest.sh: torch 2.3.1 has wheels for Python 3.8-3.12 only; set PYTHON=python3.12 (or 3.10, 3.11)" >&2
+        exit 2
+    fi
     "$PYTHON" -m venv .venv-oldest
 fi
 .venv-oldest/bin/python -m pip install --quiet --upgrade pip

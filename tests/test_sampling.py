@@ -561,6 +561,22 @@ def test_kappa_gradient_of_scalar_concentration_sums_over_samples():
     assert abs(float(conc.grad) - _mp_a_prime(p, kappa)) < Z_MAX * se
 
 
+def test_kappa_gradient_after_sampling_under_inference_mode():
+    """The implicit gradient's quadrature nodes are cached per device; a first use under
+    torch.inference_mode must not cache inference tensors that a later autograd step cannot save."""
+    import vmf_dists._sampling as sampling
+
+    sampling._gauss_legendre.cache_clear()
+    mu = _loc(16, "random")
+    with torch.inference_mode():
+        sampling.d_one_minus_w_d_kappa(16, torch.tensor([10.0], dtype=torch.float64), torch.tensor([0.3], dtype=torch.float64))
+    conc = torch.tensor(10.0, dtype=torch.float64, requires_grad=True)
+    (VonMisesFisher(mu, conc).rsample((64,)) @ mu).sum().backward()
+    kappa = conc.detach().clone().requires_grad_()  # a direct caller differentiating the quadrature itself
+    sampling.d_one_minus_w_d_kappa(16, kappa, torch.full((3,), 0.3, dtype=torch.float64)).sum().backward()
+    assert torch.isfinite(conc.grad) and torch.isfinite(kappa.grad)
+
+
 @pytest.mark.parametrize(
     "p,kappa", [(2, 1.0), (3, 0.0), (3, 0.1), (3, 10.0), (4, 1.0), (4, 20.0), (4, 1e3), (16, 0.5), (16, 20.0), (16, 1e4), (128, 300.0)]
 )

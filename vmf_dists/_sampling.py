@@ -138,8 +138,9 @@ def _gauss_legendre(n: int, device: torch.device) -> tuple[torch.Tensor, torch.T
     """n-point Gauss-Legendre nodes and weights on [0, 1] (float64), cached per device: the training
     step's backward then never copies them from the host (a copy that would wait for the GPU)."""
     nodes, weights = np.polynomial.legendre.leggauss(n)
-    return (torch.as_tensor((nodes + 1.0) / 2.0, dtype=torch.float64, device=device),
-            torch.as_tensor(weights / 2.0, dtype=torch.float64, device=device))
+    with torch.inference_mode(False):  # normal tensors even if the first call is under inference mode
+        return (torch.as_tensor((nodes + 1.0) / 2.0, dtype=torch.float64, device=device),
+                torch.as_tensor(weights / 2.0, dtype=torch.float64, device=device))
 
 
 def d_one_minus_w_d_kappa(dim: int, kappa: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -194,6 +194,42 @@ def test_interrupt_before_first_checkpoint_gives_working_advice(data_root, tmp_p
         assert (out / "last.pt").is_file(), f"advice {err.strip()!r} but no checkpoint to resume from"
 
 
+@pytest.mark.parametrize("ending", ["success", "interrupt", "uncaught error"])
+def test_main_releases_the_trainer_before_leaving_the_process_group(data_root, tmp_path, monkeypatch, ending):
+    """Under DDP the trainer's DDP module holds the process group; left alive past DistContext.close, the group
+    is destroyed at interpreter shutdown, where gloo's threads abort the process (seen ~1 in 20 DDP runs).
+    So close() must find the trainer gone: after success, after Ctrl-C, and with an uncaught error whose
+    traceback holds the trainer's frames."""
+    import gc
+    import weakref
+
+    from dml.distributed import DistContext
+
+    seen = {}
+
+    def fit(self):
+        seen["trainer"] = weakref.ref(self)
+        if ending == "interrupt":
+            raise KeyboardInterrupt
+        if ending == "uncaught error":
+            raise RuntimeError("boom")
+        return {}
+
+    def close(self, clean=True):
+        gc.collect()  # what the real close does first under DDP
+        seen["alive at close"] = seen["trainer"]() is not None
+
+    monkeypatch.setattr(train_module.Trainer, "fit", fit)
+    monkeypatch.setattr(DistContext, "close", close)
+    argv = _args(data_root, tmp_path / "run", "--loss", "cosine", "--trunk", "frozen", "--epochs", "1")
+    if ending == "uncaught error":
+        with pytest.raises(RuntimeError, match="boom"):
+            main(argv)
+    else:
+        assert main(argv) == (0 if ending == "success" else 130)
+    assert seen["alive at close"] is False
+
+
 # ------------------------------------------------------------------------------------------------
 # 7. Host synchronisation in every training step by default: torch.distributions' validation switch is
 #    on by default (Distribution._validate_args is True), so ProxyLoss._check_labels (base.py) runs
