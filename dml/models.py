@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -474,8 +475,9 @@ class EmbeddingModel(nn.Module):
     def embed(self, features: torch.Tensor) -> torch.Tensor:
         """The embedding head applied to pooled features (times the fixed ``output_scale``), in float32.
 
-        On CPU and CUDA the head runs outside autocast: the embedding is the image's vMF parameter (κ = ‖e‖, μ = e/‖e‖),
-        which bf16 would round to 2⁻⁸ relative (κ ≈ 1280 in steps of 5); it is one small matrix product.
+        On CPU and CUDA the head runs outside autocast: the embedding is the image's vMF parameter
+        (κ = ‖e‖, μ = e/‖e‖), which bf16 would round to 2⁻⁸ relative (κ ≈ 1280 in steps of 5); it is one
+        small matrix product.
 
         Args:
             features: ``[B, feature_dim]`` pooled features (from `features`, or cached), any float dtype.
@@ -483,11 +485,10 @@ class EmbeddingModel(nn.Module):
         Returns:
             ``[B, embed_dim]`` float32 embeddings (float64 for a float64 model).
         """
-        dtype = self.output_scale.dtype
-        if features.device.type in ("cpu", "cuda"):
-            with torch.autocast(features.device.type, enabled=False):
-                return self.head(features.to(dtype)) * self.output_scale
-        return self.head(features.to(dtype)) * self.output_scale
+        device_type = features.device.type
+        no_autocast = torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda") else nullcontext()
+        with no_autocast:
+            return self.head(features.to(self.output_scale.dtype)) * self.output_scale
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Embeddings of images: `embed` of `features`.

@@ -16,5 +16,4 @@ fi
 .venv-oldest/bin/python -m pip install --quiet --upgrade pip
 .venv-oldest/bin/python -m pip install --quiet "torch==2.3.1" "pyro-ppl==1.9.0" -e ".[dml,dev]"
 .venv-oldest/bin/python -c "import torch, pyro; print('oldest: torch', torch.__version__, '| pyro', pyro.__version__)"
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
-exec .venv-oldest/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" -p no:cacheprovider "$@"
+VENV=.venv-oldest exec bash scripts/test.sh "$@"
