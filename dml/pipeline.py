@@ -101,6 +101,13 @@ class Pipeline:
     #: feed images in channels-last memory format (set by the trainer from ``--channels-last``)
     channels_last: bool = False
 
+    def __init__(self, model: EmbeddingModel, splits: Splits, config: TrainConfig, resolution: int, device: torch.device,
+                 dist: DistContext | None = None):
+        """The state every pipeline keeps; a subclass adds its data (see its own constructor)."""
+        self.model, self.splits, self.config, self.device = model, splits, config, device
+        self.dist = dist or DistContext()
+        self.resolution = resolution
+
     def _autocast(self):
         """The autocast context of the network's forward passes (a no-op when off)."""
         device_type = "cuda" if self.model.head.weight.is_cuda else "cpu"
@@ -202,10 +209,8 @@ class ImagePipeline(Pipeline):
 
     def __init__(self, model: EmbeddingModel, splits: Splits, config: TrainConfig, resolution: int, device: torch.device,
                  log: Callable[[str], None] = print, dist: DistContext | None = None):
-        self.model, self.splits, self.config, self.device = model, splits, config, device
-        self.dist = dist or DistContext()
+        super().__init__(model, splits, config, resolution, device, dist)
         self._sizes: dict[int, tuple[int, int]] = {}  # training image sizes seen (DDP: to skip others' draws)
-        self.resolution = resolution
         max_side = eval_resize(resolution)  # the eval resize; random crops come from the same image
         self.train_set = ImageDataset(splits.train, None, max_side=max_side)
         self.eval_sets = {name: ImageDataset(getattr(splits, name), EvalTransform(resolution), max_side=max_side)
@@ -313,9 +318,7 @@ class DeviceImagePipeline(ImagePipeline):
 
     def __init__(self, model: EmbeddingModel, splits: Splits, config: TrainConfig, resolution: int, device: torch.device,
                  log: Callable[[str], None] = print, dist: DistContext | None = None):
-        self.model, self.splits, self.config, self.device = model, splits, config, device
-        self.dist = dist or DistContext()
-        self.resolution = resolution
+        Pipeline.__init__(self, model, splits, config, resolution, device, dist)  # not ImagePipeline's CPU datasets
         side = eval_resize(resolution)
         log(f"decoding {len(splits.train) + len(splits.val) + len(splits.test)} images into uint8 banks on {device} "
             f"({side} px)")
@@ -391,9 +394,7 @@ class FeaturePipeline(Pipeline):
 
     def __init__(self, model: EmbeddingModel, splits: Splits, config: TrainConfig, resolution: int, device: torch.device,
                  log: Callable[[str], None] = print, dist: DistContext | None = None):
-        self.model, self.splits, self.config, self.device = model, splits, config, device
-        self.dist = dist or DistContext()
-        self.resolution = resolution
+        super().__init__(model, splits, config, resolution, device, dist)
         self.views = max(1, int(config.feature_views))
         max_side = eval_resize(resolution)
         generator = torch.Generator().manual_seed(10_007 * config.seed + 1)
