@@ -1,174 +1,354 @@
-"""Float64 kernels for log I_ν(x) and the ratio I_{ν+1}(x)/I_ν(x); no autograd, no validation.
+r"""Float64 kernels for $I_\nu$: no autograd, no validation, a handful of vectorised operations per call.
 
-Method (see docs/numerics.md):
+For an order ν ≥ 0 and arguments x ≥ 0 (inf allowed) `bessel_parts` returns any of
 
-* For orders μ ≥ `MIN_ORDER` the uniform (Debye) expansion of `vmf_dists._debye` gives, with
-  z = x/μ, t = 1/√(1+z²), s = 1/t, U = Σ u_k(t) μ^{−k}, W = Σ w_k(t) μ^{−k},
+* ``log_scaled`` $L = \log I_\nu(x) - \nu\log x - x$,
+* ``ratio`` $R = I_{\nu+1}(x)/I_\nu(x)$, ``complement`` $1 - R$ (relative precision as R → 1) and
+  ``derivative`` $R'(x)$ (relative precision everywhere, though $R' = 1 - R^2 - (2\nu+1)R/x$ cancels),
+* ``log_series`` $G = \log {}_0F_1(;\nu+1;x^2/4) = \log I_\nu(x) - \nu\log(x/2) + \log\Gamma(\nu+1)$
+  (relative precision as x → 0, where G ≈ x²/(4ν+4)),
 
-      log I_μ(x) − μ log x − x = μ (1/(s+z) − log(1+s) − log μ) − ½ log(2πμ) − ½ log s + log U,
-      ρ_μ(x) := I_{μ+1}(x) / (x I_μ(x)) = (t/μ) [1/(1+t) + W/U],
-      R'_μ(x) = (t³/μ) [1/(1+t) + W/U + z²t/(1+t)² − z²t (W'U − WU')/U²].
+from two expansions, each valid in a region of the (ν, x) plane (see docs/numerics.md):
 
-  Every term is positive or an O(μ^{−1}) correction, so nothing cancels, at any x ≥ 0; the number of
-  terms is chosen so that the first omitted one is below 1e-17.
-* Lower orders ν are lifted to μ = ν + m ≥ `MIN_ORDER` and brought back by the backward recurrence
-  I_{o−1}/I_o = 2o/x + R_o, i.e. ρ_{o−1} = 1/(2o + x²ρ_o), which is the stable direction for the
-  minimal solution I (errors are damped at every step). The logarithm follows from
-  I_ν = I_{ν+m} / Π_j R_{ν+j}; we multiply the well-scaled factors τ = ρ(1+x) ∈ [1/(2o+2), 1] and take
-  one logarithm, so neither x → 0 nor x → ∞ under- or overflows.
+* **r = √(ν² + x²) ≥ R₀** (`_debye.DEBYE_RADIUS`): Olver's uniform expansion as a series in 1/r
+  (`vmf_dists._debye`). With t = ν/r and zt = x/r, one matrix product of the powers of 1/r (small
+  orders; of t for ν ≥ R₀) with a per-order table gives U, tU'(t), W and tW'(t), and
 
-Everything works on ρ = R/x rather than R, so x = 0 needs no special case (ρ_ν(0) = 1/(2ν+2)).
+      L  = ν²/(r+x) − ν log(ν+r) − ½ log(2πr) + log U
+      R  = zt (1/(1+t) + W/U),         1 − R = t(1 + t/(1+zt))/(1+t) − zt W/U   (W < 0)
+      R' = (1/r) [t² g + zt² t/(1+t)² − zt² (tW'U − W tU')/U²],   g = 1/(1+t) + W/U,
+
+  where every term is positive or a small correction, so nothing cancels; at ν = 0 it is Hankel's
+  expansion. Accurate to the first omitted term, ≤ 1e-17, for r ≥ R₀.
+* **r < R₀** (orders below R₀ at small x): power series in q = x²/4 with positive terms only,
+  F₁ = ₀F₁(;ν+1;q), F₂ = ₀F₁(;ν+2;q) and N = ₁F₂(ν+½; ν+2, 2ν+2; 4q):
+
+      L = log(F₁ e^{−x}) − ν log 2 − log Γ(ν+1),   R = x F₂ / (2(ν+1) F₁),   R' = N / (2(ν+1) F₁²).
+
+  The last identity (R' as a ratio of positive series; N's term ratio is
+  4(n+ν+½)/((n+1)(n+ν+2)(n+2ν+2))) replaces the cancelling formula above. The terms are one
+  cumulative product over a stacked dimension of `SERIES_TERMS` term ratios.
+
+G comes from its series wherever q ≤ max(16(ν+1), R₀²/4 − ν²/4) and from L elsewhere. On the CPU,
+where a host synchronisation is free, an expansion is evaluated only if some argument needs it; on
+other devices, under ``torch.func.vmap`` and under ``torch.compile`` both are evaluated and merged.
+
+A Python-number order uses tables cached per (order, device); a tensor of orders (broadcasting with
+x) evaluates the same formulas with per-element coefficients.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
 from vmf_dists import _debye
 
+__all__ = ["BesselParts", "bessel_parts", "DEBYE_RADIUS"]
+
+DEBYE_RADIUS = _debye.DEBYE_RADIUS
+#: Terms of the power series: at r < R₀ (q < 144) and for G at q ≤ 16(ν+1) the rest is < 1e-19 of the sum.
+SERIES_TERMS = 64
+#: G is summed as a series where q = x²/4 ≤ GAP_SERIES_LIMIT·(ν+1) (or r < R₀).
+GAP_SERIES_LIMIT = 16.0
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
-_LIFT_STEPS = math.ceil(_debye.MIN_ORDER)
-
-
-def _series_in_inverse_order(table: tuple[tuple[float, ...], ...], order: float | torch.Tensor):
-    """Coefficients c_j(μ) = Σ_k table[j][k] μ^{−k} (Python floats for a float order, else tensors)."""
-    inv = 1.0 / order
-    out = []
-    for row in table:
-        acc = row[-1]
-        for a in reversed(row[:-1]):
-            acc = acc * inv + a
-        out.append(acc)
-    return out
-
-
-def _horner(coeffs, t: torch.Tensor) -> torch.Tensor:
-    # In place: at 1e6 elements a fresh buffer per step costs more (page faults) than the arithmetic.
-    acc = torch.zeros_like(t).add_(coeffs[-1])
-    for c in reversed(coeffs[:-1]):
-        acc.mul_(t).add_(c)
-    return acc
-
-
-def _horner_derivative(coeffs, t: torch.Tensor) -> torch.Tensor:
-    deriv = [j * coeffs[j] for j in range(1, len(coeffs))]
-    return _horner(deriv, t) if deriv else torch.zeros_like(t)
+_BELOW_ONE = 1.0 - 2.0**-53  # the largest float64 below 1
 
 
 class BesselParts(NamedTuple):
-    """Float64 results of `log_iv_ratio_core` (optional ones are None unless requested)."""
+    """Float64 results of `bessel_parts`; those not requested are None."""
 
-    log_scaled: torch.Tensor  # log I_ν(x) − ν log x − x
-    rho: torch.Tensor  # I_{ν+1}(x) / (x I_ν(x))
-    derivative: torch.Tensor | None = None  # d/dx I_{ν+1}(x)/I_ν(x)
-    complement: torch.Tensor | None = None  # 1 − I_{ν+1}(x)/I_ν(x)
-
-
-def _log1p_nonnegative(x: torch.Tensor) -> torch.Tensor:
-    """log(1 + x) for float64 x ≥ 0 up to the largest float: torch < 2.5's log1p returns inf above ~1e307."""
-    return torch.where(x < 1e300, torch.log1p(x), torch.log(x))  # log1p(x) = log x + O(1e-300) there
+    log_scaled: torch.Tensor | None = None  # log I_ν(x) − ν log x − x
+    ratio: torch.Tensor | None = None  # I_{ν+1}(x) / I_ν(x), in [0, 1)
+    complement: torch.Tensor | None = None  # 1 − I_{ν+1}(x) / I_ν(x)
+    derivative: torch.Tensor | None = None  # d/dx I_{ν+1}(x) / I_ν(x)
+    log_series: torch.Tensor | None = None  # log 0F1(; ν+1; x²/4)
 
 
-def _uniform_expansion(order: float | torch.Tensor, x: torch.Tensor, with_derivative: bool, with_complement: bool):
-    """`BesselParts` by the uniform expansion, for orders μ ≥ MIN_ORDER.
+# --------------------------------------------------------------------------------------------------
+# per-order constants
 
-    A tensor ``order`` keeps its own (small) shape for the coefficient sums and broadcasts against
-    ``x`` only in the Horner steps. The complement 1 − R = t(1 + t/(1+zt))/(1+t) − zt W/U has no
-    cancellation at large z (both terms are positive there since W < 0).
-    """
-    is_tensor = isinstance(order, torch.Tensor)
-    num_terms = _debye.terms_needed(_debye.MIN_ORDER if is_tensor else order)
-    u_table, w_table = _debye.combined_coefficients(num_terms)
-    u_coeffs = _series_in_inverse_order(u_table, order)
-    w_coeffs = _series_in_inverse_order(w_table, order)
-    log_order = torch.log(order) if is_tensor else math.log(order)
 
-    z = x / order
-    s = torch.hypot(torch.ones_like(z), z)
-    t = torch.reciprocal(s)
-    u = _horner(u_coeffs, t)
-    w = _horner(w_coeffs, t)
-    # μ (s − z − log(1+s) − log μ) − ½ log μ − ½ log 2π − ½ log s + log U, with s − z = 1/(s + z) and
-    # log(1+s) = log s + log1p(t) (torch < 2.5's float64 log1p returns inf above ~1e307)
-    log_s = torch.log(s)
-    log_i = torch.log1p(t).add_(log_s).neg_().add_(torch.reciprocal(s + z)).sub_(log_order).mul_(order)
-    log_i.sub_(log_s.mul_(0.5)).add_(torch.log(u)).sub_(0.5 * log_order + _HALF_LOG_2PI)
-    g = torch.div(w, u).add_(torch.reciprocal(t + 1.0))  # 1/(1+t) + W/U
-    rho = torch.mul(t, g).div_(order)
-    deriv = None
-    if with_derivative:
-        du = _horner_derivative(u_coeffs, t)
-        dw = _horner_derivative(w_coeffs, t)
-        zt = z * t  # in [0, 1): the products below neither overflow nor underflow early
-        zt2t = zt * zt * t
-        one_plus_t = 1.0 + t
-        deriv = t / order * (t * t * g + zt2t / (one_plus_t * one_plus_t) - zt2t * (dw * u - w * du) / (u * u))
-    complement = None
-    if with_complement:
-        zt = z * t
-        complement = t * (1.0 + t / (1.0 + zt)) / (1.0 + t) - zt * w / u
-    return BesselParts(log_i, rho, deriv, complement)
+def _series_ratio_rows(nu, k: torch.Tensor) -> list[torch.Tensor]:
+    """Term ratios (to be multiplied by q) of F₁, F₂ and N for k = 1 … K (ν a float or a [..., 1] tensor)."""
+    return [
+        1.0 / (k * (nu + k)),
+        1.0 / (k * (nu + 1.0 + k)),
+        4.0 * (k - 0.5 + nu) / (k * (k + nu + 1.0) * (k + 2.0 * nu + 1.0)),
+    ]
+
+
+@dataclass(frozen=True)
+class _ScalarOrder:
+    """Everything `bessel_parts` needs for one Python-number order on one device."""
+
+    nu: float
+    nu_tensor: torch.Tensor  # 0-dim, for torch.hypot
+    radial: bool  # the Debye table is in powers of 1/r (ν < R₀) rather than of t = ν/r
+    debye: torch.Tensor  # [J, 4]: rows j = 1 … J of (U − 1, tU', W, tW')
+    series: torch.Tensor  # [3, SERIES_TERMS] term ratios of F₁, F₂, N
+    small_x: float  # r < R₀ ⟺ x < small_x (0 for ν ≥ R₀)
+    gap_x: float  # G by its series for x ≤ gap_x
+    log_at_zero: float  # lim_{x→0} L = −ν log 2 − log Γ(ν+1)
+
+
+_SCALAR_ORDERS: dict[tuple[float, torch.device], _ScalarOrder] = {}
+
+
+def _scalar_order(nu: float, device: torch.device) -> _ScalarOrder:
+    key = (nu, device)
+    found = _SCALAR_ORDERS.get(key)
+    if found is not None:
+        return found
+    radial = nu < DEBYE_RADIUS
+    num_terms = _debye.terms_needed(max(nu, DEBYE_RADIUS))
+    table = _debye.radial_table(nu, num_terms) if radial else _debye.order_table(nu, num_terms)
+    # normal tensors even when the first call happens under torch.inference_mode
+    with torch.inference_mode(False), torch.no_grad():
+        k = torch.arange(1, SERIES_TERMS + 1, dtype=torch.float64)
+        series = torch.stack(_series_ratio_rows(nu, k)).to(device)
+        entry = _ScalarOrder(
+            nu=nu,
+            nu_tensor=torch.tensor(nu, dtype=torch.float64, device=device),
+            radial=radial,
+            debye=torch.tensor(table, dtype=torch.float64, device=device),
+            series=series,
+            small_x=math.sqrt(max(DEBYE_RADIUS**2 - nu * nu, 0.0)),
+            gap_x=max(2.0 * math.sqrt(GAP_SERIES_LIMIT * (nu + 1.0)), math.sqrt(max(DEBYE_RADIUS**2 - nu * nu, 0.0))),
+            log_at_zero=-nu * math.log(2.0) - math.lgamma(nu + 1.0),
+        )
+    _SCALAR_ORDERS[key] = entry
+    return entry
+
+
+_EXPANSION: dict[torch.device, torch.Tensor] = {}
+
+
+def _expansion_tensor(device: torch.device) -> torch.Tensor:
+    """`_debye.expansion_coefficients` as a [2K+1, K·4] tensor (rows: powers of t; columns: (k, c))."""
+    found = _EXPANSION.get(device)
+    if found is None:
+        num_terms = _debye.MAX_TERMS
+        e = torch.zeros(num_terms, 2 * num_terms + 1, 4, dtype=torch.float64)
+        for k, row in enumerate(_debye.expansion_coefficients(num_terms)):
+            e[k, : len(row)] = torch.tensor(row, dtype=torch.float64)
+        with torch.inference_mode(False):
+            found = e.permute(1, 0, 2).reshape(2 * num_terms + 1, num_terms * 4).to(device)
+        _EXPANSION[device] = found
+    return found
+
+
+# --------------------------------------------------------------------------------------------------
+# the two expansions
+
+
+def _powers(s: torch.Tensor, count: int) -> torch.Tensor:
+    """[..., count]: s¹ … s^count (one cumulative product)."""
+    return torch.cumprod(s.unsqueeze(-1).expand(*s.shape, count), dim=-1)
+
+
+def _debye_sums(order, x: torch.Tensor, r: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """[..., 4]: (U − 1, tU'(t), W, tW'(t)) of the uniform expansion."""
+    if isinstance(order, _ScalarOrder):
+        s = tau if order.radial else tau * order.nu
+        return _powers(s, order.debye.shape[0]) @ order.debye
+    # a tensor of orders: Σ_k τ^k Σ_d e[k, d] t^d with t = ν/r ≤ 1 and τ ≤ 1/R₀ (no overflow for any ν)
+    num_terms = _debye.MAX_TERMS
+    t = order * tau
+    t_powers = torch.cat([torch.ones_like(t).unsqueeze(-1), _powers(t, 2 * num_terms)], dim=-1)
+    by_term = (t_powers @ _expansion_tensor(x.device)).unflatten(-1, (num_terms, 4))
+    return (by_term * _powers(tau, num_terms).unsqueeze(-1)).sum(-2)
+
+
+def _add_scaled(acc: torch.Tensor, scale, term: torch.Tensor) -> torch.Tensor:
+    """acc += scale·term in place (scale a Python number or a tensor)."""
+    return acc.add_(term, alpha=scale) if isinstance(scale, float) else acc.add_(term * scale)
+
+
+def _debye_parts(order, nu, x: torch.Tensor, want: BesselParts, clamp: bool) -> BesselParts:
+    nu_tensor = order.nu_tensor if isinstance(order, _ScalarOrder) else nu
+    r = torch.hypot(x, nu_tensor)
+    if clamp:  # entries with r < R₀ are discarded; clamping keeps them finite
+        r = r.clamp_(min=DEBYE_RADIUS)
+    tau = torch.reciprocal(r)
+    su, tdu, w, tdw = _debye_sums(order, x, r, tau).unbind(-1)
+    zero_order = isinstance(nu, float) and nu == 0.0
+    t = None if zero_order else tau * nu
+    log_scaled = ratio = complement = derivative = None
+    if want.log_scaled is not None:
+        # ν²/(r+x) − ν log(ν+r) − ½ log(2πr) + log U, with −ν log(ν+r) − ½ log r = −(ν+½) log r − ν log1p(t)
+        log_scaled = _add_scaled(torch.log1p(su), -(nu + 0.5), torch.log(r)).sub_(_HALF_LOG_2PI)
+        if not zero_order:
+            log_scaled = _add_scaled(_add_scaled(log_scaled, -nu, torch.log1p(t)), nu * nu, torch.reciprocal(r + x))
+    if want.ratio is not None or want.complement is not None or want.derivative is not None:
+        u = su + 1.0
+        zt = x / r  # ≤ 1 (x·τ can round above 1)
+        w_over_u = w / u
+        inv_one_plus_t = None if zero_order else torch.reciprocal(t + 1.0)
+        g = w_over_u + 1.0 if zero_order else inv_one_plus_t + w_over_u
+        if want.ratio is not None:
+            ratio = (zt * g).clamp_(max=_BELOW_ONE)  # R < 1 for finite x; the product can round up to 1
+        if want.complement is not None:  # t(1 + t/(1+zt))/(1+t) − zt W/U, both terms ≥ 0
+            complement = (zt * w_over_u).neg_() if zero_order else (
+                torch.div(t, zt + 1.0).add_(1.0).mul_(t).mul_(inv_one_plus_t).addcmul_(zt, w_over_u, value=-1.0)
+            )
+        if want.derivative is not None:  # (1/r)[t²g + zt²(t/(1+t)² − (tW'U − W tU')/U²)]
+            inner = torch.addcmul(tdw / u, w_over_u, tdu / u, value=-1.0).mul_(zt * zt)
+            if zero_order:
+                inner = inner.neg_()
+            else:
+                inner = (t * inv_one_plus_t).mul_(inv_one_plus_t).mul_(zt * zt).sub_(inner).addcmul_(t * t, g)
+            derivative = inner.mul_(tau)
+    return BesselParts(log_scaled, ratio, complement, derivative, None)
+
+
+def _series_sums(q: torch.Tensor, ratios: torch.Tensor) -> torch.Tensor:
+    """[..., m]: Σ_{k≥1} Π_{i≤k} q·ratio_i for each of the m rows of ``ratios`` ([m, K] or [..., m, K])."""
+    return torch.cumprod(q.unsqueeze(-1).unsqueeze(-1) * ratios, dim=-1).sum(-1)
+
+
+def _series_parts(order, nu, x: torch.Tensor, q: torch.Tensor, ratios: torch.Tensor, want: BesselParts, log_at_zero) -> BesselParts:
+    rows = ratios.shape[-2]
+    sums = _series_sums(q, ratios)
+    s1 = sums[..., 0]
+    f1 = s1 + 1.0
+    log_scaled = ratio = complement = derivative = log_series = None
+    if want.log_series is not None:
+        log_series = torch.log1p(s1)
+    if want.log_scaled is not None:
+        log_scaled = torch.log(torch.exp(-x).mul_(f1)).add_(log_at_zero)
+    if rows > 1:
+        two_nu_plus_two = 2.0 * (nu + 1.0)
+        if want.ratio is not None or want.complement is not None:
+            ratio = (sums[..., 1] + 1.0).mul_(x).div_(f1 * two_nu_plus_two)
+            if want.complement is not None:
+                complement = 1.0 - ratio
+        if want.derivative is not None and rows > 2:
+            derivative = (sums[..., 2] + 1.0).div_((f1 * f1).mul_(two_nu_plus_two))
+    return BesselParts(log_scaled, ratio, complement, derivative, log_series)
+
+
+# --------------------------------------------------------------------------------------------------
+# the entry point
+
+
+def _host_checks_allowed(x: torch.Tensor) -> bool:
+    """Whether a data-dependent branch is free and legal here: on the CPU, outside vmap and torch.compile."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    return not torch._C._functorch.is_batchedtensor(x)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Which expansions a call evaluates; where two are used for one part, they are merged by mask."""
+
+    has_inf: bool  # some x = ∞
+    small: bool  # power series for L, R, 1 − R, R' (some r < R₀)
+    debye: bool  # uniform expansion for them (some r ≥ R₀)
+    gap_series: bool  # G from its series (some x ≤ gap_x)
+    gap_debye: bool  # G from L (some x > gap_x)
+
+
+def _plan(x: torch.Tensor, small_x: float, gap_x: float, needs_main: bool, needs_gap: bool) -> _Plan:
+    """On the CPU one host read of min(x) and max(x) decides which expansions are needed; elsewhere all."""
+    has_small = small_x > 0.0
+    low = high = math.nan
+    if _host_checks_allowed(x):
+        low, high = torch.stack(torch.aminmax(x)).tolist()
+    if math.isnan(low) or math.isnan(high):  # no host read, or garbage in (validation off): everything
+        return _Plan(True, needs_main and has_small, needs_main, needs_gap, needs_gap)
+    return _Plan(math.isinf(high), needs_main and has_small and low < small_x, needs_main and high >= small_x,
+                 needs_gap and low <= gap_x, needs_gap and high > gap_x)
+
+
+def _merge(mask, first: torch.Tensor | None, second: torch.Tensor | None) -> torch.Tensor | None:
+    if first is None:
+        return second
+    if second is None:
+        return first
+    return torch.where(mask, first, second)
+
+
+_AT_INFINITY = {"log_scaled": -math.inf, "ratio": 1.0, "complement": 0.0, "derivative": 0.0, "log_series": math.inf}
 
 
 @torch.no_grad()
-def log_iv_ratio_core(order, x: torch.Tensor, with_derivative: bool = False, with_complement: bool = False) -> BesselParts:
-    """Float64 core: log I_ν(x) − ν log x − x, ρ_ν(x) = I_{ν+1}(x)/(x I_ν(x)), and optionally R'_ν(x), 1 − R_ν(x).
-
-    The first value is the exponentially scaled log, so that callers who need log I_ν(x) − x (the
-    vMF log-likelihood at its mode, KL divergences, kernels) never subtract two numbers of size x.
+def bessel_parts(
+    order: float | torch.Tensor,
+    x: torch.Tensor,
+    *,
+    log_scaled: bool = False,
+    ratio: bool = False,
+    complement: bool = False,
+    derivative: bool = False,
+    log_series: bool = False,
+) -> BesselParts:
+    """The requested parts of I_ν at x (float64 tensors; see the module docstring).
 
     Args:
         order: ν ≥ 0, a Python float or a float64 tensor broadcastable with ``x``.
         x: float64 tensor with x ≥ 0 (inf allowed).
-        with_derivative: also return d/dx I_{ν+1}(x)/I_ν(x).
-        with_complement: also return 1 − I_{ν+1}(x)/I_ν(x) with relative precision at large x.
+        log_scaled, ratio, complement, derivative, log_series: which parts to compute.
+
+    Returns:
+        `BesselParts` with the requested entries set (the broadcast shape of order and x).
     """
-    inf_x = torch.isinf(x)
-    finite_x = torch.where(inf_x, torch.zeros_like(x), x)
+    flags = {"log_scaled": log_scaled, "ratio": ratio, "complement": complement, "derivative": derivative}
+    main = BesselParts(**{name: True if flag else None for name, flag in flags.items()})
+    needs_main = any(flags.values())
     if isinstance(order, torch.Tensor):
-        lift = torch.clamp(torch.ceil(_debye.MIN_ORDER - order), min=0.0)
-        steps = _LIFT_STEPS
+        nu, x = torch.broadcast_tensors(order.to(x), x)
+        k = torch.arange(1, SERIES_TERMS + 1, dtype=x.dtype, device=x.device)
+        ratios = torch.stack(_series_ratio_rows(nu.unsqueeze(-1), k), dim=-2)
+        small_x = torch.sqrt((DEBYE_RADIUS**2 - nu * nu).clamp(min=0.0))
+        gap_x = torch.maximum(torch.sqrt(GAP_SERIES_LIMIT * (nu + 1.0)) * 2.0, small_x)
+        log_at_zero = -nu * math.log(2.0) - torch.lgamma(nu + 1.0)
+        spec = nu
+        plan = _Plan(True, needs_main, needs_main, log_series, log_series)
     else:
-        lift = float(max(0, math.ceil(_debye.MIN_ORDER - order)))
-        steps = int(lift)
-    log_i, rho, deriv, complement = _uniform_expansion(order + lift, finite_x, with_derivative, with_complement)
+        spec = _scalar_order(float(order), x.device)
+        nu, ratios, small_x, gap_x, log_at_zero = spec.nu, spec.series, spec.small_x, spec.gap_x, spec.log_at_zero
+        if x.numel() == 0:
+            empty = torch.empty_like(x)
+            return BesselParts(*(empty if f else None for f in (*flags.values(), log_series)))
+        plan = _plan(x, small_x, gap_x, needs_main, log_series)
 
-    if steps:
-        one_plus_x = 1.0 + finite_x
-        # Π ρ_o (1+x) over the lifted orders: each factor lies in [1/(2o+2), 1], so no under/overflow.
-        scaled_product = torch.ones_like(log_i)
-        for j in range(steps - 1, -1, -1):
-            two_o_plus_2 = 2.0 * (order + j + 1.0)  # 2(o+1) for the order o = ν + j computed here
-            # x²ρ and x²R' formed as x(xρ), x(xR'): no overflow up to the largest float x
-            denom = torch.mul(finite_x, rho).mul_(finite_x).add_(two_o_plus_2)
-            if with_derivative:
-                new_deriv = (two_o_plus_2 - finite_x * (finite_x * deriv)) / (denom * denom)
-            if with_complement:  # 1 − R_o = (2(o+1) − x(1 − R_{o+1})) / denom
-                new_complement = (two_o_plus_2 - finite_x * complement) / denom
-            if isinstance(lift, torch.Tensor):
-                active = lift > j
-                rho = torch.where(active, torch.reciprocal(denom), rho)
-                scaled_product = torch.where(active, scaled_product * rho * one_plus_x, scaled_product)
-                if with_derivative:
-                    deriv = torch.where(active, new_deriv, deriv)
-                if with_complement:
-                    complement = torch.where(active, new_complement, complement)
-            else:
-                rho = denom.reciprocal_()
-                scaled_product.mul_(rho).mul_(one_plus_x)
-                if with_derivative:
-                    deriv = new_deriv
-                if with_complement:
-                    complement = new_complement
-        log_i = log_i - torch.log(scaled_product) + lift * _log1p_nonnegative(finite_x)
+    if plan.has_inf:
+        inf_x = torch.isinf(x)
+        x = torch.where(inf_x, 0.0, x)
 
-    log_i = torch.where(inf_x, torch.full_like(log_i, -math.inf), log_i)
-    rho = torch.where(inf_x, torch.zeros_like(rho), rho)
-    if with_derivative:
-        deriv = torch.where(inf_x, torch.zeros_like(deriv), deriv)
-    if with_complement:
-        complement = torch.where(inf_x, torch.zeros_like(complement), complement)
-    return BesselParts(log_i, rho, deriv, complement)
+    debye = BesselParts()
+    if plan.debye or plan.gap_debye:
+        debye_want = main if plan.debye else BesselParts()
+        if plan.gap_debye:
+            debye_want = debye_want._replace(log_scaled=True)
+        debye = _debye_parts(spec, nu, x, debye_want, clamp=plan.small)
+    series = BesselParts()
+    if plan.small or plan.gap_series:
+        # q capped where the series is not used, so that the discarded terms stay finite
+        capped = torch.minimum(x, torch.as_tensor(gap_x, dtype=x.dtype, device=x.device)) if plan.debye or plan.gap_debye else x
+        q = capped.square().mul_(0.25)
+        if not plan.small:
+            ratios = ratios[..., :1, :]
+        elif not derivative:
+            ratios = ratios[..., :2, :]
+        series_want = (main if plan.small else BesselParts())._replace(log_series=True if plan.gap_series else None)
+        series = _series_parts(spec, nu, x, q, ratios, series_want, log_at_zero)
+
+    parts = {}
+    in_small = x < small_x if plan.small and plan.debye else None
+    for name, flag in flags.items():
+        if flag:
+            parts[name] = _merge(in_small, getattr(series, name), getattr(debye, name) if plan.debye else None)
+    if log_series:
+        from_debye = debye.log_scaled + x - log_at_zero if plan.gap_debye else None
+        in_gap = x <= gap_x if plan.gap_series and plan.gap_debye else None
+        parts["log_series"] = _merge(in_gap, series.log_series if plan.gap_series else None, from_debye)
+
+    if plan.has_inf:  # limits at x = ∞
+        parts = {name: torch.where(inf_x, _AT_INFINITY[name], value) for name, value in parts.items()}
+    return BesselParts(**parts)

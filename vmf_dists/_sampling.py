@@ -34,7 +34,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from vmf_dists.special import mean_resultant_length_complement
+from vmf_dists._function import apply
+from vmf_dists._bessel import bessel_parts
 
 FIRST_ROUND_PROPOSALS = 4  # for `sample_one_minus_w`, which has no Gaussian to reuse
 LATER_ROUND_PROPOSALS = 4
@@ -143,59 +144,77 @@ def _gauss_legendre(n: int, device: torch.device) -> tuple[torch.Tensor, torch.T
                 torch.as_tensor(weights / 2.0, dtype=torch.float64, device=device))
 
 
-def d_one_minus_w_d_kappa(dim: int, kappa: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """dy/dκ at fixed CDF value, for y = 1 − w, by quadrature of the implicit-function formula (float64)."""
+def d_one_minus_w_d_kappa(dim: int, kappa: torch.Tensor, y: torch.Tensor, one_minus_a: torch.Tensor | None = None) -> torch.Tensor:
+    """dy/dκ at fixed CDF value, for y = 1 − w, by quadrature of the implicit-function formula (float64).
+
+    Out-of-place throughout, so that it can itself be differentiated. ``one_minus_a`` is 1 − A_p(κ) if already known (the distribution's cached Bessel parts).
+    """
     kappa = kappa.to(torch.float64)
     y = y.to(torch.float64)
     m = float(dim - 2)
-    one_minus_a = mean_resultant_length_complement(dim, kappa)  # 1 − A keeps its digits at large κ
-    theta = 2.0 * torch.asin(torch.sqrt(0.5 * y).clamp(max=1.0))
-    sin_theta = torch.sqrt((y * (2.0 - y)).clamp(min=0.0))
+    if one_minus_a is None:  # 1 − A keeps its digits at large κ
+        one_minus_a = bessel_parts(dim / 2.0 - 1.0, kappa, complement=True).complement
+    else:
+        one_minus_a = one_minus_a.to(torch.float64)
+    half_theta = torch.asin(torch.sqrt(0.5 * y))  # y ∈ [0, 2]
+    sin_theta = torch.sqrt((2.0 - y) * y)
 
-    # Window around the mode of the angle density e^{κ cos φ} sin^{p−2} φ.
-    cos_mode = 2.0 * kappa / (m + torch.sqrt(m * m + 4.0 * kappa * kappa))
-    cos_mode = torch.where(kappa > 0, cos_mode, torch.zeros_like(kappa))  # κ = 0: mode at π/2
-    mode = torch.acos(cos_mode.clamp(-1.0, 1.0))
-    curvature = kappa * cos_mode + m / (1.0 - cos_mode * cos_mode).clamp(min=1e-300)
-    sd = torch.rsqrt(curvature.clamp(min=1e-300))
-    hi = torch.minimum(theta, mode + _WINDOW_SDS * sd)
-    lo = torch.clamp(torch.minimum(theta, mode) - _WINDOW_SDS * sd, min=0.0)
-    lo = torch.minimum(lo, hi)
+    # Window of ±12 standard deviations around the mode φ_m of the angle density e^{κ cos φ} sin^m φ,
+    # clipped to [0, θ]. With h = √(m² + 4κ²): cos φ_m = 2κ/(m + h), sin² φ_m = 2m/(m + h), and the
+    # curvature of the log density there, κ cos φ_m + m/sin² φ_m, simplifies to h (m > 0); for m = 0
+    # (p = 2) the mode is 0 and the curvature κ.
+    if m > 0:
+        two_kappa = 2.0 * kappa
+        h = torch.hypot(two_kappa, torch.full_like(kappa, m))
+        mode = torch.acos(two_kappa / (h + m))
+        sd = torch.rsqrt(h)
+    else:
+        mode = torch.zeros_like(kappa)
+        sd = torch.rsqrt(kappa)  # κ = 0: infinite, i.e. the whole of [0, θ]
+    theta = 2.0 * half_theta
+    hi = torch.minimum(theta, torch.add(mode, sd, alpha=_WINDOW_SDS))
+    lo = torch.minimum(torch.add(torch.minimum(theta, mode), sd, alpha=-_WINDOW_SDS).clamp(min=0.0), hi)
 
     nodes, weights = _gauss_legendre(_QUADRATURE_NODES, y.device)
-    width = (hi - lo).unsqueeze(-1)
-    phi = lo.unsqueeze(-1) + width * nodes
-    half_chord = 2.0 * torch.sin(0.5 * phi) ** 2  # 1 − cos φ without cancellation
-    # log of e^{κ(cos φ − cos θ)} (sin φ / sin θ)^{p−2}, with cos φ − cos θ = y − (1 − cos φ)
-    log_integrand = kappa.unsqueeze(-1) * (y.unsqueeze(-1) - half_chord)
+    width = hi - lo
+    phi = torch.addcmul(lo.unsqueeze(-1), width.unsqueeze(-1), nodes)
+    half_chord = 2.0 * torch.sin(0.5 * phi).square()  # 1 − cos φ without cancellation
+    # log of e^{κ(cos φ − cos θ)} (sin φ / sin θ)^m, with cos φ − cos θ = y − (1 − cos φ)
+    log_integrand = (y.unsqueeze(-1) - half_chord) * kappa.unsqueeze(-1)
     if m > 0:
-        log_integrand = log_integrand + m * (torch.log(torch.sin(phi)) - torch.log(sin_theta).unsqueeze(-1))
+        log_integrand = torch.add(log_integrand, torch.log(torch.sin(phi) / sin_theta.unsqueeze(-1)), alpha=m)
     factor = one_minus_a.unsqueeze(-1) - half_chord  # cos φ − A = (1 − A) − (1 − cos φ)
-    integral = (weights * factor * torch.exp(log_integrand)).sum(-1) * width.squeeze(-1)
-    return -sin_theta * integral
+    integral = ((factor * torch.exp(log_integrand)) @ weights) * width
+    return -(integral * sin_theta)
 
 
 class ImplicitOneMinusW(torch.autograd.Function):
-    """Attach the implicit reparameterisation gradient dy/dκ to a sample y = 1 − w."""
+    """Attach the implicit reparameterisation gradient dy/dκ to a sample y = 1 − w (the identity forward)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, kappa: torch.Tensor, y: torch.Tensor, dim: int):
-        ctx.save_for_backward(kappa, y)
-        ctx.dim = dim
+    def forward(kappa: torch.Tensor, y: torch.Tensor, dim: int, one_minus_a: torch.Tensor | None):
         return y.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        kappa, y, dim, one_minus_a = inputs
+        ctx.save_for_backward(kappa, y, one_minus_a)
+        ctx.dim = dim
 
     @staticmethod
     def backward(ctx, grad):
         if torch.is_grad_enabled():  # a second derivative would silently miss d(dy/dκ)/dκ
             raise RuntimeError("second derivatives through vMF samples (in the concentration) are not implemented")
-        kappa, y = ctx.saved_tensors
-        dy = d_one_minus_w_d_kappa(ctx.dim, kappa.detach(), y)
-        return (grad * dy).to(kappa.dtype), None, None
+        kappa, y, one_minus_a = ctx.saved_tensors
+        dy = d_one_minus_w_d_kappa(ctx.dim, kappa.detach(), y, one_minus_a)
+        return (grad * dy).to(kappa.dtype), None, None, None
 
 
-def _attach_kappa_gradient(dim: int, kappa: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _attach_kappa_gradient(dim: int, kappa: torch.Tensor, y: torch.Tensor, one_minus_a: torch.Tensor | None) -> torch.Tensor:
     if torch.is_grad_enabled() and kappa.requires_grad:
-        return ImplicitOneMinusW.apply(kappa, y, dim)
+        return apply(ImplicitOneMinusW, kappa, y, dim, one_minus_a)
     return y
 
 
@@ -218,7 +237,8 @@ def _dot_with_loc(g: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
     return (g * mu).sum(-1)
 
 
-def rsample_vmf(loc: torch.Tensor, kappa: torch.Tensor, exact_tangent_norm: bool) -> torch.Tensor:
+def rsample_vmf(loc: torch.Tensor, kappa: torch.Tensor, exact_tangent_norm: bool,
+                complement: torch.Tensor | None = None) -> torch.Tensor:
     """Exact samples x = w μ + √(y(2−y)) v of vMF(loc, κ); shape ``kappa.shape + [p]``.
 
     ``loc`` is unit-norm, broadcastable to ``kappa.shape + [p]`` (κ already expanded to the sample
@@ -226,7 +246,8 @@ def rsample_vmf(loc: torch.Tensor, kappa: torch.Tensor, exact_tangent_norm: bool
     reflection and no degenerate μ; x = c g + (w − c s) μ with c = √(y(2−y))/‖t‖, in place on g when
     nothing needs a gradient. ``exact_tangent_norm`` takes ‖t‖ from t itself (small p, where
     ‖g‖² − s² can cancel); otherwise from that difference (one pass over g less). (s, ‖t‖) also give
-    the first Wood proposal, z = (‖g‖ + s)/(2‖g‖), independent of v.
+    the first Wood proposal, z = (‖g‖ + s)/(2‖g‖), independent of v. ``complement`` is 1 − A_p(κ) of
+    shape ``kappa.shape`` if already known (for the κ-gradient), else None.
     """
     dim = loc.shape[-1]
     dtype, device = loc.dtype, loc.device
@@ -254,7 +275,7 @@ def rsample_vmf(loc: torch.Tensor, kappa: torch.Tensor, exact_tangent_norm: bool
     elif torch.is_grad_enabled() and loc.requires_grad:
         # Reusing μᵀg for the proposal would make the noise (g, y) depend on μ and bias the loc
         # gradient; with a loc gradient the w-sampler draws its own proposals.
-        y = _attach_kappa_gradient(dim, kappa, sample_one_minus_w(dim, kappa64))
+        y = _attach_kappa_gradient(dim, kappa, sample_one_minus_w(dim, kappa64), complement)
     else:
         s64, t64 = s.detach().to(torch.float64), tangent_norm.detach().to(torch.float64)
         g_norm = torch.sqrt(s64 * s64 + t64 * t64)
@@ -263,7 +284,7 @@ def rsample_vmf(loc: torch.Tensor, kappa: torch.Tensor, exact_tangent_norm: bool
         small = torch.where(s64 >= 0, t64 * t64 / (g_norm + s64), g_norm - s64)
         y, done = _wood_accept(dim, kappa64, big, small)
         y = _finish_rejected(dim, kappa64.reshape(-1), y.reshape(-1), done.reshape(-1)).reshape(shape)
-        y = _attach_kappa_gradient(dim, kappa, y)
+        y = _attach_kappa_gradient(dim, kappa, y, complement)
 
     w = (1.0 - y).to(dtype)
     c = torch.sqrt(y * (2.0 - y)).to(dtype) / tangent_norm

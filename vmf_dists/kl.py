@@ -31,23 +31,26 @@ from torch.distributions.kl import register_kl
 
 from vmf_dists._checks import check_same_sphere
 from vmf_dists.special import (
+    _evaluate,
+    _nu,
+    _RATIO,
     in_gap_series_region,
     log_normalizer_plus_kappa,
-    mean_resultant_length,
     mean_resultant_length_complement,
     uniform_log_normalizer_gap,
 )
-from vmf_dists.uniform import HypersphericalUniform, log_sphere_area
+from vmf_dists.special import kl_vmf_uniform as _kl_to_uniform
+from vmf_dists.uniform import HypersphericalUniform
 from vmf_dists.von_mises_fisher import VonMisesFisher
 
 __all__ = ["kl_vmf_vmf", "kl_vmf_uniform", "kl_uniform_vmf", "kl_uniform_uniform"]
 
 
-def _kl_vmf_uniform64(dim: int, k: torch.Tensor) -> torch.Tensor:
-    """KL(vMF(κ) ‖ U) in float64: κA − log 0F1 near 0, log C̃ + log|S| − κ(1−A) beyond."""
-    near_zero = k * mean_resultant_length(dim, k, validate_args=False) - uniform_log_normalizer_gap(dim, k)
-    large = log_normalizer_plus_kappa(dim, k) + log_sphere_area(dim) - k * mean_resultant_length_complement(dim, k)
-    return torch.where(in_gap_series_region(dim, k), near_zero, large).clamp(min=0.0)
+def _broadcast_batch_shapes(p, q) -> torch.Size:
+    try:
+        return torch.broadcast_shapes(p.batch_shape, q.batch_shape)
+    except RuntimeError:
+        raise ValueError(f"batch shapes {tuple(p.batch_shape)} and {tuple(q.batch_shape)} do not broadcast") from None
 
 
 @register_kl(VonMisesFisher, VonMisesFisher)
@@ -71,24 +74,26 @@ def kl_vmf_vmf(p: VonMisesFisher, q: VonMisesFisher) -> torch.Tensor:
         KL ≥ 0 of shape ``broadcast(p.batch_shape, q.batch_shape)``, in the promoted dtype of the locs.
 
     Raises:
-        ValueError: if p and q live on spheres of different dimensions.
+        ValueError: if p and q live on spheres of different dimensions or their batch shapes do not broadcast.
     """
     dim = check_same_sphere(p, q)
-    k1, k2 = p.concentration.to(torch.float64), q.concentration.to(torch.float64)
+    _broadcast_batch_shapes(p, q)
+    k1, k2 = p._kappa64, q._kappa64
+    parts1, parts2 = p._parts(), q._parts()
     mu1, mu2 = p._unit_loc64, q._unit_loc64
     sq_dist = (mu1 - mu2).square().sum(-1)
-    complement = mean_resultant_length_complement(dim, k1)  # 1 − A, precise at large κ
-    mean_length = mean_resultant_length(dim, k1, validate_args=False)  # A, precise at small κ
+    complement = mean_resultant_length_complement(dim, k1, parts1)  # 1 − A, precise at large κ
+    mean_length = _evaluate(_RATIO, k1, _nu(dim), parts1)  # A, precise at small κ
     large = (
-        log_normalizer_plus_kappa(dim, k1)
-        - log_normalizer_plus_kappa(dim, k2)
+        log_normalizer_plus_kappa(dim, k1, parts1)
+        - log_normalizer_plus_kappa(dim, k2, parts2)
         + (k2 - k1) * complement
         + 0.5 * k2 * mean_length * sq_dist
     )
     # log C(κ₁) − log C(κ₂) = G(κ₂) − G(κ₁) with G(κ) = log C(0) − log C(κ) (series: relative precision)
     anchored = (
-        uniform_log_normalizer_gap(dim, k2)
-        - uniform_log_normalizer_gap(dim, k1)
+        uniform_log_normalizer_gap(dim, k2, parts2)
+        - uniform_log_normalizer_gap(dim, k1, parts1)
         + mean_length * (k1 - k2 * (1.0 - 0.5 * sq_dist))
     )
     kl = torch.where(in_gap_series_region(dim, k1, k2), anchored, large).clamp(min=0.0)
@@ -113,12 +118,12 @@ def kl_vmf_uniform(p: VonMisesFisher, q: HypersphericalUniform) -> torch.Tensor:
         KL of shape ``broadcast(p.batch_shape, q.batch_shape)``.
 
     Raises:
-        ValueError: if p and q live on spheres of different dimensions.
+        ValueError: if p and q live on spheres of different dimensions or their batch shapes do not broadcast.
     """
     dim = check_same_sphere(p, q)
-    value = _kl_vmf_uniform64(dim, p.concentration.to(torch.float64))
-    value = value.to(torch.promote_types(p.loc.dtype, q.dtype))
-    return value.expand(torch.broadcast_shapes(p.batch_shape, q.batch_shape)).clone()
+    shape = _broadcast_batch_shapes(p, q)
+    value = _kl_to_uniform(dim, p.concentration, p._parts()).to(torch.promote_types(p.loc.dtype, q.dtype))
+    return value if value.shape == shape else value.expand(shape).clone()
 
 
 @register_kl(HypersphericalUniform, VonMisesFisher)
@@ -133,12 +138,12 @@ def kl_uniform_vmf(p: HypersphericalUniform, q: VonMisesFisher) -> torch.Tensor:
         KL ≥ 0 of shape ``broadcast(p.batch_shape, q.batch_shape)``.
 
     Raises:
-        ValueError: if p and q live on spheres of different dimensions.
+        ValueError: if p and q live on spheres of different dimensions or their batch shapes do not broadcast.
     """
     dim = check_same_sphere(p, q)
-    value = uniform_log_normalizer_gap(dim, q.concentration.to(torch.float64))
-    value = value.to(torch.promote_types(p.dtype, q.loc.dtype))
-    return value.expand(torch.broadcast_shapes(p.batch_shape, q.batch_shape)).clone()
+    shape = _broadcast_batch_shapes(p, q)
+    value = uniform_log_normalizer_gap(dim, q.concentration, q._parts()).to(torch.promote_types(p.dtype, q.loc.dtype))
+    return value if value.shape == shape else value.expand(shape).clone()
 
 
 @register_kl(HypersphericalUniform, HypersphericalUniform)
@@ -153,8 +158,8 @@ def kl_uniform_uniform(p: HypersphericalUniform, q: HypersphericalUniform) -> to
         Zeros of shape ``broadcast(p.batch_shape, q.batch_shape)``.
 
     Raises:
-        ValueError: if p and q live on spheres of different dimensions.
+        ValueError: if p and q live on spheres of different dimensions or their batch shapes do not broadcast.
     """
     check_same_sphere(p, q)
-    shape = torch.broadcast_shapes(p.batch_shape, q.batch_shape)
+    shape = _broadcast_batch_shapes(p, q)
     return torch.zeros(shape, dtype=torch.promote_types(p.dtype, q.dtype), device=p.device)

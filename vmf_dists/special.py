@@ -13,12 +13,14 @@ $$
 All functions
 
 * broadcast over their tensor arguments and return the dtype and device of the input (float32 and
-  half-precision inputs are computed internally in float64 and rounded once at the end);
+  half-precision inputs are computed internally in float64 and rounded once at the end; a Python
+  number is computed from its exact value and returned in torch's default dtype);
 * are differentiable in their tensor argument through custom backward formulas (never by
-  differentiating a series);
-* are accurate to a few float64 ulps in $\log$ space for every order and every argument, including
-  $x = 0$ and $x \to \infty$ — see the [numerics page](../numerics.md) for the method and the
-  measured accuracy;
+  differentiating a series), twice where a second derivative is stated, and work under
+  ``torch.func`` (``grad``, ``vmap``, ``jacrev``, ``jvp``) and ``torch.compile``;
+* are accurate to a few float64 ulps for every order and every argument, including $x = 0$ and
+  $x \to \infty$ — see the [numerics page](../numerics.md) for the method and the measured accuracy;
+* cost a few dozen tensor operations per call, whatever the order (no loop over orders or terms);
 * raise `ValueError` naming the argument on bad input. Value checks (e.g. $\kappa \ge 0$) read the
   tensor on the host; they follow `torch.distributions.Distribution`'s global switch
   (`Distribution.set_default_validate_args`) or the per-call ``validate_args`` keyword, so hot loops
@@ -38,10 +40,13 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from vmf_dists._bessel import log_iv_ratio_core
+from vmf_dists._bessel import BesselParts, bessel_parts
+from vmf_dists._function import apply
 
 __all__ = [
     "log_bessel_iv",
@@ -64,23 +69,27 @@ def _validation_enabled(validate_args: bool | None) -> bool:
     return bool(validate_args)
 
 
-def _as_float_tensor(value, name: str, check) -> torch.Tensor:
-    """A floating tensor for ``value``, after ``check`` (a validator taking a tensor). A Python number is
-    checked in float64 before it is rounded to the default dtype (so that, e.g., −1e-300 is not rounded
-    to −0.0 and accepted)."""
+def _as_float_tensor(value, name: str, check) -> tuple[torch.Tensor, torch.dtype]:
+    """(a floating tensor for ``value``, the dtype of the result), after ``check`` (a validator taking a
+    tensor). A Python number becomes a float64 tensor, so that it is checked and computed from its exact
+    value (e.g. −1e-300 is not rounded to −0.0 and accepted, r = 1 − 1e-10 is not rounded to 1), and
+    the result is returned in torch's default dtype."""
     if isinstance(value, torch.Tensor):
         if value.dtype == torch.bool or value.is_complex():
             raise ValueError(f"{name} must be a real floating tensor, got dtype {value.dtype}")
         value = value if value.is_floating_point() else value.to(torch.get_default_dtype())
         check(value)
-        return value
+        return value, value.dtype
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a real number or a tensor, got {type(value).__name__}")
-    check(torch.tensor(float(value), dtype=torch.float64))
-    return torch.tensor(float(value), dtype=torch.get_default_dtype())
+    value = torch.tensor(float(value), dtype=torch.float64)
+    check(value)
+    return value, torch.get_default_dtype()
 
 
 def _check_dim(dim) -> int:
+    if isinstance(dim, torch.Tensor) and dim.dim() == 0 and not dim.is_floating_point() and dim.dtype != torch.bool:
+        dim = int(dim)  # a traced size (torch.jit.trace turns shapes into tensors)
     if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
         raise ValueError(f"dim must be an integer ≥ 2 (the ambient dimension p), got {dim!r}")
     if dim < 2:
@@ -103,22 +112,36 @@ def _check_order(v, validate: bool):
     return float(v)
 
 
+def _first_bad(x: torch.Tensor, bad: torch.Tensor) -> str:
+    count = int(bad.sum())
+    first = x[bad].flatten()[0].item()
+    return f"{first}" + (f" (and {count - 1} more of {x.numel()} entries)" if count > 1 else "")
+
+
 def _check_nonnegative(x: torch.Tensor, name: str, validate: bool) -> None:
-    if validate and not bool((x >= 0).all()):
-        bad = x[~(x >= 0)].flatten()[0].item()
-        raise ValueError(f"{name} must be non-negative, got {bad}")
+    if validate:
+        bad = ~(x >= 0)
+        if bool(bad.any()):
+            raise ValueError(f"{name} must be non-negative, got {_first_bad(x, bad)}")
 
 
 def _check_unit_interval(r: torch.Tensor, validate: bool) -> None:
-    if validate and not bool(((r >= 0) & (r < 1)).all()):
-        bad = r[~((r >= 0) & (r < 1))].flatten()[0].item()
-        raise ValueError(f"r must lie in [0, 1), got {bad}")
+    if validate:
+        bad = ~((r >= 0) & (r < 1))
+        if bool(bad.any()):
+            raise ValueError(f"r must lie in [0, 1), got {_first_bad(r, bad)}")
 
 
 def _broadcast_with_order(x: torch.Tensor, order) -> torch.Tensor:
     """Expand x to the broadcast shape with a tensor order, so its gradient reduces correctly."""
     if isinstance(order, torch.Tensor):
-        return x.expand(torch.broadcast_shapes(x.shape, order.shape))
+        try:
+            shape = torch.broadcast_shapes(x.shape, order.shape)
+        except RuntimeError:
+            raise ValueError(
+                f"the order v of shape {tuple(order.shape)} does not broadcast with x of shape {tuple(x.shape)}"
+            ) from None
+        return x.expand(shape)
     return x
 
 
@@ -126,155 +149,241 @@ def _order_on(v, x: torch.Tensor):
     return v.to(x.device) if isinstance(v, torch.Tensor) else v
 
 
-def _order_tensor(v, like: torch.Tensor) -> torch.Tensor:
-    """The order as a tensor of ``like``'s dtype and device; a Python number is filled in on the device
-    (``torch.as_tensor(float, device=cuda)`` would copy from the host and wait for the GPU)."""
-    if isinstance(v, torch.Tensor):
-        return v.to(dtype=like.dtype, device=like.device)
-    return torch.full((), float(v), dtype=like.dtype, device=like.device)
-
-
 # --------------------------------------------------------------------------------------------------
-# autograd functions (float64 inside, the input's dtype outside)
+# one autograd Function for every elementwise special function
 
 
-_BELOW_ONE = 1.0 - 2.0**-53  # the largest float64 below 1
+@dataclass(frozen=True, eq=False)
+class _Kernel:
+    """An elementwise function f(x) of `bessel_parts`, with its first derivative.
+
+    ``order(arg)`` maps the Function's argument (an order v, or a dimension p) to the Bessel order;
+    ``value``/``derivative`` build f and f' from float64 parts; ``needs``/``derivative_needs`` name the
+    parts they read; ``graph_derivative(arg, x)`` is f' as a differentiable function of x (used for
+    double backward and forward mode), or raises where no higher derivative is implemented.
+    """
+
+    name: str
+    order: Callable
+    needs: tuple[str, ...]
+    value: Callable
+    derivative_needs: tuple[str, ...]
+    derivative: Callable
+    graph_derivative: Callable
+
+    def parts(self, arg, x64: torch.Tensor, with_derivative: bool) -> BesselParts:
+        names = set(self.needs) | (set(self.derivative_needs) if with_derivative else set())
+        return bessel_parts(_order_on(self.order(arg), x64), x64, **{name: True for name in names})
 
 
-def _log_i_minus_v_log_x_at_zero(nu):
-    """lim_{x→0} log I_ν(x) − ν log x = −ν log 2 − log Γ(ν+1) (ν a float or a float64 tensor)."""
-    log_gamma = torch.lgamma(nu + 1.0) if isinstance(nu, torch.Tensor) else math.lgamma(nu + 1.0)
-    return -nu * math.log(2.0) - log_gamma
+class _SpecialFunction(torch.autograd.Function):
+    """f(x) for a `_Kernel`: float64 inside, the input's dtype outside; the derivative is computed in the
+    forward when x requires a gradient (so the backward costs one multiplication)."""
 
+    generate_vmap_rule = True
 
-def _ratio_from_rho(x64: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
-    # R = xρ < 1 for finite x; near 1 the product can round up, so cap it at the float below 1.
-    return torch.where(torch.isinf(x64), torch.ones_like(rho), torch.clamp(x64 * rho, max=_BELOW_ONE))
-
-
-class _LogBesselIv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, v):
+    def forward(x: torch.Tensor, kernel: _Kernel, arg, parts: BesselParts | None):
         x64 = x.to(torch.float64)
-        order = _order_on(v, x64)
-        log_scaled, rho, _, _ = log_iv_ratio_core(order, x64)
-        order64 = _order_tensor(order, x64)
-        # For x ≤ 1, log I_v(x) − v log(x/2) + log Γ(v+1) = log 0F1(; v+1; x²/4) by its series, so that
-        # log I_0(x) ≈ x²/4 keeps relative precision as x → 0 (the general path is exact only in
-        # absolute terms, ~1e-14, there).
-        q = 0.25 * torch.clamp(x64, max=1.0).square()
-        small_x = _log_i_minus_v_log_x_at_zero(order64) + torch.log1p(
-            _hypergeometric_0f1_minus_one(order64, q, _SMALL_X_SERIES_TERMS)
-        )
-        log_i_minus_v_log_x = torch.where(x64 <= 1.0, small_x, log_scaled + x64)
-        out = log_i_minus_v_log_x + torch.xlogy(order64, x64)
-        out = torch.where(torch.isinf(x64), x64, out)
-        ctx.save_for_backward(x, _ratio_from_rho(x64, rho).to(x.dtype))
-        ctx.order = order
-        return out.to(x.dtype)
+        with_derivative = x.requires_grad
+        if parts is None or (with_derivative and any(getattr(parts, n) is None for n in kernel.derivative_needs)):
+            parts = kernel.parts(arg, x64, with_derivative)
+        value = _output(kernel.value(arg, x64, parts), x.dtype, parts)
+        derivative = _output(kernel.derivative(arg, x64, parts), x.dtype, parts) if with_derivative else None
+        return value, derivative
 
     @staticmethod
-    def backward(ctx, grad):
-        x, ratio = ctx.saved_tensors
-        order = ctx.order
-        if torch.is_grad_enabled():  # create_graph: recompute the ratio differentiably
-            ratio = bessel_iv_ratio(order, x, validate_args=False)
-        # d/dx log I_v(x) = I_{v+1}/I_v + v/x; v/x is taken as 0 when v = 0 (including at x = 0).
-        order_t = _order_tensor(order, x)
-        v_over_x = order_t / torch.where(order_t == 0, torch.ones_like(x), x)
-        return grad * (ratio + v_over_x), None
-
-
-class _BesselIvRatio(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, v):
-        x64 = x.to(torch.float64)
-        rho = log_iv_ratio_core(_order_on(v, x64), x64).rho
-        ctx.save_for_backward(x)
-        ctx.order = v
-        return _ratio_from_rho(x64, rho).to(x.dtype)
+    def setup_context(ctx, inputs, output):
+        x, kernel, arg, _ = inputs
+        derivative = output[1]
+        if derivative is not None:
+            ctx.mark_non_differentiable(derivative)
+        ctx.save_for_backward(x, derivative)
+        ctx.save_for_forward(x)
+        ctx.kernel, ctx.arg = kernel, arg
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _):
+        x, derivative = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: f' as a differentiable function of x
+            derivative = ctx.kernel.graph_derivative(ctx.arg, x)
+        elif derivative is None:
+            x64 = x.to(torch.float64)
+            derivative = ctx.kernel.derivative(ctx.arg, x64, ctx.kernel.parts(ctx.arg, x64, True)).to(x.dtype)
+        return grad * derivative, None, None, None
+
+    @staticmethod
+    def jvp(ctx, x_tangent, *_):
         (x,) = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph: R' as a differentiable function of x
-            return grad * _RatioDerivative.apply(x, ctx.order), None
-        return grad * _ratio_derivative64(ctx.order, x.to(torch.float64)).to(grad.dtype), None
+        return x_tangent * ctx.kernel.graph_derivative(ctx.arg, x), None
 
 
-def _no_higher_derivatives(what: str) -> None:
-    # once_differentiable only notices a graph on the incoming gradient; a Hessian through a constant
-    # incoming gradient would silently drop terms, so refuse explicitly.
-    if torch.is_grad_enabled():
-        raise RuntimeError(f"derivatives of order higher than implemented for {what} (create_graph=True)")
+def _output(t: torch.Tensor, dtype: torch.dtype, parts: BesselParts) -> torch.Tensor:
+    """``t`` in ``dtype`` as a tensor of its own: an output that is one of the (cached) parts would be
+    detached in place by autograd and shared between Functions."""
+    out = t.to(dtype)
+    return out.clone() if any(out is part for part in parts) else out
 
 
-class _RatioDerivative(torch.autograd.Function):
-    """R_v'(x), differentiable once: R_v'' by Richardson-extrapolated central differences of the exact R_v'."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, v):
-        ctx.save_for_backward(x)
-        ctx.order = v
-        return _ratio_derivative64(v, x.to(torch.float64)).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        # R_v' is an even function of x, so |x ± h| is fine near 0. It varies on the scale
-        # max(x, √(2v+2)), so h = 2e-3·max(x, √(2v+2)): truncation O((h/scale)^4), rounding O(ε·scale/h);
-        # ~1e-11 relative. The closed forms (e.g. −2AA' − (p−1)(A' − A/κ)/κ) cancel by a factor x at
-        # large x and (p/x)² at small x.
-        _no_higher_derivatives("the Bessel ratio (third derivative)")
-        (x,) = ctx.saved_tensors
-        order = ctx.order
-        x64 = x.to(torch.float64)
-        scale = torch.sqrt(2.0 * _order_tensor(order, x64) + 2.0)
-        h = 2e-3 * torch.maximum(x64, scale)
-
-        def central(step):
-            return (_ratio_derivative64(order, (x64 + step).abs()) - _ratio_derivative64(order, (x64 - step).abs())) / (2.0 * step)
-
-        second = (4.0 * central(0.5 * h) - central(h)) / 3.0
-        return grad * second.to(grad.dtype), None
+def _evaluate(kernel: _Kernel, x: torch.Tensor, arg, parts: BesselParts | None = None) -> torch.Tensor:
+    return apply(_SpecialFunction, x, kernel, arg, parts)[0]
 
 
-def _ratio_derivative64(order, x64: torch.Tensor) -> torch.Tensor:
-    return log_iv_ratio_core(_order_on(order, x64), x64, with_derivative=True).derivative
+def _no_higher_derivative(what: str):
+    def refuse(arg, x):
+        raise RuntimeError(f"derivatives of order higher than implemented for {what}")
+
+    return refuse
 
 
-class _VmfLogNormalizer(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, kappa: torch.Tensor, dim: int):
-        k64 = kappa.to(torch.float64)
-        log_scaled, rho, _, _ = log_iv_ratio_core(dim / 2.0 - 1.0, k64)
-        ctx.save_for_backward(kappa, _ratio_from_rho(k64, rho).to(kappa.dtype))
-        ctx.dim = dim
-        out = -0.5 * dim * _LOG_2PI - log_scaled - k64
-        return torch.where(torch.isinf(k64), -k64, out).to(kappa.dtype)  # log C_p(∞) = −∞
-
-    @staticmethod
-    def backward(ctx, grad):
-        kappa, mean_length = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph: recompute A_p differentiably
-            mean_length = mean_resultant_length(ctx.dim, kappa, validate_args=False)
-        return -grad * mean_length, None
+def _nu(dim: int) -> float:
+    return dim / 2.0 - 1.0
 
 
-class _InverseMeanResultantLength(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, r: torch.Tensor, dim: int):
-        kappa64 = _solve_mean_resultant_length(dim, r.to(torch.float64))
-        ctx.save_for_backward(kappa64, r)
-        ctx.dim = dim
-        return kappa64.to(r.dtype)
+def _identity(arg):
+    return arg
 
-    @staticmethod
-    def backward(ctx, grad):
-        kappa64, r = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph: κ(r) and A_p'(κ) as differentiable functions of r
-            kappa = _InverseMeanResultantLength.apply(r, ctx.dim)
-            return grad / _RatioDerivative.apply(kappa, ctx.dim / 2.0 - 1.0), None
-        return grad / _ratio_derivative64(ctx.dim / 2.0 - 1.0, kappa64).to(grad.dtype), None
+
+def _v_over_x(v, x64: torch.Tensor) -> torch.Tensor:
+    """v/x, taken as 0 where v = 0 (including at x = 0)."""
+    if isinstance(v, torch.Tensor):
+        return torch.where(v == 0, 0.0, v / x64)
+    return v / x64 if v != 0 else torch.zeros_like(x64)
+
+
+def _log_bessel_value(v, x64, parts):
+    # log I_v(x) = G + v log(x/2) − log Γ(v+1) for x ≤ 1 (G keeps relative precision: log I_0(x) ≈ x²/4),
+    # L + x + v log x beyond.
+    lgamma = torch.lgamma(v + 1.0) if isinstance(v, torch.Tensor) else math.lgamma(v + 1.0)
+    small = parts.log_series + torch.xlogy(v, 0.5 * x64) - lgamma
+    out = torch.where(x64 <= 1.0, small, parts.log_scaled + x64 + torch.xlogy(v, x64))
+    return torch.where(torch.isinf(x64), x64, out)
+
+
+def _log_bessel_graph_derivative(v, x):
+    return bessel_iv_ratio(v, x, validate_args=False) + _v_over_x(v, x)
+
+
+_LOG_BESSEL = _Kernel(
+    "log I_v", _identity, ("log_series", "log_scaled"), _log_bessel_value,
+    ("ratio",), lambda v, x64, parts: parts.ratio + _v_over_x(v, x64), _log_bessel_graph_derivative,
+)
+_RATIO = _Kernel(
+    "R_v", _identity, ("ratio",), lambda v, x64, parts: parts.ratio,
+    ("derivative",), lambda v, x64, parts: parts.derivative,
+    lambda v, x: _evaluate(_RATIO_DERIVATIVE, x, v),
+)
+
+
+def _ratio_second_derivative(v, x64: torch.Tensor, parts) -> torch.Tensor:
+    # R_v' is an even function of x, so |x ± h| is fine near 0. It varies on the scale
+    # max(x, √(2v+2)), so h = 2e-3·max(x, √(2v+2)): truncation O((h/scale)^4), rounding O(ε·scale/h);
+    # ~1e-11 relative (Richardson-extrapolated central differences of the exact R_v').
+    scale = torch.sqrt(2.0 * torch.as_tensor(v, dtype=torch.float64, device=x64.device) + 2.0)
+    h = 2e-3 * torch.maximum(x64, scale)
+    steps = torch.stack([0.5 * h, h])
+    points = torch.stack([x64 + steps, (x64 - steps).abs()])  # [2 (sign), 2 (step), ...]
+    d = bessel_parts(v if not isinstance(v, torch.Tensor) else v.expand_as(points), points, derivative=True).derivative
+    central = (d[0] - d[1]) / (2.0 * steps)
+    return (4.0 * central[0] - central[1]) / 3.0
+
+
+_RATIO_DERIVATIVE = _Kernel(
+    "R_v'", _identity, ("derivative",), lambda v, x64, parts: parts.derivative,
+    (), _ratio_second_derivative, _no_higher_derivative("the Bessel ratio (third derivative)"),
+)
+
+
+def _log_normalizer_value(dim, k64, parts):
+    out = -0.5 * dim * _LOG_2PI - parts.log_scaled - k64
+    return torch.where(torch.isinf(k64), -k64, out)  # log C_p(∞) = −∞
+
+
+_LOG_NORMALIZER = _Kernel(
+    "log C_p", _nu, ("log_scaled",), _log_normalizer_value,
+    ("ratio",), lambda dim, k64, parts: -parts.ratio,
+    lambda dim, k: -mean_resultant_length(dim, k, validate_args=False),
+)
+_MODE_LOG_DENSITY = _Kernel(
+    "log C_p + κ", _nu, ("log_scaled",), lambda dim, k64, parts: -0.5 * dim * _LOG_2PI - parts.log_scaled,
+    ("complement",), lambda dim, k64, parts: parts.complement,
+    lambda dim, k: mean_resultant_length_complement(dim, k),
+)
+_GAP = _Kernel(
+    "log C_p(0) − log C_p", _nu, ("log_series",), lambda dim, k64, parts: parts.log_series,
+    ("ratio",), lambda dim, k64, parts: parts.ratio,
+    lambda dim, k: mean_resultant_length(dim, k, validate_args=False),
+)
+_COMPLEMENT = _Kernel(
+    "1 − A_p", _nu, ("complement",), lambda dim, k64, parts: parts.complement,
+    ("derivative",), lambda dim, k64, parts: -parts.derivative,
+    lambda dim, k: -mean_resultant_length_derivative(dim, k),
+)
+
+
+def log_sphere_area(dim: int) -> float:
+    r"""The log surface area of the unit sphere $S^{p-1} \subset \mathbb{R}^p$.
+
+    $$
+    \log |S^{p-1}| = \log 2 + \tfrac p2 \log\pi - \log\Gamma(p/2),
+    $$
+
+    the negative log density of `HypersphericalUniform` and $-\log C_p(0)$ of the vMF.
+
+    Args:
+        dim: the ambient dimension $p$ (not checked here; $p \ge 2$ in this package).
+
+    Returns:
+        $\log |S^{p-1}|$ as a Python float (e.g. $\log 4\pi$ for $p = 3$).
+    """
+    return math.log(2.0) + 0.5 * dim * math.log(math.pi) - math.lgamma(0.5 * dim)
+
+
+def _kl_uniform_value(dim, k64, parts):
+    # κA − G near κ = 0 (relative precision, ≈ κ²/(2p)); [log C + κ] + log|S| − κ(1 − A) beyond.
+    near_zero = k64 * parts.ratio - parts.log_series
+    mode = -0.5 * dim * _LOG_2PI - parts.log_scaled
+    large = mode + log_sphere_area(dim) - k64 * parts.complement
+    kl = torch.where(in_gap_series_region(dim, k64), near_zero, large).clamp(min=0.0)
+    return torch.where(torch.isinf(k64), k64, kl)
+
+
+_KL_UNIFORM = _Kernel(
+    "KL(vMF ‖ U)", _nu, ("ratio", "log_series", "log_scaled", "complement"), _kl_uniform_value,
+    ("derivative",), lambda dim, k64, parts: k64 * parts.derivative,
+    lambda dim, k: k * mean_resultant_length_derivative(dim, k),
+)
+
+
+def _entropy_value(dim, k64, parts):
+    # −[log C + κ] + κ(1 − A): no terms of size κ cancel
+    out = 0.5 * dim * _LOG_2PI + parts.log_scaled + k64 * parts.complement
+    return torch.where(torch.isinf(k64), -k64, out)
+
+
+_ENTROPY = _Kernel(
+    "H(vMF)", _nu, ("log_scaled", "complement"), _entropy_value,
+    ("derivative",), lambda dim, k64, parts: -k64 * parts.derivative,
+    lambda dim, k: -k * mean_resultant_length_derivative(dim, k),
+)
+
+#: Everything the distributions read, for `vmf_parts`.
+_VMF_PARTS = ("log_scaled", "ratio", "complement", "log_series")
+
+
+def vmf_parts(dim: int, kappa64: torch.Tensor, with_derivative: bool) -> BesselParts:
+    r"""All Bessel parts a `VonMisesFisher` uses (log_prob, entropy, KL, sampler gradient), in one call.
+
+    Args:
+        dim: the ambient dimension $p$ (not checked).
+        kappa64: float64 concentrations (not checked).
+        with_derivative: also $A_p'(\kappa)$ (for gradients in κ).
+
+    Returns:
+        `BesselParts` of order $p/2 - 1$ at κ (float64, no gradient).
+    """
+    names = _VMF_PARTS + (("derivative",) if with_derivative else ())
+    return bessel_parts(_nu(dim), kappa64, **{name: True for name in names})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,15 +394,14 @@ def log_bessel_iv(v: float | torch.Tensor, x: float | torch.Tensor, *, validate_
     r"""Logarithm of the modified Bessel function of the first kind, $\log I_v(x)$.
 
     Exact in float64 for every real order $v \ge 0$ and every $x \ge 0$ up to the largest float (no
-    overflow for large $x$, no underflow for large $v$; relative error ≲ 1e-14 against mpmath, and
-    for $x \le 1$ the power series of ${}_0F_1$ keeps relative precision even where $\log I_0(x)
-    \approx x^2/4$ is tiny). Limits:
-    $\log I_0(0) = 0$, $\log I_v(0) = -\infty$ for $v > 0$, $\log I_v(\infty) = \infty$.
+    overflow for large $x$, no underflow for large $v$; a few ulps against mpmath, and for $x \le 1$
+    the power series of ${}_0F_1$ keeps relative precision even where $\log I_0(x) \approx x^2/4$ is
+    tiny). Limits: $\log I_0(0) = 0$, $\log I_v(0) = -\infty$ for $v > 0$, $\log I_v(\infty) = \infty$.
 
-    Method: Olver's uniform (Debye) asymptotic expansion of $I_\mu(\mu z)$ in $1/\mu$ (DLMF 10.41.3,
-    as many terms as float64 needs) for orders $\mu$ above a threshold; lower orders $v$ are lifted to
-    $\mu = v + m$ and brought back by the backward recurrence $I_{o-1}/I_o = 2o/x + I_{o+1}/I_o$,
-    which is stable for $I$; everything in scaled, logarithmic form, so nothing under- or overflows.
+    Method: where $r = \sqrt{v^2 + x^2} \ge 24$, Olver's uniform asymptotic expansion (DLMF 10.41.3)
+    written as a series in $1/r$, which holds for every order down to $v = 0$ (there it is Hankel's
+    expansion); below, the power series of ${}_0F_1(;v+1;x^2/4)$ (positive terms). Both are a few
+    vectorised operations; everything in scaled, logarithmic form, so nothing under- or overflows.
 
     The gradient is $\frac{\partial}{\partial x} \log I_v(x) = \frac{I_{v+1}(x)}{I_v(x)} + \frac{v}{x}$
     (DLMF 10.29.2), computed from `bessel_iv_ratio`, so it is itself differentiable.
@@ -307,7 +415,8 @@ def log_bessel_iv(v: float | torch.Tensor, x: float | torch.Tensor, *, validate_
         $\log I_v(x)$ with the broadcast shape of ``v`` and ``x`` and the dtype and device of ``x``.
 
     Raises:
-        ValueError: if ``v`` or ``x`` is negative or NaN, or ``v`` is infinite or not a real number.
+        ValueError: if ``v`` or ``x`` is negative or NaN, ``v`` is infinite or not a real number, or the
+            shapes of ``v`` and ``x`` do not broadcast.
         NotImplementedError: if ``v`` is a tensor that requires a gradient (no derivative in the order).
 
     References:
@@ -322,9 +431,9 @@ def log_bessel_iv(v: float | torch.Tensor, x: float | torch.Tensor, *, validate_
         tensor([-1338.4636])
     """
     validate = _validation_enabled(validate_args)
-    x = _as_float_tensor(x, "x", lambda t: _check_nonnegative(t, "x", validate))
+    x, dtype = _as_float_tensor(x, "x", lambda t: _check_nonnegative(t, "x", validate))
     order = _check_order(v, validate)
-    return _LogBesselIv.apply(_broadcast_with_order(x, order), order)
+    return _evaluate(_LOG_BESSEL, _broadcast_with_order(x, order), _order_on(order, x)).to(dtype)
 
 
 def bessel_iv_ratio(v: float | torch.Tensor, x: float | torch.Tensor, *, validate_args: bool | None = None) -> torch.Tensor:
@@ -333,13 +442,13 @@ def bessel_iv_ratio(v: float | torch.Tensor, x: float | torch.Tensor, *, validat
     Limits: $R_v(x) \approx x/(2v+2)$ as $x \to 0$ and $R_v(x) \to 1$ as $x \to \infty$; it satisfies
     Amos' bounds $x / (v + 1 + \sqrt{(v+1)^2 + x^2}) \le R_v(x) \le x / (v + \tfrac12 + \sqrt{(v+\tfrac12)^2 + x^2})$.
 
-    The gradient is $R_v'(x) = 1 - R_v^2 - \frac{2v+1}{x} R_v$ (from DLMF 10.29.2), evaluated from its
-    own uniform expansion so it keeps relative precision where this formula cancels (large $x$).
-    Twice differentiable ($R_v^{\prime\prime}$ by Richardson-extrapolated differences of the exact $R_v^\prime$,
-    ~1e-11 relative); a third derivative raises.
+    The gradient is $R_v'(x) = 1 - R_v^2 - \frac{2v+1}{x} R_v$ (from DLMF 10.29.2), evaluated without
+    the cancellation of this formula: from the uniform expansion where $\sqrt{v^2+x^2} \ge 24$ and as
+    $N/(2(v+1)F^2)$ below, with $F = {}_0F_1(;v+1;x^2/4)$ and $N = {}_1F_2(v+\tfrac12; v+2, 2v+2; x^2)$,
+    both series of positive terms. Twice differentiable ($R_v^{\prime\prime}$ by Richardson-extrapolated
+    differences of the exact $R_v^\prime$, ~1e-11 relative); a third derivative raises.
 
-    Computed, like `log_bessel_iv`, from Olver's uniform expansion and the backward recurrence
-    $R_{o-1}(x) = 1/(2o/x + R_o(x))$.
+    Computed, like `log_bessel_iv`, from the uniform expansion in $1/r$ or the power series.
 
     Args:
         v: order $v \ge 0$, a Python number or a tensor broadcastable with ``x`` (no gradient).
@@ -350,7 +459,8 @@ def bessel_iv_ratio(v: float | torch.Tensor, x: float | torch.Tensor, *, validat
         $R_v(x)$ with the broadcast shape of ``v`` and ``x`` and the dtype and device of ``x``.
 
     Raises:
-        ValueError: if ``v`` or ``x`` is negative or NaN, or ``v`` is infinite or not a real number.
+        ValueError: if ``v`` or ``x`` is negative or NaN, ``v`` is infinite or not a real number, or the
+            shapes of ``v`` and ``x`` do not broadcast.
         NotImplementedError: if ``v`` is a tensor that requires a gradient.
 
     References:
@@ -366,9 +476,9 @@ def bessel_iv_ratio(v: float | torch.Tensor, x: float | torch.Tensor, *, validat
         tensor([0.3130, 0.9900])
     """
     validate = _validation_enabled(validate_args)
-    x = _as_float_tensor(x, "x", lambda t: _check_nonnegative(t, "x", validate))
+    x, dtype = _as_float_tensor(x, "x", lambda t: _check_nonnegative(t, "x", validate))
     order = _check_order(v, validate)
-    return _BesselIvRatio.apply(_broadcast_with_order(x, order), order)
+    return _evaluate(_RATIO, _broadcast_with_order(x, order), _order_on(order, x)).to(dtype)
 
 
 def vmf_log_normalizer(dim: int, kappa: float | torch.Tensor, *, validate_args: bool | None = None) -> torch.Tensor:
@@ -378,10 +488,11 @@ def vmf_log_normalizer(dim: int, kappa: float | torch.Tensor, *, validate_args: 
     \log C_p(\kappa) = \nu \log\kappa - \tfrac{p}{2}\log(2\pi) - \log I_\nu(\kappa), \quad \nu = \tfrac p2 - 1,
     $$
 
-    computed as $-\tfrac p2 \log(2\pi) - [\log I_\nu(\kappa) - \nu\log\kappa]$ with the bracket evaluated
-    directly (no cancellation between two large logarithms at small $\kappa$). At $\kappa = 0$ it is
-    exactly $\log\Gamma(p/2) - \log 2 - \tfrac p2 \log\pi$, minus the log surface area of $S^{p-1}$.
-    The gradient is $\frac{d}{d\kappa}\log C_p(\kappa) = -A_p(\kappa)$ (see `mean_resultant_length`).
+    computed as $-\tfrac p2 \log(2\pi) - [\log I_\nu(\kappa) - \nu\log\kappa - \kappa] - \kappa$ with the
+    bracket evaluated directly (no cancellation between two large logarithms at small $\kappa$). At
+    $\kappa = 0$ it is exactly $\log\Gamma(p/2) - \log 2 - \tfrac p2 \log\pi$, minus the log surface area
+    of $S^{p-1}$. The gradient is $\frac{d}{d\kappa}\log C_p(\kappa) = -A_p(\kappa)$ (see
+    `mean_resultant_length`); twice differentiable.
 
     Args:
         dim: the ambient dimension $p \ge 2$ (an integer).
@@ -401,8 +512,8 @@ def vmf_log_normalizer(dim: int, kappa: float | torch.Tensor, *, validate_args: 
     """
     dim = _check_dim(dim)
     validate = _validation_enabled(validate_args)
-    kappa = _as_float_tensor(kappa, "kappa", lambda t: _check_nonnegative(t, "kappa", validate))
-    return _VmfLogNormalizer.apply(kappa, dim)
+    kappa, dtype = _as_float_tensor(kappa, "kappa", lambda t: _check_nonnegative(t, "kappa", validate))
+    return _evaluate(_LOG_NORMALIZER, kappa, dim).to(dtype)
 
 
 def mean_resultant_length(dim: int, kappa: float | torch.Tensor, *, validate_args: bool | None = None) -> torch.Tensor:
@@ -415,8 +526,8 @@ def mean_resultant_length(dim: int, kappa: float | torch.Tensor, *, validate_arg
     A_p'(\kappa) = 1 - A_p(\kappa)^2 - \frac{p-1}{\kappa} A_p(\kappa) \quad (= 1/p \text{ at } \kappa = 0),
     $$
 
-    which the backward evaluates from its own expansion, keeping relative precision at large
-    $\kappa$ where this formula cancels ($A_p' \approx (p-1)/(2\kappa^2)$).
+    which the backward evaluates without the cancellation of this formula (see `bessel_iv_ratio`),
+    keeping relative precision at large $\kappa$ where $A_p' \approx (p-1)/(2\kappa^2)$.
 
     Args:
         dim: the ambient dimension $p \ge 2$ (an integer).
@@ -436,8 +547,8 @@ def mean_resultant_length(dim: int, kappa: float | torch.Tensor, *, validate_arg
     """
     dim = _check_dim(dim)
     validate = _validation_enabled(validate_args)
-    kappa = _as_float_tensor(kappa, "kappa", lambda t: _check_nonnegative(t, "kappa", validate))
-    return _BesselIvRatio.apply(kappa, dim / 2.0 - 1.0)
+    kappa, dtype = _as_float_tensor(kappa, "kappa", lambda t: _check_nonnegative(t, "kappa", validate))
+    return _evaluate(_RATIO, kappa, _nu(dim)).to(dtype)
 
 
 def inverse_mean_resultant_length(dim: int, r: float | torch.Tensor, *, validate_args: bool | None = None) -> torch.Tensor:
@@ -448,7 +559,8 @@ def inverse_mean_resultant_length(dim: int, r: float | torch.Tensor, *, validate
     approximation $\kappa_0 = r(p - r^2)/(1 - r^2)$, brackets the root with Amos' bounds on the
     Bessel ratio inverted in closed form, and runs a fixed number of Newton steps clamped to the
     bracket (vectorised; the solve itself never synchronises with the host — the optional input
-    validation does). $r = 0$ gives $\kappa = 0$.
+    validation does). $r = 0$ gives $\kappa = 0$. A Python number is solved from its exact value, so
+    that $r = 1 - 10^{-10}$ gives a finite κ even where the default dtype would round it to 1.
     The gradient is $d\kappa/dr = 1/A_p'(\kappa)$.
 
     Args:
@@ -473,16 +585,49 @@ def inverse_mean_resultant_length(dim: int, r: float | torch.Tensor, *, validate
     Example:
         >>> from vmf_dists import inverse_mean_resultant_length
         >>> inverse_mean_resultant_length(3, 0.9)
-        tensor(10.0000)
+        tensor(10.)
     """
     dim = _check_dim(dim)
     validate = _validation_enabled(validate_args)
-    r = _as_float_tensor(r, "r", lambda t: _check_unit_interval(t, validate))
-    return _InverseMeanResultantLength.apply(r, dim)
+    r, dtype = _as_float_tensor(r, "r", lambda t: _check_unit_interval(t, validate))
+    return apply(_InverseMeanResultantLength, r, dim).to(dtype)
 
 
 # --------------------------------------------------------------------------------------------------
 # the inverse
+
+
+class _InverseMeanResultantLength(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(r: torch.Tensor, dim: int):
+        return _solve_mean_resultant_length(dim, r.to(torch.float64)).to(r.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        r, dim = inputs
+        ctx.save_for_backward(r, output)
+        ctx.save_for_forward(r, output)
+        ctx.dim = dim
+
+    @staticmethod
+    def _graph_slope(ctx) -> torch.Tensor:
+        """dκ/dr = 1/A_p'(κ(r)) as a differentiable function of r."""
+        r, _ = ctx.saved_tensors
+        return 1.0 / mean_resultant_length_derivative(ctx.dim, apply(_InverseMeanResultantLength, r, ctx.dim))
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():  # create_graph: κ(r) and A_p'(κ) as differentiable functions of r
+            return grad * _InverseMeanResultantLength._graph_slope(ctx), None
+        _, kappa = ctx.saved_tensors
+        deriv = bessel_parts(_nu(ctx.dim), kappa.to(torch.float64), derivative=True).derivative
+        return grad / deriv.to(grad.dtype), None
+
+    @staticmethod
+    def jvp(ctx, r_tangent, _):
+        return r_tangent * _InverseMeanResultantLength._graph_slope(ctx)
 
 
 def _invert_amos_bound(r: torch.Tensor, a: float, b: float) -> torch.Tensor:
@@ -495,7 +640,7 @@ _NEWTON_STEPS = 8
 
 
 def _solve_mean_resultant_length(dim: int, r: torch.Tensor) -> torch.Tensor:
-    nu = dim / 2.0 - 1.0
+    nu = _nu(dim)
     r = r.clamp(min=0.0)
     # A_p(κ) lies between the two Amos bounds, so inverting them brackets the root.
     lower = _invert_amos_bound(r, nu + 0.5, nu + 0.5)
@@ -503,8 +648,8 @@ def _solve_mean_resultant_length(dim: int, r: torch.Tensor) -> torch.Tensor:
     banerjee = r * (dim - r * r) / ((1.0 - r) * (1.0 + r))
     kappa = torch.minimum(torch.maximum(banerjee, lower), upper)
     for _ in range(_NEWTON_STEPS):
-        _, rho, deriv, _ = log_iv_ratio_core(nu, kappa, with_derivative=True)
-        step = (kappa * rho - r) / deriv
+        parts = bessel_parts(nu, kappa, ratio=True, derivative=True)
+        step = (parts.ratio - r) / parts.derivative
         kappa = torch.minimum(torch.maximum(kappa - step, lower), upper)
     return torch.where(r == 0, torch.zeros_like(kappa), kappa)
 
@@ -513,24 +658,7 @@ def _solve_mean_resultant_length(dim: int, r: torch.Tensor) -> torch.Tensor:
 # helpers for the distributions: float64 inside, no cancellation at small or large κ
 
 
-class _LogNormalizerPlusKappa(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, kappa: torch.Tensor, dim: int):
-        k64 = kappa.to(torch.float64)
-        log_scaled, _, _, complement = log_iv_ratio_core(dim / 2.0 - 1.0, k64, with_complement=True)
-        ctx.save_for_backward(kappa, complement.to(kappa.dtype))
-        ctx.dim = dim
-        return (-0.5 * dim * _LOG_2PI - log_scaled).to(kappa.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        kappa, one_minus_a = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            one_minus_a = mean_resultant_length_complement(ctx.dim, kappa)
-        return grad * one_minus_a, None
-
-
-def log_normalizer_plus_kappa(dim: int, kappa: torch.Tensor) -> torch.Tensor:
+def log_normalizer_plus_kappa(dim: int, kappa: torch.Tensor, parts: BesselParts | None = None) -> torch.Tensor:
     r"""$\log C_p(\kappa) + \kappa$, the vMF log-density at its mode, without cancellation.
 
     No cancellation of two numbers of size κ (what ``vmf_log_normalizer(dim, κ) + κ`` suffers in
@@ -539,56 +667,19 @@ def log_normalizer_plus_kappa(dim: int, kappa: torch.Tensor) -> torch.Tensor:
     Args:
         dim: the ambient dimension $p \ge 2$ (not checked).
         kappa: concentrations $\kappa \ge 0$, a floating tensor of any shape ``[...]`` (not checked).
+        parts: `vmf_parts` of ``kappa`` if already computed (a distribution's cache), else None.
 
     Returns:
         $\log C_p(\kappa) + \kappa$, with the shape and dtype of ``kappa``.
     """
-    return _LogNormalizerPlusKappa.apply(kappa, dim)
-
-
-_GAP_SERIES_LIMIT = 16.0  # use the series for κ²/4 ≤ 16 (ν+1), i.e. while log 0F1 ≲ 16
-_GAP_SERIES_TERMS = 64  # term ratio ≤ 16/(k+1): 64 terms leave < 1e-20 of the sum
-_SMALL_X_SERIES_TERMS = 16  # for q ≤ 1/4: term ratio ≤ 1/(4(k+1)), 16 terms leave < 1e-22
-
-
-def _hypergeometric_0f1_minus_one(nu, q: torch.Tensor, terms: int = _GAP_SERIES_TERMS) -> torch.Tensor:
-    """Σ_{k≥1} q^k / (k! (ν+1)_k), all terms positive (ν a float or a tensor broadcasting with q)."""
-    term = q / (nu + 1.0)
-    total = term.clone()
-    for k in range(1, terms):
-        term = term * q / ((k + 1.0) * (nu + k + 1.0))
-        total = total + term
-    return total
-
-
-class _UniformLogNormalizerGap(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, kappa: torch.Tensor, dim: int):
-        nu = dim / 2.0 - 1.0
-        k64 = kappa.to(torch.float64)
-        q = 0.25 * k64 * k64
-        limit = _GAP_SERIES_LIMIT * (nu + 1.0)
-        series = torch.log1p(_hypergeometric_0f1_minus_one(nu, torch.clamp(q, max=limit)))
-        log_scaled, rho, _, _ = log_iv_ratio_core(nu, k64)
-        direct = log_scaled + k64 - _log_i_minus_v_log_x_at_zero(nu)
-        gap = torch.where(q <= limit, series, direct)
-        ctx.save_for_backward(kappa, _ratio_from_rho(k64, rho).to(kappa.dtype))
-        ctx.dim = dim
-        return gap.to(kappa.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        kappa, mean_length = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            mean_length = mean_resultant_length(ctx.dim, kappa, validate_args=False)
-        return grad * mean_length, None
+    return _evaluate(_MODE_LOG_DENSITY, kappa, dim, parts)
 
 
 def in_gap_series_region(dim: int, *kappas: torch.Tensor) -> torch.Tensor:
-    r"""Where every given κ is in the range in which `uniform_log_normalizer_gap` sums its power series.
+    r"""Where every given κ is small enough for formulas anchored at the uniform distribution.
 
-    That is κ²/4 ≤ 16(ν+1), i.e. κ² ≤ 32p: there it has relative precision, so formulas anchored at the
-    uniform distribution should be used.
+    That is κ² ≤ 32p (κ²/4 ≤ 8p): there `uniform_log_normalizer_gap` has relative precision (it is
+    summed as a power series), so KL divergences and kernels are written as differences from κ = 0.
 
     Args:
         dim: the ambient dimension $p$.
@@ -597,48 +688,33 @@ def in_gap_series_region(dim: int, *kappas: torch.Tensor) -> torch.Tensor:
     Returns:
         Boolean tensor of the broadcast shape: True where every $\kappa^2 \le 32p$.
     """
-    limit = 2.0 * _GAP_SERIES_LIMIT * dim
+    limit = 32.0 * dim
     inside = kappas[0] * kappas[0] <= limit
     for kappa in kappas[1:]:
         inside = inside & (kappa * kappa <= limit)
     return inside
 
 
-def uniform_log_normalizer_gap(dim: int, kappa: torch.Tensor) -> torch.Tensor:
+def uniform_log_normalizer_gap(dim: int, kappa: torch.Tensor, parts: BesselParts | None = None) -> torch.Tensor:
     r"""$\log C_p(0) - \log C_p(\kappa) = \log {}_0F_1(; p/2; \kappa^2/4) \ge 0$, with relative precision as κ → 0.
 
-    Its value is ≈ κ²/(2p) at small κ; computed by its power series where $\kappa^2/4 \le 8p$
-    (beyond, the difference of the two log normalisers loses at most a factor |log C_p(0)|/16 of
-    relative precision). It is KL(Uniform ‖ vMF); its derivative is $A_p(\kappa)$. No validation
-    (internal).
+    Its value is ≈ κ²/(2p) at small κ; computed by its power series where $\kappa^2/4 \le 8p$ (and at
+    every κ < 24 for p < 50); beyond, from $\log C_p(\kappa)$, losing at most a factor
+    $|\log C_p(0)|/16$ of relative precision. It is KL(Uniform ‖ vMF); its derivative is $A_p(\kappa)$.
+    No validation (internal).
 
     Args:
         dim: the ambient dimension $p \ge 2$ (not checked).
         kappa: concentrations $\kappa \ge 0$, a floating tensor of any shape ``[...]`` (not checked).
+        parts: `vmf_parts` of ``kappa`` if already computed, else None.
 
     Returns:
         $\log C_p(0) - \log C_p(\kappa) \ge 0$, with the shape and dtype of ``kappa``.
     """
-    return _UniformLogNormalizerGap.apply(kappa, dim)
+    return _evaluate(_GAP, kappa, dim, parts)
 
 
-class _MeanResultantLengthComplement(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, kappa: torch.Tensor, dim: int):
-        parts = log_iv_ratio_core(dim / 2.0 - 1.0, kappa.to(torch.float64), with_complement=True)
-        ctx.save_for_backward(kappa)
-        ctx.dim = dim
-        return parts.complement.to(kappa.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (kappa,) = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            return -grad * _RatioDerivative.apply(kappa, ctx.dim / 2.0 - 1.0), None
-        return -grad * _ratio_derivative64(ctx.dim / 2.0 - 1.0, kappa.to(torch.float64)).to(grad.dtype), None
-
-
-def mean_resultant_length_complement(dim: int, kappa: torch.Tensor) -> torch.Tensor:
+def mean_resultant_length_complement(dim: int, kappa: torch.Tensor, parts: BesselParts | None = None) -> torch.Tensor:
     r"""$1 - A_p(\kappa)$ with relative precision at large κ.
 
     Its value is ≈ (p−1)/(2κ) there, where ``1 - A`` would keep only $-\log_{10}(\epsilon\kappa)$
@@ -647,15 +723,16 @@ def mean_resultant_length_complement(dim: int, kappa: torch.Tensor) -> torch.Ten
     Args:
         dim: the ambient dimension $p \ge 2$ (not checked).
         kappa: concentrations $\kappa \ge 0$, a floating tensor of any shape ``[...]`` (not checked).
+        parts: `vmf_parts` of ``kappa`` if already computed, else None.
 
     Returns:
         $1 - A_p(\kappa)$, with the shape and dtype of ``kappa``.
     """
-    return _MeanResultantLengthComplement.apply(kappa, dim)
+    return _evaluate(_COMPLEMENT, kappa, dim, parts)
 
 
 def mean_resultant_length_derivative(dim: int, kappa: torch.Tensor) -> torch.Tensor:
-    r"""$A_p'(\kappa) = \operatorname{Var}(\mu^\top x)$ from its own expansion (no cancellation at large κ).
+    r"""$A_p'(\kappa) = \operatorname{Var}(\mu^\top x)$ without cancellation at large κ.
 
     In the dtype of κ; differentiable once ($A_p''$ by extrapolated differences, ~1e-11 relative).
     No validation (internal).
@@ -667,4 +744,39 @@ def mean_resultant_length_derivative(dim: int, kappa: torch.Tensor) -> torch.Ten
     Returns:
         $A_p'(\kappa)$, with the shape and dtype of ``kappa``.
     """
-    return _RatioDerivative.apply(kappa, dim / 2.0 - 1.0)
+    return _evaluate(_RATIO_DERIVATIVE, kappa, _nu(dim))
+
+
+def kl_vmf_uniform(dim: int, kappa: torch.Tensor, parts: BesselParts | None = None) -> torch.Tensor:
+    r"""KL(vMF(μ, κ) ‖ Uniform) $= \kappa A_p(\kappa) - \log {}_0F_1(; p/2; \kappa^2/4)$, ≥ 0.
+
+    Near κ = 0 (κ² ≤ 32p) this form keeps relative precision (value ≈ κ²/(2p)); beyond it is evaluated
+    as $[\log C_p(\kappa) + \kappa] + \log|S^{p-1}| - \kappa(1 - A_p(\kappa))$. Derivative
+    $\kappa A_p'(\kappa)$. One autograd node. No validation (internal).
+
+    Args:
+        dim: the ambient dimension $p \ge 2$ (not checked).
+        kappa: concentrations $\kappa \ge 0$, a floating tensor of any shape ``[...]`` (not checked).
+        parts: `vmf_parts` of ``kappa`` if already computed, else None.
+
+    Returns:
+        The KL divergence, with the shape and dtype of ``kappa``.
+    """
+    return _evaluate(_KL_UNIFORM, kappa, dim, parts)
+
+
+def vmf_entropy(dim: int, kappa: torch.Tensor, parts: BesselParts | None = None) -> torch.Tensor:
+    r"""Differential entropy $H = -\log C_p(\kappa) - \kappa A_p(\kappa)$ of the vMF, without cancellation.
+
+    Evaluated as $-[\log C_p(\kappa) + \kappa] + \kappa(1 - A_p(\kappa))$; derivative
+    $-\kappa A_p'(\kappa)$. One autograd node. No validation (internal).
+
+    Args:
+        dim: the ambient dimension $p \ge 2$ (not checked).
+        kappa: concentrations $\kappa \ge 0$, a floating tensor of any shape ``[...]`` (not checked).
+        parts: `vmf_parts` of ``kappa`` if already computed, else None.
+
+    Returns:
+        The entropy in nats, with the shape and dtype of ``kappa``.
+    """
+    return _evaluate(_ENTROPY, kappa, dim, parts)

@@ -7,27 +7,9 @@ import math
 import torch
 from pyro.distributions import TorchDistribution, constraints
 
-from vmf_dists.special import _check_dim
+from vmf_dists.special import _check_dim, log_sphere_area
 
 __all__ = ["HypersphericalUniform", "log_sphere_area"]
-
-
-def log_sphere_area(dim: int) -> float:
-    r"""The log surface area of the unit sphere $S^{p-1} \subset \mathbb{R}^p$.
-
-    $$
-    \log |S^{p-1}| = \log 2 + \tfrac p2 \log\pi - \log\Gamma(p/2),
-    $$
-
-    the negative log density of `HypersphericalUniform` and $-\log C_p(0)$ of the vMF.
-
-    Args:
-        dim: the ambient dimension $p$ (not checked here; $p \ge 2$ in this package).
-
-    Returns:
-        $\log |S^{p-1}|$ as a Python float (e.g. $\log 4\pi$ for $p = 3$).
-    """
-    return math.log(2.0) + 0.5 * dim * math.log(math.pi) - math.lgamma(0.5 * dim)
 
 
 def _default_device() -> torch.device:

@@ -2,20 +2,21 @@ r"""The von Mises–Fisher distribution on the unit sphere $S^{p-1} \subset \mat
 
 from __future__ import annotations
 
-import math
-
 import torch
 from pyro.distributions import TorchDistribution, constraints
 from torch.distributions.utils import lazy_property
 
+from vmf_dists._bessel import BesselParts
+from vmf_dists._checks import check_sample_on_sphere, check_unit_vectors, check_values, finite_nonnegative
 from vmf_dists._sampling import rsample_vmf
 from vmf_dists.special import (
     _validation_enabled,
     inverse_mean_resultant_length,
     log_normalizer_plus_kappa,
     mean_resultant_length,
-    mean_resultant_length_complement,
     mean_resultant_length_derivative,
+    vmf_entropy,
+    vmf_parts,
 )
 
 __all__ = ["VonMisesFisher"]
@@ -109,21 +110,23 @@ class VonMisesFisher(TorchDistribution):
         torch.Size([4, 3, 3])
     """
 
-    arg_constraints = {"loc": constraints.sphere, "concentration": constraints.half_open_interval(0.0, math.inf)}
+    arg_constraints = {"loc": constraints.sphere, "concentration": finite_nonnegative}
     support = constraints.sphere
     has_rsample = True
 
     def __init__(self, loc: torch.Tensor, concentration: torch.Tensor | float, validate_args: bool | None = None):
         _check_loc(loc)
+        validate = _validation_enabled(validate_args)
         if isinstance(concentration, torch.Tensor):
             if not concentration.is_floating_point():
                 concentration = concentration.to(loc.dtype)
             concentration = concentration.to(device=loc.device)  # e.g. a CPU scalar with a CUDA loc
             dtype = torch.promote_types(loc.dtype, concentration.dtype)
         else:  # a Python number takes loc's dtype, as in torch.distributions
+            if validate:
+                check_values(torch.tensor(float(concentration), dtype=torch.float64), "concentration")
             concentration = torch.as_tensor(concentration, dtype=loc.dtype, device=loc.device)
             dtype = loc.dtype
-        loc, concentration = loc.to(dtype), concentration.to(dtype)
         try:
             batch_shape = torch.broadcast_shapes(loc.shape[:-1], concentration.shape)
         except RuntimeError as error:
@@ -131,9 +134,26 @@ class VonMisesFisher(TorchDistribution):
                 f"concentration of shape {tuple(concentration.shape)} does not broadcast with "
                 f"loc.shape[:-1] = {tuple(loc.shape[:-1])}"
             ) from error
-        self.loc = loc.expand(batch_shape + loc.shape[-1:])
-        self.concentration = concentration.expand(batch_shape)
-        super().__init__(batch_shape, loc.shape[-1:], validate_args=validate_args)
+        if validate:  # each at its own precision, before the dtypes are promoted
+            check_unit_vectors(loc, "loc")
+            check_values(concentration, "concentration")
+        self.loc = loc.to(dtype).expand(batch_shape + loc.shape[-1:])
+        self.concentration = concentration.to(dtype).expand(batch_shape)
+        super().__init__(batch_shape, loc.shape[-1:], validate_args=False)
+        self._validate_args = validate
+
+    @classmethod
+    def infer_shapes(cls, loc: tuple[int, ...], concentration: tuple[int, ...] = ()) -> tuple[torch.Size, torch.Size]:
+        """(batch_shape, event_shape) of a distribution built from arguments of these shapes (Pyro's protocol).
+
+        Args:
+            loc: the shape of ``loc``, ``[..., p]``.
+            concentration: the shape of ``concentration`` (``()`` for a number).
+
+        Returns:
+            ``(broadcast(loc[:-1], concentration), loc[-1:])``.
+        """
+        return torch.Size(torch.broadcast_shapes(tuple(loc[:-1]), tuple(concentration))), torch.Size(loc[-1:])
 
     def expand(self, batch_shape: torch.Size | tuple[int, ...], _instance: VonMisesFisher | None = None) -> VonMisesFisher:
         """The same distribution with its batch shape expanded (what Pyro's ``plate`` calls).
@@ -176,6 +196,21 @@ class VonMisesFisher(TorchDistribution):
     def _kappa64(self) -> torch.Tensor:
         return self.concentration.to(torch.float64)
 
+    def _parts(self) -> BesselParts | None:
+        """The Bessel parts of κ that log_prob, entropy, the KLs and the sampler's gradient read, computed
+        once per distribution (one evaluation instead of one per method: at small batch sizes the
+        evaluation, not the arithmetic, is the cost). Recomputed if κ was modified in place; None under
+        ``torch.func`` transforms and ``torch.compile``, where each method computes its own."""
+        if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+            return None
+        kappa = self.concentration
+        key = (kappa._version, kappa.requires_grad)
+        cached = self.__dict__.get("_parts_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, vmf_parts(self.dim, kappa.detach().to(torch.float64), kappa.requires_grad))
+            self._parts_cache = cached
+        return cached[1]
+
     # ---------------------------------------------------------------------------------------------
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
@@ -196,9 +231,9 @@ class VonMisesFisher(TorchDistribution):
             ValueError: with validation, if ``value`` does not lie on the unit sphere.
         """
         if self._validate_args:
-            self._validate_sample(value)
+            check_sample_on_sphere(self, value)
         sq_dist = (value - self._unit_loc).square().sum(-1)
-        return log_normalizer_plus_kappa(self.dim, self.concentration) - 0.5 * self.concentration * sq_dist
+        return log_normalizer_plus_kappa(self.dim, self.concentration, self._parts()) - 0.5 * self.concentration * sq_dist
 
     def rsample(self, sample_shape: torch.Size | tuple[int, ...] = torch.Size()) -> torch.Tensor:
         r"""Exact, reparameterised samples.
@@ -228,20 +263,21 @@ class VonMisesFisher(TorchDistribution):
         """
         shape = torch.Size(sample_shape) + self.batch_shape
         kappa = self.concentration.expand(shape)
-        return rsample_vmf(self._unit_loc, kappa, exact_tangent_norm=self.dim <= _EXACT_TANGENT_NORM_MAX_DIM)
+        parts = self._parts() if kappa.requires_grad else None
+        complement = parts.complement.expand(shape) if parts is not None else None
+        return rsample_vmf(self._unit_loc, kappa, exact_tangent_norm=self.dim <= _EXACT_TANGENT_NORM_MAX_DIM,
+                           complement=complement)
 
     def entropy(self) -> torch.Tensor:
         r"""Differential entropy $H = -\log C_p(\kappa) - \kappa A_p(\kappa)$ (in nats).
 
         Evaluated as $-[\log C_p(\kappa) + \kappa] + \kappa(1 - A_p(\kappa))$ in float64 (no
-        cancellation at large κ); $\log|S^{p-1}|$ at $\kappa = 0$.
+        cancellation at large κ); $\log|S^{p-1}|$ at $\kappa = 0$. Its derivative is $-\kappa A_p'(\kappa)$.
 
         Returns:
             The entropy, shape ``batch_shape``, in the dtype of ``concentration``.
         """
-        k = self._kappa64
-        h = -log_normalizer_plus_kappa(self.dim, k) + k * mean_resultant_length_complement(self.dim, k)
-        return h.to(self.concentration.dtype)
+        return vmf_entropy(self.dim, self.concentration, self._parts())
 
     @property
     def mean(self) -> torch.Tensor:
@@ -291,7 +327,7 @@ class VonMisesFisher(TorchDistribution):
             A `VonMisesFisher` with batch shape ``batch_shape``.
 
         Raises:
-            ValueError: if ``x`` has fewer than 2 dimensions or a last dimension below 2, is not on the
+            ValueError: if ``x`` has fewer than 2 dimensions, no samples or a last dimension below 2, is not on the
                 sphere (with validation), or ``weights`` has the wrong shape or (with validation) is
                 negative or sums to zero.
 
@@ -311,9 +347,11 @@ class VonMisesFisher(TorchDistribution):
         """
         if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[-1] < 2:
             raise ValueError("x must be a tensor of unit vectors of shape [n, *batch_shape, p] with p ≥ 2")
+        if x.shape[0] == 0:
+            raise ValueError(f"x must hold at least one sample along its first dimension, got shape {tuple(x.shape)}")
         validate = _validation_enabled(validate_args)
-        if validate and not bool(constraints.sphere.check(x).all()):
-            raise ValueError("x must lie on the unit sphere (unit-norm rows)")
+        if validate:
+            check_unit_vectors(x, "x")
         x64 = x.to(torch.float64)
         if weights is None:
             total = x64.sum(0)
@@ -322,8 +360,10 @@ class VonMisesFisher(TorchDistribution):
             if weights.shape != x.shape[:-1]:
                 raise ValueError(f"weights must have shape {tuple(x.shape[:-1])}, got {tuple(weights.shape)}")
             w64 = weights.to(torch.float64)
-            if validate and not bool((w64 >= 0).all() and (w64.sum(0) > 0).all()):
-                raise ValueError("weights must be non-negative with a positive sum")
+            if validate:
+                check_values(w64, "weights")
+                if not bool((w64.sum(0) > 0).all()):
+                    raise ValueError("weights must have a positive sum over the samples for every batch element")
             total = (w64.unsqueeze(-1) * x64).sum(0)
             weight_sum = w64.sum(0)
         norm = torch.linalg.vector_norm(total, dim=-1)
