@@ -20,10 +20,12 @@ float64); √(1−w²) = √(y(2−y)).
   `LATER_ROUND_PROPOSALS` Gamma-based proposals per sample per round: compacted after every round on
   the CPU, masked blocks of rounds with one host synchronisation per block on accelerators.
 * The gradient dy/dκ is implicit (Figurnov et al., 2018): with the angle θ = arccos(w),
-  dθ/dκ = −∫₀^θ (cos φ − A_p(κ)) e^{κ(cos φ − cos θ)} (sin φ / sin θ)^{p−2} dφ and dy/dκ = sin θ · dθ/dκ.
-  The integrand is log-concave around the mode of the angle density,
-  cos φ_m = 2κ / (p−2 + √((p−2)² + 4κ²)), so Gauss–Legendre on a window of ±12 standard deviations
-  around it (clipped to [0, θ]) is accurate to ~1e-12.
+  dθ/dκ = −∫₀^θ (cos φ − A_p(κ)) e^{κ(cos φ − cos θ)} (sin φ / sin θ)^{p−2} dφ and dy/dκ = sin θ · dθ/dκ,
+  or the same integral over [θ, π] with the opposite sign (the two add to zero): we take the side on
+  which cos φ − A_p(κ) keeps its sign, so nothing cancels. The integrand is log-concave around the
+  mode of the angle density, cos φ_m = 2κ / (p−2 + √((p−2)² + 4κ²)), so 20-point Gauss–Legendre on a
+  window of ±8 Gaussian widths around its peak (clipped to the side) is accurate to ~1e-9 relative
+  (measured against a 400-point rule; the tests check 1e-6 against mpmath).
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ from vmf_dists._bessel import bessel_parts
 FIRST_ROUND_PROPOSALS = 4  # for `sample_one_minus_w`, which has no Gaussian to reuse
 LATER_ROUND_PROPOSALS = 4
 MAX_ROUNDS = 64
-_QUADRATURE_NODES = 48
-_WINDOW_SDS = 12.0
+_QUADRATURE_NODES = 20
+_WINDOW_SDS = 8.0
+_WINDOW_NATS = 40.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -147,7 +150,17 @@ def _gauss_legendre(n: int, device: torch.device) -> tuple[torch.Tensor, torch.T
 def d_one_minus_w_d_kappa(dim: int, kappa: torch.Tensor, y: torch.Tensor, one_minus_a: torch.Tensor | None = None) -> torch.Tensor:
     """dy/dκ at fixed CDF value, for y = 1 − w, by quadrature of the implicit-function formula (float64).
 
-    Out-of-place throughout, so that it can itself be differentiated. ``one_minus_a`` is 1 − A_p(κ) if already known (the distribution's cached Bessel parts).
+    With the angle θ = arccos w and m = p − 2, ∂F/∂κ = ∫_{−1}^{w} (t − A) f(t) dt = −∫_w^1 (t − A) f(t) dt,
+    so (A = cos φ_A)
+
+        dy/dκ = −sin θ ∫_0^θ (cos φ − A) e^{κ(cos φ − cos θ)} (sin φ / sin θ)^m dφ      (θ < φ_A)
+              = +sin θ ∫_θ^π (cos φ − A) e^{κ(cos φ − cos θ)} (sin φ / sin θ)^m dφ      (θ ≥ φ_A),
+
+    each the side on which cos φ − A keeps its sign, so nothing cancels. `_QUADRATURE_NODES`-point
+    Gauss–Legendre on the part of that side within `_WINDOW_SDS` Gaussian widths of the integrand's
+    peak (for p = 2, where e^{κ cos φ} is not Gaussian far out, up to where it has dropped by
+    `_WINDOW_NATS`): relative error ≲ 1e-9. Out-of-place throughout, so that it can itself be
+    differentiated. ``one_minus_a`` is 1 − A_p(κ) if already known (the distribution's cached Bessel parts).
     """
     kappa = kappa.to(torch.float64)
     y = y.to(torch.float64)
@@ -156,24 +169,27 @@ def d_one_minus_w_d_kappa(dim: int, kappa: torch.Tensor, y: torch.Tensor, one_mi
         one_minus_a = bessel_parts(dim / 2.0 - 1.0, kappa, complement=True).complement
     else:
         one_minus_a = one_minus_a.to(torch.float64)
-    half_theta = torch.asin(torch.sqrt(0.5 * y))  # y ∈ [0, 2]
+    theta = 2.0 * torch.asin(torch.sqrt(0.5 * y))  # y ∈ [0, 2]
     sin_theta = torch.sqrt((2.0 - y) * y)
-
-    # Window of ±12 standard deviations around the mode φ_m of the angle density e^{κ cos φ} sin^m φ,
-    # clipped to [0, θ]. With h = √(m² + 4κ²): cos φ_m = 2κ/(m + h), sin² φ_m = 2m/(m + h), and the
-    # curvature of the log density there, κ cos φ_m + m/sin² φ_m, simplifies to h (m > 0); for m = 0
-    # (p = 2) the mode is 0 and the curvature κ.
+    pole = y < one_minus_a  # θ < φ_A: integrate over [0, θ], else over [θ, π]
     if m > 0:
+        # The integrand's peak within the side, and its reach: the mode φ_m of e^{κ cos φ} sin^m φ has
+        # cos φ_m = 2κ/(m + h), h = √(m² + 4κ²), and curvature h there; its tails fall off at about
+        # half that curvature (at large κ the e^{κ cos φ} part alone), so the window is ±K·√(2/h).
         two_kappa = 2.0 * kappa
         h = torch.hypot(two_kappa, torch.full_like(kappa, m))
         mode = torch.acos(two_kappa / (h + m))
-        sd = torch.rsqrt(h)
-    else:
-        mode = torch.zeros_like(kappa)
-        sd = torch.rsqrt(kappa)  # κ = 0: infinite, i.e. the whole of [0, θ]
-    theta = 2.0 * half_theta
-    hi = torch.minimum(theta, torch.add(mode, sd, alpha=_WINDOW_SDS))
-    lo = torch.minimum(torch.add(torch.minimum(theta, mode), sd, alpha=-_WINDOW_SDS).clamp(min=0.0), hi)
+        reach = torch.rsqrt(h) * (_WINDOW_SDS * math.sqrt(2.0))
+        start = torch.where(pole, 0.0, theta)
+        end = torch.where(pole, theta, math.pi)
+        peak = torch.clamp(mode, min=start, max=end)
+        lo = torch.maximum(start, peak - reach)
+        hi = torch.minimum(end, peak + reach)
+    else:  # e^{κ cos φ}: up to where it has dropped by _WINDOW_NATS from its maximum on the side
+        drop = _WINDOW_NATS / kappa
+        lo = torch.where(pole, 0.0, theta)
+        hi = torch.where(pole, torch.minimum(theta, torch.acos((1.0 - drop).clamp(min=-1.0))),
+                         torch.acos((1.0 - y - drop).clamp(min=-1.0)))
 
     nodes, weights = _gauss_legendre(_QUADRATURE_NODES, y.device)
     width = hi - lo
@@ -182,10 +198,11 @@ def d_one_minus_w_d_kappa(dim: int, kappa: torch.Tensor, y: torch.Tensor, one_mi
     # log of e^{κ(cos φ − cos θ)} (sin φ / sin θ)^m, with cos φ − cos θ = y − (1 − cos φ)
     log_integrand = (y.unsqueeze(-1) - half_chord) * kappa.unsqueeze(-1)
     if m > 0:
-        log_integrand = torch.add(log_integrand, torch.log(torch.sin(phi) / sin_theta.unsqueeze(-1)), alpha=m)
+        sin_phi = torch.sqrt(half_chord * (2.0 - half_chord))
+        log_integrand = torch.add(log_integrand, torch.log(sin_phi / sin_theta.unsqueeze(-1)), alpha=m)
     factor = one_minus_a.unsqueeze(-1) - half_chord  # cos φ − A = (1 − A) − (1 − cos φ)
-    integral = ((factor * torch.exp(log_integrand)) @ weights) * width
-    return -(integral * sin_theta)
+    integral = ((factor * torch.exp(log_integrand)) @ weights) * width * sin_theta
+    return torch.where(pole, -integral, integral)
 
 
 class ImplicitOneMinusW(torch.autograd.Function):
