@@ -29,12 +29,12 @@ from two expansions, each valid in a region of the (ν, x) plane (see docs/numer
   4(n+ν+½)/((n+1)(n+ν+2)(n+2ν+2))) replaces the cancelling formula above. The terms are one
   cumulative product over a stacked dimension of `SERIES_TERMS` term ratios.
 
-G comes from its series wherever q ≤ max(16(ν+1), R₀²/4 − ν²/4) and from L elsewhere. On the CPU,
-where a host synchronisation is free, an expansion is evaluated only if some argument needs it; on
-other devices, under ``torch.func.vmap`` and under ``torch.compile`` both are evaluated and merged.
+G comes from its series wherever q ≤ max(16(ν+1), R₀²/4 − ν²/4) and from L elsewhere.
 
-A Python-number order uses tables cached per (order, device); a tensor of orders (broadcasting with
-x) evaluates the same formulas with per-element coefficients.
+A Python-number order uses coefficient tables cached per (order, device); a tensor of orders
+(broadcasting with x) evaluates the same formulas with per-element coefficients. For a Python-number
+order `vmf_dists._bessel_table` evaluates these results from piecewise polynomials (fewer operations);
+`expansion_parts` is the reference it is built from and checked against.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ import torch
 
 from vmf_dists import _debye
 
-__all__ = ["BesselParts", "bessel_parts", "DEBYE_RADIUS"]
+__all__ = ["BesselParts", "expansion_parts", "gap_series_limit", "DEBYE_RADIUS"]
 
 DEBYE_RADIUS = _debye.DEBYE_RADIUS
 #: Terms of the power series: at r < R₀ (q < 144) and for G at q ≤ 16(ν+1) the rest is < 1e-19 of the sum.
@@ -81,6 +81,11 @@ def _series_ratio_rows(nu, k: torch.Tensor) -> list[torch.Tensor]:
     ]
 
 
+def gap_series_limit(nu: float) -> float:
+    """The x up to which G = log 0F1(;ν+1;x²/4) is summed as a series: q ≤ 16(ν+1), or r < R₀."""
+    return max(2.0 * math.sqrt(GAP_SERIES_LIMIT * (nu + 1.0)), math.sqrt(max(DEBYE_RADIUS**2 - nu * nu, 0.0)))
+
+
 @dataclass(frozen=True)
 class _ScalarOrder:
     """Everything `bessel_parts` needs for one Python-number order on one device."""
@@ -93,9 +98,16 @@ class _ScalarOrder:
     small_x: float  # r < R₀ ⟺ x < small_x (0 for ν ≥ R₀)
     gap_x: float  # G by its series for x ≤ gap_x
     log_at_zero: float  # lim_{x→0} L = −ν log 2 − log Γ(ν+1)
+    log_u_at_zero: float  # log U at x = 0 (t = 1), for ν ≥ R₀ (≈ −(log Γ(ν+1) − Stirling's approximation))
 
 
 _SCALAR_ORDERS: dict[tuple[float, torch.device], _ScalarOrder] = {}
+
+
+def _u_at_zero(table, nu: float, radial: bool) -> float:
+    """U − 1 at x = 0 (t = 1, τ = 1/ν) from a Debye table (rows j = 1 … J)."""
+    s = 1.0 / nu if radial else 1.0
+    return sum(row[0] * s ** (j + 1) for j, row in enumerate(table))
 
 
 def _scalar_order(nu: float, device: torch.device) -> _ScalarOrder:
@@ -117,8 +129,9 @@ def _scalar_order(nu: float, device: torch.device) -> _ScalarOrder:
             debye=torch.tensor(table, dtype=torch.float64, device=device),
             series=series,
             small_x=math.sqrt(max(DEBYE_RADIUS**2 - nu * nu, 0.0)),
-            gap_x=max(2.0 * math.sqrt(GAP_SERIES_LIMIT * (nu + 1.0)), math.sqrt(max(DEBYE_RADIUS**2 - nu * nu, 0.0))),
+            gap_x=gap_series_limit(nu),
             log_at_zero=-nu * math.log(2.0) - math.lgamma(nu + 1.0),
+            log_u_at_zero=math.log1p(_u_at_zero(table, nu, radial)) if not radial else 0.0,
         )
     _SCALAR_ORDERS[key] = entry
     return entry
@@ -168,7 +181,7 @@ def _add_scaled(acc: torch.Tensor, scale, term: torch.Tensor) -> torch.Tensor:
     return acc.add_(term, alpha=scale) if isinstance(scale, float) else acc.add_(term * scale)
 
 
-def _debye_parts(order, nu, x: torch.Tensor, want: BesselParts, clamp: bool) -> BesselParts:
+def _debye_parts(order, nu, x: torch.Tensor, want: BesselParts, clamp: bool, log_at_zero=None) -> BesselParts:
     nu_tensor = order.nu_tensor if isinstance(order, _ScalarOrder) else nu
     r = torch.hypot(x, nu_tensor)
     if clamp:  # entries with r < R₀ are discarded; clamping keeps them finite
@@ -202,7 +215,31 @@ def _debye_parts(order, nu, x: torch.Tensor, want: BesselParts, clamp: bool) -> 
             else:
                 inner = (t * inv_one_plus_t).mul_(inv_one_plus_t).mul_(zt * zt).sub_(inner).addcmul_(t * t, g)
             derivative = inner.mul_(tau)
-    return BesselParts(log_scaled, ratio, complement, derivative, None)
+    log_series = None
+    if want.log_series is not None:
+        log_series = _debye_log_series(order, nu, x, r, su, log_scaled, log_at_zero)
+    return BesselParts(log_scaled, ratio, complement, derivative, log_series)
+
+
+def _debye_log_series(order, nu, x: torch.Tensor, r: torch.Tensor, su: torch.Tensor, log_scaled, log_at_zero) -> torch.Tensor:
+    """G = log 0F1(;ν+1;x²/4) where r ≥ R₀.
+
+    For ν ≥ R₀, G = L + x + ν log 2 + log Γ(ν+1) would subtract numbers of size ν log ν from each other;
+    expanding L and Stirling's series (of which log U at x = 0 is the Debye form) instead gives, with
+    d = r − ν = x²/(r + ν), the cancellation-free G = d − ν log1p(d/(2ν)) − ½ log1p(d/ν) + log U − log U(0).
+    For ν < R₀ that form does not converge at x = 0, and G is large wherever r ≥ R₀: L + x − lim L is used.
+    """
+    from_l = log_scaled + x - log_at_zero
+    if isinstance(order, _ScalarOrder) and order.radial:
+        return from_l
+    if isinstance(order, _ScalarOrder):
+        log_u_at_zero = order.log_u_at_zero
+    else:  # per element, at x = 0 (meaningless for ν < R₀, where from_l is taken)
+        safe_nu = nu.clamp(min=DEBYE_RADIUS)
+        log_u_at_zero = torch.log1p(_debye_sums(safe_nu, x, safe_nu, torch.reciprocal(safe_nu))[..., 0])
+    d = (x * x) / (r + nu)
+    stable = (d - nu * torch.log1p(d / (2.0 * nu)) - 0.5 * torch.log1p(d / nu)) + (torch.log1p(su) - log_u_at_zero)
+    return stable if isinstance(order, _ScalarOrder) else torch.where(nu >= DEBYE_RADIUS, stable, from_l)
 
 
 def _series_sums(q: torch.Tensor, ratios: torch.Tensor) -> torch.Tensor:
@@ -235,36 +272,6 @@ def _series_parts(order, nu, x: torch.Tensor, q: torch.Tensor, ratios: torch.Ten
 # the entry point
 
 
-def _host_checks_allowed(x: torch.Tensor) -> bool:
-    """Whether a data-dependent branch is free and legal here: on the CPU, outside vmap and torch.compile."""
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
-        return False
-    return not torch._C._functorch.is_batchedtensor(x)
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """Which expansions a call evaluates; where two are used for one part, they are merged by mask."""
-
-    has_inf: bool  # some x = ∞
-    small: bool  # power series for L, R, 1 − R, R' (some r < R₀)
-    debye: bool  # uniform expansion for them (some r ≥ R₀)
-    gap_series: bool  # G from its series (some x ≤ gap_x)
-    gap_debye: bool  # G from L (some x > gap_x)
-
-
-def _plan(x: torch.Tensor, small_x: float, gap_x: float, needs_main: bool, needs_gap: bool) -> _Plan:
-    """On the CPU one host read of min(x) and max(x) decides which expansions are needed; elsewhere all."""
-    has_small = small_x > 0.0
-    low = high = math.nan
-    if _host_checks_allowed(x):
-        low, high = torch.stack(torch.aminmax(x)).tolist()
-    if math.isnan(low) or math.isnan(high):  # no host read, or garbage in (validation off): everything
-        return _Plan(True, needs_main and has_small, needs_main, needs_gap, needs_gap)
-    return _Plan(math.isinf(high), needs_main and has_small and low < small_x, needs_main and high >= small_x,
-                 needs_gap and low <= gap_x, needs_gap and high > gap_x)
-
-
 def _merge(mask, first: torch.Tensor | None, second: torch.Tensor | None) -> torch.Tensor | None:
     if first is None:
         return second
@@ -274,10 +281,11 @@ def _merge(mask, first: torch.Tensor | None, second: torch.Tensor | None) -> tor
 
 
 _AT_INFINITY = {"log_scaled": -math.inf, "ratio": 1.0, "complement": 0.0, "derivative": 0.0, "log_series": math.inf}
+_NAMES = ("log_scaled", "ratio", "complement", "derivative")
 
 
 @torch.no_grad()
-def bessel_parts(
+def expansion_parts(
     order: float | torch.Tensor,
     x: torch.Tensor,
     *,
@@ -287,7 +295,11 @@ def bessel_parts(
     derivative: bool = False,
     log_series: bool = False,
 ) -> BesselParts:
-    """The requested parts of I_ν at x (float64 tensors; see the module docstring).
+    """The requested parts of I_ν at x from the two expansions (float64; see the module docstring).
+
+    Both expansions are evaluated where either could be needed and merged elementwise; this is the
+    reference from which `vmf_dists._bessel_table` builds its per-order tables, and the evaluation
+    for a tensor of orders.
 
     Args:
         order: ν ≥ 0, a Python float or a float64 tensor broadcastable with ``x``.
@@ -297,9 +309,9 @@ def bessel_parts(
     Returns:
         `BesselParts` with the requested entries set (the broadcast shape of order and x).
     """
-    flags = {"log_scaled": log_scaled, "ratio": ratio, "complement": complement, "derivative": derivative}
-    main = BesselParts(**{name: True if flag else None for name, flag in flags.items()})
-    needs_main = any(flags.values())
+    flags = (log_scaled, ratio, complement, derivative)
+    main = BesselParts(*(True if flag else None for flag in flags))
+    needs_main = any(flags)
     if isinstance(order, torch.Tensor):
         nu, x = torch.broadcast_tensors(order.to(x), x)
         k = torch.arange(1, SERIES_TERMS + 1, dtype=x.dtype, device=x.device)
@@ -307,48 +319,31 @@ def bessel_parts(
         small_x = torch.sqrt((DEBYE_RADIUS**2 - nu * nu).clamp(min=0.0))
         gap_x = torch.maximum(torch.sqrt(GAP_SERIES_LIMIT * (nu + 1.0)) * 2.0, small_x)
         log_at_zero = -nu * math.log(2.0) - torch.lgamma(nu + 1.0)
-        spec = nu
-        plan = _Plan(True, needs_main, needs_main, log_series, log_series)
+        spec, has_small = nu, True
     else:
         spec = _scalar_order(float(order), x.device)
         nu, ratios, small_x, gap_x, log_at_zero = spec.nu, spec.series, spec.small_x, spec.gap_x, spec.log_at_zero
-        if x.numel() == 0:
-            empty = torch.empty_like(x)
-            return BesselParts(*(empty if f else None for f in (*flags.values(), log_series)))
-        plan = _plan(x, small_x, gap_x, needs_main, log_series)
+        has_small = small_x > 0.0
+    inf_x = torch.isinf(x)
+    x = torch.where(inf_x, 0.0, x)
 
-    if plan.has_inf:
-        inf_x = torch.isinf(x)
-        x = torch.where(inf_x, 0.0, x)
-
-    debye = BesselParts()
-    if plan.debye or plan.gap_debye:
-        debye_want = main if plan.debye else BesselParts()
-        if plan.gap_debye:
-            debye_want = debye_want._replace(log_scaled=True)
-        debye = _debye_parts(spec, nu, x, debye_want, clamp=plan.small)
-    series = BesselParts()
-    if plan.small or plan.gap_series:
-        # q capped where the series is not used, so that the discarded terms stay finite
-        capped = torch.minimum(x, torch.as_tensor(gap_x, dtype=x.dtype, device=x.device)) if plan.debye or plan.gap_debye else x
-        q = capped.square().mul_(0.25)
-        if not plan.small:
-            ratios = ratios[..., :1, :]
-        elif not derivative:
-            ratios = ratios[..., :2, :]
-        series_want = (main if plan.small else BesselParts())._replace(log_series=True if plan.gap_series else None)
-        series = _series_parts(spec, nu, x, q, ratios, series_want, log_at_zero)
+    debye_want = main._replace(log_scaled=True if log_series else main.log_scaled, log_series=True if log_series else None)
+    debye = _debye_parts(spec, nu, x, debye_want, clamp=has_small, log_at_zero=log_at_zero)
+    # q capped where the series is not used, so that the discarded terms stay finite
+    q = torch.minimum(x, torch.as_tensor(gap_x, dtype=x.dtype, device=x.device)).square().mul_(0.25)
+    if not (needs_main and has_small):
+        ratios = ratios[..., :1, :]
+    elif not derivative:
+        ratios = ratios[..., :2, :]
+    series_want = (main if has_small else BesselParts())._replace(log_series=True if log_series else None)
+    series = _series_parts(spec, nu, x, q, ratios, series_want, log_at_zero)
 
     parts = {}
-    in_small = x < small_x if plan.small and plan.debye else None
-    for name, flag in flags.items():
+    in_small = x < small_x if has_small else None
+    for name, flag in zip(_NAMES, flags):
         if flag:
-            parts[name] = _merge(in_small, getattr(series, name), getattr(debye, name) if plan.debye else None)
+            parts[name] = _merge(in_small, getattr(series, name), getattr(debye, name))
     if log_series:
-        from_debye = debye.log_scaled + x - log_at_zero if plan.gap_debye else None
-        in_gap = x <= gap_x if plan.gap_series and plan.gap_debye else None
-        parts["log_series"] = _merge(in_gap, series.log_series if plan.gap_series else None, from_debye)
-
-    if plan.has_inf:  # limits at x = ∞
-        parts = {name: torch.where(inf_x, _AT_INFINITY[name], value) for name, value in parts.items()}
+        parts["log_series"] = torch.where(x <= gap_x, series.log_series, debye.log_series)
+    parts = {name: torch.where(inf_x, _AT_INFINITY[name], value) for name, value in parts.items()}
     return BesselParts(**parts)

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from vmf_dists._function import apply
-from vmf_dists._bessel import bessel_parts
+from vmf_dists._bessel_table import bessel_parts
 
 FIRST_ROUND_PROPOSALS = 4  # for `sample_one_minus_w`, which has no Gaussian to reuse
 LATER_ROUND_PROPOSALS = 4

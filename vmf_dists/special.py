@@ -45,7 +45,8 @@ from typing import Callable
 
 import torch
 
-from vmf_dists._bessel import BesselParts, bessel_parts
+from vmf_dists._bessel import BesselParts
+from vmf_dists._bessel_table import bessel_parts
 from vmf_dists._function import apply
 
 __all__ = [
