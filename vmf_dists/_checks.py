@@ -14,6 +14,7 @@ from torch.distributions.transforms import ExpTransform
 
 __all__ = [
     "check_same_sphere",
+    "check_unit_and_nonnegative",
     "check_sample_on_sphere",
     "check_unit_vectors",
     "check_values",
@@ -69,6 +70,30 @@ def check_unit_vectors(value: torch.Tensor, name: str) -> None:
         )
 
 
+def _unit_tolerance(value: torch.Tensor) -> float:
+    return 10.0 * torch.finfo(value.dtype).eps * math.sqrt(value.shape[-1])
+
+
+def check_unit_and_nonnegative(loc: torch.Tensor, concentration: torch.Tensor) -> None:
+    """`check_unit_vectors` on ``loc`` and `check_values` on ``concentration`` with one host read.
+
+    The fast path reads min/max of ‖loc‖ and of κ (five tensor operations); only if they are out of
+    range (or NaN) are the detailed checks run, for their messages.
+    """
+    if loc.numel() == 0 or concentration.numel() == 0:
+        return
+    extremes = [*torch.aminmax(torch.linalg.vector_norm(loc, dim=-1)), *torch.aminmax(concentration)]
+    if loc.dtype == concentration.dtype:
+        low_norm, high_norm, low_kappa, high_kappa = torch.stack(extremes).tolist()
+    else:
+        low_norm, high_norm, low_kappa, high_kappa = (t.item() for t in extremes)
+    tolerance = _unit_tolerance(loc)
+    if not (abs(low_norm - 1.0) < tolerance and abs(high_norm - 1.0) < tolerance):
+        check_unit_vectors(loc, "loc")
+    if not (low_kappa >= 0.0 and high_kappa < math.inf):
+        check_values(concentration, "concentration")
+
+
 def check_sample_on_sphere(d: Distribution, value: torch.Tensor) -> None:
     """torch's ``_validate_sample`` for a distribution on the sphere, with a one-line message."""
     if not isinstance(value, torch.Tensor):
@@ -81,7 +106,12 @@ def check_sample_on_sphere(d: Distribution, value: torch.Tensor) -> None:
             raise ValueError(
                 f"value of shape {tuple(value.shape)} does not broadcast with batch_shape + event_shape = {tuple(expected)}"
             )
-    check_unit_vectors(value, "value")
+    if value.numel() == 0:
+        return
+    low, high = torch.stack(torch.aminmax(torch.linalg.vector_norm(value, dim=-1))).tolist()
+    tolerance = _unit_tolerance(value)
+    if not (abs(low - 1.0) < tolerance and abs(high - 1.0) < tolerance):
+        check_unit_vectors(value, "value")
 
 
 class _FiniteNonnegative(constraints.Constraint):

@@ -10,13 +10,15 @@ float64); √(1−w²) = √(y(2−y)).
 * every other p: Wood (1994)'s rejection sampler in a form that never cancels:
   b = (p−1)/(2κ + √(4κ² + (p−1)²)), x₀ = (1−b)/(1+b), Beta proposal z = g₁/(g₁+g₂) from two
   Gamma((p−1)/2) draws, y = 2bz/(1−(1−b)z) = 2b g₁/(g₂ + b g₁), accepted when
-  2κb/(1+b) − κy + (p−1)[log1p((1−b)y/(2b)) − log1p(x₀)] ≥ log u, which is Wood's test
-  κw + (p−1)log(1−x₀w) − c ≥ log u rewritten without differences of nearby numbers. Its acceptance
+  2κb/(1+b) − κy + (p−1)[log1p((1−b)y/(2b)) − log1p(x₀)] ≥ log u (see `_wood_accept`), which is
+  Wood's test κw + (p−1)log(1−x₀w) − c ≥ log u rewritten without differences of nearby numbers. Its acceptance
   rate is at least 0.65 for every p and κ (measured; ≈ 1 for κ ≲ p). Unless a gradient in μ is
   needed, the first proposal of every sample costs nothing: the Gaussian g drawn for the direction
   gives z = (1 + μᵀg/‖g‖)/2, which is Beta((p−1)/2, (p−1)/2) and independent of the tangent direction
   of g. (With a μ-gradient this reuse would make the noise depend on μ and bias that gradient, so
-  the proposals are then drawn from Gamma variates.) The rejected samples are finished with
+  the proposals are then drawn from Gamma variates: `FIRST_ROUND_PROPOSALS` per sample, or
+  `LARGE_BATCH_FIRST_ROUND_PROPOSALS` from `LARGE_BATCH` samples on, where the draws rather than an
+  extra round on the few rejected samples are the cost.) The rejected samples are finished with
   `LATER_ROUND_PROPOSALS` Gamma-based proposals per sample per round: compacted after every round on
   the CPU, masked blocks of rounds with one host synchronisation per block on accelerators.
 * The gradient dy/dκ is implicit (Figurnov et al., 2018): with the angle θ = arccos(w),
@@ -39,7 +41,9 @@ import torch
 from vmf_dists._function import apply
 from vmf_dists._bessel_table import bessel_parts
 
-FIRST_ROUND_PROPOSALS = 4  # for `sample_one_minus_w`, which has no Gaussian to reuse
+FIRST_ROUND_PROPOSALS = 4  # for `sample_one_minus_w`, which has no Gaussian to reuse ...
+LARGE_BATCH_FIRST_ROUND_PROPOSALS = 2  # ... from this many samples on: Gamma draws, not rounds, are the cost
+LARGE_BATCH = 512
 LATER_ROUND_PROPOSALS = 4
 MAX_ROUNDS = 64
 _QUADRATURE_NODES = 20
@@ -155,7 +159,8 @@ def sample_one_minus_w(dim: int, kappa: torch.Tensor) -> torch.Tensor:
     if dim == 3:
         return _inverse_cdf_p3(kappa, torch.rand_like(kappa))
     flat = kappa.reshape(-1)
-    y, done = _wood_round(dim, flat, FIRST_ROUND_PROPOSALS)
+    proposals = FIRST_ROUND_PROPOSALS if flat.numel() < LARGE_BATCH else LARGE_BATCH_FIRST_ROUND_PROPOSALS
+    y, done = _wood_round(dim, flat, proposals)
     return _finish_rejected(dim, flat, y, done).reshape(kappa.shape)
 
 

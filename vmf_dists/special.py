@@ -41,6 +41,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 import torch
@@ -162,6 +163,7 @@ class _Kernel:
     ``value``/``derivative`` build f and f' from float64 parts; ``needs``/``derivative_needs`` name the
     parts they read; ``graph_derivative(arg, x)`` is f' as a differentiable function of x (used for
     double backward and forward mode), or raises where no higher derivative is implemented.
+    ``passes_through`` marks kernels whose value or derivative is one of the parts itself.
     """
 
     name: str
@@ -171,10 +173,30 @@ class _Kernel:
     derivative_needs: tuple[str, ...]
     derivative: Callable
     graph_derivative: Callable
+    passes_through: bool = False
+
+    @cached_property
+    def _value_flags(self) -> dict[str, bool]:
+        return {name: True for name in self.needs}
+
+    @cached_property
+    def _all_flags(self) -> dict[str, bool]:
+        return {name: True for name in self.needs + self.derivative_needs}
 
     def parts(self, arg, x64: torch.Tensor, with_derivative: bool) -> BesselParts:
-        names = set(self.needs) | (set(self.derivative_needs) if with_derivative else set())
-        return bessel_parts(_order_on(self.order(arg), x64), x64, **{name: True for name in names})
+        flags = self._all_flags if with_derivative else self._value_flags
+        return bessel_parts(_order_on(self.order(arg), x64), x64, **flags)
+
+    def lacks_derivative_parts(self, parts: BesselParts) -> bool:
+        return any(getattr(parts, name) is None for name in self.derivative_needs)
+
+
+def _output(t: torch.Tensor, dtype: torch.dtype, copy: bool) -> torch.Tensor:
+    """``t`` in ``dtype`` as a tensor of its own (``copy``: it may be one of the cached parts, which
+    autograd would detach in place and share between Functions)."""
+    if t.dtype != dtype:
+        return t.to(dtype)
+    return t.clone() if copy else t
 
 
 class _SpecialFunction(torch.autograd.Function):
@@ -185,12 +207,12 @@ class _SpecialFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x: torch.Tensor, kernel: _Kernel, arg, parts: BesselParts | None):
-        x64 = x.to(torch.float64)
+        x64 = x if x.dtype == torch.float64 else x.to(torch.float64)
         with_derivative = x.requires_grad
-        if parts is None or (with_derivative and any(getattr(parts, n) is None for n in kernel.derivative_needs)):
+        if parts is None or (with_derivative and kernel.lacks_derivative_parts(parts)):
             parts = kernel.parts(arg, x64, with_derivative)
-        value = _output(kernel.value(arg, x64, parts), x.dtype, parts)
-        derivative = _output(kernel.derivative(arg, x64, parts), x.dtype, parts) if with_derivative else None
+        value = _output(kernel.value(arg, x64, parts), x.dtype, kernel.passes_through)
+        derivative = _output(kernel.derivative(arg, x64, parts), x.dtype, kernel.passes_through) if with_derivative else None
         return value, derivative
 
     @staticmethod
@@ -217,13 +239,6 @@ class _SpecialFunction(torch.autograd.Function):
     def jvp(ctx, x_tangent, *_):
         (x,) = ctx.saved_tensors
         return x_tangent * ctx.kernel.graph_derivative(ctx.arg, x), None
-
-
-def _output(t: torch.Tensor, dtype: torch.dtype, parts: BesselParts) -> torch.Tensor:
-    """``t`` in ``dtype`` as a tensor of its own: an output that is one of the (cached) parts would be
-    detached in place by autograd and shared between Functions."""
-    out = t.to(dtype)
-    return out.clone() if any(out is part for part in parts) else out
 
 
 def _evaluate(kernel: _Kernel, x: torch.Tensor, arg, parts: BesselParts | None = None) -> torch.Tensor:
@@ -272,7 +287,7 @@ _LOG_BESSEL = _Kernel(
 _RATIO = _Kernel(
     "R_v", _identity, ("ratio",), lambda v, x64, parts: parts.ratio,
     ("derivative",), lambda v, x64, parts: parts.derivative,
-    lambda v, x: _evaluate(_RATIO_DERIVATIVE, x, v),
+    lambda v, x: _evaluate(_RATIO_DERIVATIVE, x, v), passes_through=True,
 )
 
 
@@ -291,7 +306,7 @@ def _ratio_second_derivative(v, x64: torch.Tensor, parts) -> torch.Tensor:
 
 _RATIO_DERIVATIVE = _Kernel(
     "R_v'", _identity, ("derivative",), lambda v, x64, parts: parts.derivative,
-    (), _ratio_second_derivative, _no_higher_derivative("the Bessel ratio (third derivative)"),
+    (), _ratio_second_derivative, _no_higher_derivative("the Bessel ratio (third derivative)"), passes_through=True,
 )
 
 
@@ -308,17 +323,17 @@ _LOG_NORMALIZER = _Kernel(
 _MODE_LOG_DENSITY = _Kernel(
     "log C_p + κ", _nu, ("log_scaled",), lambda dim, k64, parts: -0.5 * dim * _LOG_2PI - parts.log_scaled,
     ("complement",), lambda dim, k64, parts: parts.complement,
-    lambda dim, k: mean_resultant_length_complement(dim, k),
+    lambda dim, k: mean_resultant_length_complement(dim, k), passes_through=True,
 )
 _GAP = _Kernel(
     "log C_p(0) − log C_p", _nu, ("log_series",), lambda dim, k64, parts: parts.log_series,
     ("ratio",), lambda dim, k64, parts: parts.ratio,
-    lambda dim, k: mean_resultant_length(dim, k, validate_args=False),
+    lambda dim, k: mean_resultant_length(dim, k, validate_args=False), passes_through=True,
 )
 _COMPLEMENT = _Kernel(
     "1 − A_p", _nu, ("complement",), lambda dim, k64, parts: parts.complement,
     ("derivative",), lambda dim, k64, parts: -parts.derivative,
-    lambda dim, k: -mean_resultant_length_derivative(dim, k),
+    lambda dim, k: -mean_resultant_length_derivative(dim, k), passes_through=True,
 )
 
 
@@ -342,11 +357,9 @@ def log_sphere_area(dim: int) -> float:
 
 def _kl_uniform_value(dim, k64, parts):
     # κA − G near κ = 0 (relative precision, ≈ κ²/(2p)); [log C + κ] + log|S| − κ(1 − A) beyond.
-    near_zero = k64 * parts.ratio - parts.log_series
-    mode = -0.5 * dim * _LOG_2PI - parts.log_scaled
-    large = mode + log_sphere_area(dim) - k64 * parts.complement
-    kl = torch.where(in_gap_series_region(dim, k64), near_zero, large).clamp(min=0.0)
-    return torch.where(torch.isinf(k64), k64, kl)
+    near_zero = (k64 * parts.ratio).sub_(parts.log_series)
+    large = torch.addcmul((-0.5 * dim * _LOG_2PI + log_sphere_area(dim)) - parts.log_scaled, k64, parts.complement, value=-1.0)
+    return torch.where(k64 <= math.sqrt(32.0 * dim), near_zero, large).clamp_(min=0.0)
 
 
 _KL_UNIFORM = _Kernel(
@@ -358,8 +371,7 @@ _KL_UNIFORM = _Kernel(
 
 def _entropy_value(dim, k64, parts):
     # −[log C + κ] + κ(1 − A): no terms of size κ cancel
-    out = 0.5 * dim * _LOG_2PI + parts.log_scaled + k64 * parts.complement
-    return torch.where(torch.isinf(k64), -k64, out)
+    return torch.addcmul(parts.log_scaled + 0.5 * dim * _LOG_2PI, k64, parts.complement)
 
 
 _ENTROPY = _Kernel(
@@ -689,10 +701,10 @@ def in_gap_series_region(dim: int, *kappas: torch.Tensor) -> torch.Tensor:
     Returns:
         Boolean tensor of the broadcast shape: True where every $\kappa^2 \le 32p$.
     """
-    limit = 32.0 * dim
-    inside = kappas[0] * kappas[0] <= limit
+    limit = math.sqrt(32.0 * dim)
+    inside = kappas[0] <= limit
     for kappa in kappas[1:]:
-        inside = inside & (kappa * kappa <= limit)
+        inside = inside & (kappa <= limit)
     return inside
 
 

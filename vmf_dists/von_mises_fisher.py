@@ -7,13 +7,22 @@ from pyro.distributions import TorchDistribution, constraints
 from torch.distributions.utils import lazy_property
 
 from vmf_dists._bessel import BesselParts
-from vmf_dists._checks import check_sample_on_sphere, check_unit_vectors, check_values, finite_nonnegative
+from vmf_dists._bessel_table import bessel_parts
+from vmf_dists._function import apply
+from vmf_dists._checks import (
+    check_sample_on_sphere,
+    check_unit_and_nonnegative,
+    check_unit_vectors,
+    check_values,
+    finite_nonnegative,
+)
 from vmf_dists._sampling import rsample_vmf
 from vmf_dists.special import (
+    _LOG_2PI,
     _validation_enabled,
     inverse_mean_resultant_length,
-    log_normalizer_plus_kappa,
     mean_resultant_length,
+    mean_resultant_length_complement,
     mean_resultant_length_derivative,
     vmf_entropy,
     vmf_parts,
@@ -43,6 +52,60 @@ def _unit(loc: torch.Tensor) -> torch.Tensor:
             compact = compact.narrow(d, 0, 1)
     unit = compact / torch.linalg.vector_norm(compact, dim=-1, keepdim=True)
     return unit.expand(loc.shape)
+
+
+def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    return grad if grad.shape == shape else grad.sum_to_size(shape)
+
+
+class _LogDensity(torch.autograd.Function):
+    r"""log f(x) = [log C_p(κ) + κ] − κ‖x − μ‖²/2 as one autograd node, with a hand-written backward.
+
+    ∂/∂x = −κ(x − μ), ∂/∂μ = κ(x − μ), ∂/∂κ = (1 − A_p(κ)) − ‖x − μ‖²/2; double backward rebuilds them
+    from differentiable operations. ``parts`` are the distribution's cached Bessel parts (or None).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(value, loc, kappa, dim: int, parts):
+        diff = value - loc
+        sq_dist = diff.square().sum(-1)
+        with_complement = kappa.requires_grad
+        if parts is None or (with_complement and parts.complement is None):
+            parts = bessel_parts(dim / 2.0 - 1.0, kappa.detach().to(torch.float64), log_scaled=True,
+                                 complement=with_complement)
+        mode = (-0.5 * dim * _LOG_2PI - parts.log_scaled).to(kappa.dtype)  # log C_p(κ) + κ
+        complement = parts.complement.to(kappa.dtype) if with_complement else None
+        return torch.addcmul(mode, kappa, sq_dist, value=-0.5), diff, sq_dist, complement
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        value, loc, kappa, dim, _ = inputs
+        _, diff, sq_dist, complement = output
+        ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
+        ctx.save_for_backward(value, loc, kappa, diff, sq_dist, complement)
+        ctx.dim = dim
+
+    @staticmethod
+    def backward(ctx, grad, *_):
+        value, loc, kappa, diff, sq_dist, complement = ctx.saved_tensors
+        need_value, need_loc, need_kappa = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # double backward: the same formulas, differentiable
+            diff = value - loc
+            sq_dist = diff.square().sum(-1)
+            complement = mean_resultant_length_complement(ctx.dim, kappa) if need_kappa else None
+        elif need_kappa and complement is None:
+            complement = bessel_parts(ctx.dim / 2.0 - 1.0, kappa.detach().to(torch.float64), complement=True).complement
+            complement = complement.to(kappa.dtype)
+        grad_value = grad_loc = grad_kappa = None
+        if need_value or need_loc:
+            scaled = (grad * kappa).unsqueeze(-1) * diff  # −∂/∂x = ∂/∂μ
+            grad_value = _reduce_to(-scaled, value.shape) if need_value else None
+            grad_loc = _reduce_to(scaled, loc.shape) if need_loc else None
+        if need_kappa:
+            grad_kappa = _reduce_to(grad * torch.add(complement, sq_dist, alpha=-0.5), kappa.shape)
+        return grad_value, grad_loc, grad_kappa, None, None
 
 
 class VonMisesFisher(TorchDistribution):
@@ -120,7 +183,8 @@ class VonMisesFisher(TorchDistribution):
         if isinstance(concentration, torch.Tensor):
             if not concentration.is_floating_point():
                 concentration = concentration.to(loc.dtype)
-            concentration = concentration.to(device=loc.device)  # e.g. a CPU scalar with a CUDA loc
+            if concentration.device != loc.device:  # e.g. a CPU scalar with a CUDA loc
+                concentration = concentration.to(device=loc.device)
             dtype = torch.promote_types(loc.dtype, concentration.dtype)
         else:  # a Python number takes loc's dtype, as in torch.distributions
             if validate:
@@ -135,10 +199,12 @@ class VonMisesFisher(TorchDistribution):
                 f"loc.shape[:-1] = {tuple(loc.shape[:-1])}"
             ) from error
         if validate:  # each at its own precision, before the dtypes are promoted
-            check_unit_vectors(loc, "loc")
-            check_values(concentration, "concentration")
-        self.loc = loc.to(dtype).expand(batch_shape + loc.shape[-1:])
-        self.concentration = concentration.to(dtype).expand(batch_shape)
+            check_unit_and_nonnegative(loc, concentration)
+        loc = loc if loc.dtype == dtype else loc.to(dtype)
+        concentration = concentration if concentration.dtype == dtype else concentration.to(dtype)
+        loc_shape = batch_shape + loc.shape[-1:]
+        self.loc = loc if loc.shape == loc_shape else loc.expand(loc_shape)
+        self.concentration = concentration if concentration.shape == batch_shape else concentration.expand(batch_shape)
         super().__init__(batch_shape, loc.shape[-1:], validate_args=False)
         self._validate_args = validate
 
@@ -232,8 +298,7 @@ class VonMisesFisher(TorchDistribution):
         """
         if self._validate_args:
             check_sample_on_sphere(self, value)
-        sq_dist = (value - self._unit_loc).square().sum(-1)
-        return log_normalizer_plus_kappa(self.dim, self.concentration, self._parts()) - 0.5 * self.concentration * sq_dist
+        return apply(_LogDensity, value, self._unit_loc, self.concentration, self.dim, self._parts())[0]
 
     def rsample(self, sample_shape: torch.Size | tuple[int, ...] = torch.Size()) -> torch.Tensor:
         r"""Exact, reparameterised samples.
