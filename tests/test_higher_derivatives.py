@@ -60,15 +60,16 @@ def test_hessian_of_inverse_mean_resultant_length(r):
 
 
 def test_third_derivative_of_log_normalizer_and_refusal_of_the_fourth():
-    """d³/dκ³ log C_p = −A_p'' is implemented (extrapolated differences); a fourth order is refused."""
+    """d³/dκ³ log C_p = −A_p'' is implemented (extrapolated differences), also with create_graph=True (as
+    torch.func's nested transforms need); taking a fourth order from it raises."""
     dim, x = 8, 3.0
     kappa = torch.tensor(x, dtype=torch.float64, requires_grad=True)
     (first,) = torch.autograd.grad(vmf_log_normalizer(dim, kappa), kappa, create_graph=True)
     (second,) = torch.autograd.grad(first, kappa, create_graph=True)
-    (third,) = torch.autograd.grad(second, kappa, retain_graph=True)
+    (third,) = torch.autograd.grad(second, kappa, create_graph=True)
     assert third.item() == pytest.approx(-second_difference(lambda t: mean_resultant_length(dim, t), x), rel=2e-5)
     with pytest.raises(RuntimeError, match="higher than implemented"):
-        torch.autograd.grad(second, kappa, create_graph=True)
+        torch.autograd.grad(third, kappa)
 
 
 def test_hessian_of_variance_is_refused():
@@ -77,8 +78,39 @@ def test_hessian_of_variance_is_refused():
         hessian(lambda t: VonMisesFisher(MU, t).variance[0], torch.tensor(3.0, dtype=torch.float64))
 
 
-def test_second_derivative_through_samples_in_kappa_raises():
+@pytest.mark.parametrize("p", [3, 4])
+def test_second_derivative_through_samples_in_kappa_raises(p):
+    """The first derivative in κ through samples works with create_graph=True; the second raises
+    (it would need d²y/dκ², not implemented) instead of silently missing that term."""
     kappa = torch.tensor(5.0, dtype=torch.float64, requires_grad=True)
-    x = VonMisesFisher(MU, kappa).rsample((3,))
-    with pytest.raises(RuntimeError, match="second derivatives through vMF samples"):
-        torch.autograd.grad(x.sum(), kappa, create_graph=True)
+    mu = torch.nn.functional.normalize(torch.arange(1.0, p + 1, dtype=torch.float64), dim=0)
+    x = VonMisesFisher(mu, kappa).rsample((3,))
+    (first,) = torch.autograd.grad(x.sum(), kappa, create_graph=True)
+    (plain,) = torch.autograd.grad(x.sum(), kappa, retain_graph=True)
+    assert first.item() == pytest.approx(plain.item(), rel=1e-12)
+    with pytest.raises(RuntimeError, match="higher than implemented"):
+        torch.autograd.grad(first, kappa)
+
+
+def test_second_derivatives_through_samples_in_loc_are_exact():
+    """Double backward in loc through rsample equals the autograd Hessian of the same map written with
+    plain operations at the same noise (the sample map's backward rebuilds it)."""
+    torch.manual_seed(3)
+    p = 5
+    loc = torch.nn.functional.normalize(torch.randn(2, p, dtype=torch.float64), dim=-1).requires_grad_()
+    kappa = torch.tensor([3.0, 40.0], dtype=torch.float64)
+    a = torch.randn(2, p, dtype=torch.float64)
+
+    def loss(m):
+        torch.manual_seed(11)
+        x = VonMisesFisher(m, kappa, validate_args=False).rsample()
+        return ((x * a).sum(-1) ** 2).sum()
+
+    (g,) = torch.autograd.grad(loss(loc), loc, create_graph=True)
+    (h,) = torch.autograd.grad((g * a).sum(), loc)
+    eps = 1e-6  # central difference of the gradient along a, at the same noise (loss reseeds)
+    m_plus = (loc.detach() + eps * a).requires_grad_()
+    m_minus = (loc.detach() - eps * a).requires_grad_()
+    (g_plus,) = torch.autograd.grad(loss(m_plus), m_plus)
+    (g_minus,) = torch.autograd.grad(loss(m_minus), m_minus)
+    torch.testing.assert_close(h, (g_plus - g_minus) / (2 * eps), rtol=1e-5, atol=1e-7)

@@ -185,7 +185,7 @@ def _debye_parts(order, nu, x: torch.Tensor, want: BesselParts, clamp: bool, log
     nu_tensor = order.nu_tensor if isinstance(order, _ScalarOrder) else nu
     r = torch.hypot(x, nu_tensor)
     if clamp:  # entries with r < R₀ are discarded; clamping keeps them finite
-        r = r.clamp_(min=DEBYE_RADIUS)
+        r = r.clamp(min=DEBYE_RADIUS)
     tau = torch.reciprocal(r)
     su, tdu, w, tdw = _debye_sums(order, x, r, tau).unbind(-1)
     zero_order = isinstance(nu, float) and nu == 0.0
@@ -203,7 +203,7 @@ def _debye_parts(order, nu, x: torch.Tensor, want: BesselParts, clamp: bool, log
         inv_one_plus_t = None if zero_order else torch.reciprocal(t + 1.0)
         g = w_over_u + 1.0 if zero_order else inv_one_plus_t + w_over_u
         if want.ratio is not None:
-            ratio = (zt * g).clamp_(max=_BELOW_ONE)  # R < 1 for finite x; the product can round up to 1
+            ratio = (zt * g).clamp(max=_BELOW_ONE)  # R < 1 for finite x; the product can round up to 1
         if want.complement is not None:  # t(1 + t/(1+zt))/(1+t) − zt W/U, both terms ≥ 0
             complement = (zt * w_over_u).neg_() if zero_order else (
                 torch.div(t, zt + 1.0).add_(1.0).mul_(t).mul_(inv_one_plus_t).addcmul_(zt, w_over_u, value=-1.0)

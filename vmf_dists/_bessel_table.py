@@ -81,7 +81,7 @@ def _evaluate_normalised(table: OrderTable, eta: torch.Tensor) -> torch.Tensor:
     """[..., 5]: the interpolated Q at η (float64)."""
     m = table.intervals
     s = eta * m
-    index = s.to(torch.int64).clamp_(0, m - 1)  # also keeps NaN input (validation off) in range
+    index = s.to(torch.int64).clamp(0, m - 1)  # also keeps NaN input (validation off) in range
     u = s - index  # ∈ [0, 1] within the interval
     powers = torch.pow(u.unsqueeze(-1), table.exponents)  # [..., DEGREE + 1]: u⁰ … u^DEGREE
     return (table.coefficients[index] * powers.unsqueeze(-2)).sum(-1)
@@ -148,7 +148,7 @@ def _evaluate(table: OrderTable, x: torch.Tensor, *, log_scaled: bool, ratio: bo
     return BesselParts(
         log_scaled_value if log_scaled else None,
         # R < 1 for finite x (the product can round up), and exactly 1 at x = ∞ (η = 0)
-        torch.where(eta == 0.0, 1.0, (omega * q_r).clamp_(max=_BELOW_ONE)) if ratio else None,
+        torch.where(eta == 0.0, 1.0, (omega * q_r).clamp(max=_BELOW_ONE)) if ratio else None,
         eta * q_c if complement else None,
         (eta * eta).mul_(q_d) if derivative else None,
         series,

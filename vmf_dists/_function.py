@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["apply"]
+__all__ = ["Refuse", "apply"]
 
 _C_APPLY = getattr(torch._C._FunctionBase, "__dict__", {}).get("apply")
 
@@ -21,3 +21,34 @@ def apply(function: type[torch.autograd.Function], *args):
     if _C_APPLY is None or torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
         return function.apply(*args)
     return _C_APPLY.__get__(None, function)(*args)
+
+
+class Refuse(torch.autograd.Function):
+    """The identity on ``value``, joined to ``x`` in the graph so that differentiating it in ``x`` raises.
+
+    It marks the highest implemented derivative: ``Refuse.apply(x, f'(x), what)`` behaves as f'(x) and
+    can itself be differentiated in everything ``value`` depends on, but a derivative in ``x`` (one order
+    higher than implemented) raises instead of silently being zero.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor, value: torch.Tensor, what: str) -> torch.Tensor:
+        return value.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.what = inputs[2]
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.needs_input_grad[0]:
+            raise RuntimeError(f"derivatives of order higher than implemented for {ctx.what}")
+        return None, grad, None
+
+    @staticmethod
+    def jvp(ctx, x_tangent, value_tangent, _):
+        if x_tangent is not None:
+            raise RuntimeError(f"derivatives of order higher than implemented for {ctx.what}")
+        return value_tangent

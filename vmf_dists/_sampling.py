@@ -38,7 +38,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from vmf_dists._function import apply
+from vmf_dists._function import Refuse, apply
 from vmf_dists._bessel_table import bessel_parts
 
 FIRST_ROUND_PROPOSALS = 4  # for `sample_one_minus_w`, which has no Gaussian to reuse ...
@@ -58,13 +58,12 @@ _WINDOW_NATS = 40.0
 def _inverse_cdf_p3(kappa: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """y = 1 − w for p = 3 from u ∈ [0, 1): w = 1 + log(1 − u(1 − e^{−2κ}))/κ (u = 0 ↦ w = 1).
 
-    Differentiable in κ; below κ = 1e-10 the first-order series y = 2u − 2u(1−u)κ (error O(κ²))
-    keeps the derivative right at κ = 0.
+    y = −log1p(u expm1(−2κ))/κ keeps relative precision down to κ = 1e-300 (there it is 2u, the κ = 0
+    law, to every digit), so κ is floored there rather than special-cased; its κ-derivative is
+    `_d_inverse_cdf_p3`.
     """
-    tiny = kappa < 1e-10
-    safe_kappa = torch.where(tiny, torch.ones_like(kappa), kappa)
-    y = -torch.log1p(uniform * torch.expm1(-2.0 * safe_kappa)) / safe_kappa
-    return torch.where(tiny, 2.0 * uniform - 2.0 * uniform * (1.0 - uniform) * kappa, y)
+    kappa = kappa.clamp(min=1e-300)
+    return torch.log1p(uniform * torch.expm1(-2.0 * kappa)).div_(kappa).neg_()
 
 
 def _d_inverse_cdf_p3(kappa: torch.Tensor, uniform: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -247,8 +246,9 @@ class SampleMap(torch.autograd.Function):
     * ∂L/∂κ = (−Gᵀμ + (w/ρ) Gᵀv) dy/dκ   (dρ/dy = w/ρ);
     * ∂L/∂μ = w G − c[(Gᵀμ) g + s (G − (Gᵀv) v)]   (dv = −[(gᵀdμ)μ + s(I − vvᵀ)dμ]/‖t‖).
 
-    One autograd node instead of ~20 (and their ~40 backward operations). Second derivatives in μ are
-    exact (the map is rebuilt from its noise with differentiable operations); in κ they raise.
+    One autograd node instead of ~20 (and their ~40 backward operations). Second derivatives in μ (and
+    in the incoming gradient) are exact: the map is rebuilt from its noise with differentiable
+    operations; one in κ (it would need d²y/dκ²) raises when it is taken.
     """
 
     generate_vmap_rule = True
@@ -270,10 +270,8 @@ class SampleMap(torch.autograd.Function):
     def backward(ctx, grad):
         mu, kappa, direction, s, tangent_norm, y, one_minus_a, uniform = ctx.saved_tensors
         need_mu, need_kappa = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if torch.is_grad_enabled():
-            if need_kappa:  # a second derivative would silently miss d(dy/dκ)/dκ
-                raise RuntimeError("second derivatives through vMF samples (in the concentration) are not implemented")
-            return (SampleMap._graph_loc_gradient(ctx, grad) if need_mu else None,) + (None,) * 9
+        if torch.is_grad_enabled():  # create_graph: exact in μ and G, refused in κ (see _graph_gradients)
+            return SampleMap._graph_gradients(ctx, grad, need_mu, need_kappa) + (None,) * 8
         w = (1.0 - y).to(mu.dtype)
         rho = torch.sqrt(y * (2.0 - y)).to(mu.dtype)
         grad_mu_dot = (grad * mu).sum(-1)  # Gᵀμ
@@ -281,11 +279,10 @@ class SampleMap(torch.autograd.Function):
         grad_v_dot = (grad_dir_dot if ctx.projected else torch.addcmul(grad_dir_dot, s, grad_mu_dot, value=-1.0)) / tangent_norm
         grad_kappa = grad_mu_nu = None
         if need_kappa:
-            dy = (_d_inverse_cdf_p3(kappa.to(torch.float64), uniform, y) if uniform is not None
-                  else d_one_minus_w_d_kappa(ctx.dim, kappa, y, one_minus_a))
+            dy = SampleMap._dy_dkappa(ctx, kappa, y, one_minus_a, uniform).to(mu.dtype)
             # (w/ρ)·dy/dκ → 0 as ρ → 0 (dy/dκ vanishes with y); ρ is clamped so that 0/0 does not occur
-            ratio = (w * dy.to(mu.dtype)) / rho.clamp(min=torch.finfo(rho.dtype).tiny)
-            grad_kappa = torch.addcmul(ratio * grad_v_dot, dy.to(mu.dtype), grad_mu_dot, value=-1.0)
+            ratio = (w * dy) / rho.clamp(min=torch.finfo(rho.dtype).tiny)
+            grad_kappa = torch.addcmul(ratio * grad_v_dot, dy, grad_mu_dot, value=-1.0)
         if need_mu:
             c = rho / tangent_norm
             # w G − c[(Gᵀμ) g + s G − s (Gᵀv) v], with g = t + sμ (projected) or t = g − sμ
@@ -296,19 +293,31 @@ class SampleMap(torch.autograd.Function):
         return grad_mu_nu, grad_kappa, None, None, None, None, None, None, None, None
 
     @staticmethod
-    def _graph_loc_gradient(ctx, grad):
-        """∂L/∂μ as a differentiable function of μ and G (double backward): rebuild x from its noise."""
-        mu, _, direction, s, _, y, _, _ = ctx.saved_tensors
+    def _dy_dkappa(ctx, kappa, y, one_minus_a, uniform) -> torch.Tensor:
+        kappa64 = kappa.detach().to(torch.float64)
+        if uniform is not None:
+            return _d_inverse_cdf_p3(kappa64, uniform, y)
+        return d_one_minus_w_d_kappa(ctx.dim, kappa64, y, one_minus_a)
+
+    @staticmethod
+    def _graph_gradients(ctx, grad, need_mu: bool, need_kappa: bool):
+        """(∂L/∂μ, ∂L/∂κ) as differentiable functions of μ and G: x is rebuilt from its noise with y as a
+        leaf; ∂L/∂κ = (∂L/∂y)(dy/dκ) with dy/dκ held fixed, so a further derivative in κ (which would
+        need d²y/dκ²) raises, lazily, instead of being silently incomplete."""
+        mu, kappa, direction, s, _, y, one_minus_a, uniform = ctx.saved_tensors
         g = (direction + s.unsqueeze(-1) * mu if ctx.projected else direction).detach()
+        y_leaf = y.detach().to(mu.dtype).requires_grad_(need_kappa)
         tangent = g - (g * mu).sum(-1, keepdim=True) * mu
-        rho = torch.sqrt(y * (2.0 - y)).to(mu.dtype)
-        x = (1.0 - y).to(mu.dtype).unsqueeze(-1) * mu + (rho / torch.linalg.vector_norm(tangent, dim=-1)).unsqueeze(-1) * tangent
-        (out,) = torch.autograd.grad(x, mu, grad, create_graph=True)
-        return out
-
-
-# --------------------------------------------------------------------------------------------------
-# the whole sample
+        rho = torch.sqrt(y_leaf * (2.0 - y_leaf))
+        x = (1.0 - y_leaf).unsqueeze(-1) * mu + (rho / torch.linalg.vector_norm(tangent, dim=-1)).unsqueeze(-1) * tangent
+        inputs = [t for t, needed in ((mu, need_mu), (y_leaf, need_kappa)) if needed]
+        grads = list(torch.autograd.grad(x, inputs, grad, create_graph=True))
+        grad_mu = grads.pop(0) if need_mu else None
+        grad_kappa = None
+        if need_kappa:
+            dy = SampleMap._dy_dkappa(ctx, kappa, y, one_minus_a, uniform).to(mu.dtype)
+            grad_kappa = apply(Refuse, kappa, grads.pop(0) * dy, "vMF samples in the concentration (second derivative)")
+        return grad_mu, grad_kappa
 
 
 def _single_direction(mu: torch.Tensor) -> torch.Tensor | None:

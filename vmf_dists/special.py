@@ -24,7 +24,8 @@ All functions
 * raise `ValueError` naming the argument on bad input. Value checks (e.g. $\kappa \ge 0$) read the
   tensor on the host; they follow `torch.distributions.Distribution`'s global switch
   (`Distribution.set_default_validate_args`) or the per-call ``validate_args`` keyword, so hot loops
-  can turn them off.
+  can turn them off, and are skipped inside ``torch.func`` transforms and ``torch.compile``, which
+  cannot read values.
 
 References:
     * F. W. J. Olver, "The asymptotic expansion of Bessel functions of large order", Phil. Trans. R.
@@ -48,7 +49,7 @@ import torch
 
 from vmf_dists._bessel import BesselParts
 from vmf_dists._bessel_table import bessel_parts
-from vmf_dists._function import apply
+from vmf_dists._function import Refuse, apply
 
 __all__ = [
     "log_bessel_iv",
@@ -66,6 +67,10 @@ _LOG_2PI = math.log(2.0 * math.pi)
 
 
 def _validation_enabled(validate_args: bool | None) -> bool:
+    """Whether value checks run: the per-call switch, else torch.distributions' global one; never inside
+    ``torch.func`` transforms or ``torch.compile``, which cannot read a tensor's values on the host."""
+    if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+        return False
     if validate_args is None:
         return torch.distributions.Distribution._validate_args
     return bool(validate_args)
@@ -245,11 +250,15 @@ def _evaluate(kernel: _Kernel, x: torch.Tensor, arg, parts: BesselParts | None =
     return apply(_SpecialFunction, x, kernel, arg, parts)[0]
 
 
-def _no_higher_derivative(what: str):
-    def refuse(arg, x):
-        raise RuntimeError(f"derivatives of order higher than implemented for {what}")
+def _highest_derivative(derivative: Callable, what: str) -> Callable:
+    """A ``graph_derivative`` for the highest implemented order: the value of ``derivative`` at x, tied to x
+    so that one more derivative in x raises (`vmf_dists._function.Refuse`)."""
 
-    return refuse
+    def graph_derivative(arg, x):
+        value = derivative(arg, x.detach().to(torch.float64), None).to(x.dtype)
+        return apply(Refuse, x, value, what)
+
+    return graph_derivative
 
 
 def _nu(dim: int) -> float:
@@ -306,7 +315,8 @@ def _ratio_second_derivative(v, x64: torch.Tensor, parts) -> torch.Tensor:
 
 _RATIO_DERIVATIVE = _Kernel(
     "R_v'", _identity, ("derivative",), lambda v, x64, parts: parts.derivative,
-    (), _ratio_second_derivative, _no_higher_derivative("the Bessel ratio (third derivative)"), passes_through=True,
+    (), _ratio_second_derivative, _highest_derivative(_ratio_second_derivative, "the Bessel ratio (third derivative)"),
+    passes_through=True,
 )
 
 
@@ -359,7 +369,7 @@ def _kl_uniform_value(dim, k64, parts):
     # κA − G near κ = 0 (relative precision, ≈ κ²/(2p)); [log C + κ] + log|S| − κ(1 − A) beyond.
     near_zero = (k64 * parts.ratio).sub_(parts.log_series)
     large = torch.addcmul((-0.5 * dim * _LOG_2PI + log_sphere_area(dim)) - parts.log_scaled, k64, parts.complement, value=-1.0)
-    return torch.where(k64 <= math.sqrt(32.0 * dim), near_zero, large).clamp_(min=0.0)
+    return torch.where(k64 <= math.sqrt(32.0 * dim), near_zero, large).clamp(min=0.0)
 
 
 _KL_UNIFORM = _Kernel(

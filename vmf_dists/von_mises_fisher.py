@@ -85,6 +85,7 @@ class _LogDensity(torch.autograd.Function):
         _, diff, sq_dist, complement = output
         ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
         ctx.save_for_backward(value, loc, kappa, diff, sq_dist, complement)
+        ctx.save_for_forward(value, loc, kappa, diff, sq_dist, complement)
         ctx.dim = dim
 
     @staticmethod
@@ -107,6 +108,18 @@ class _LogDensity(torch.autograd.Function):
             grad_kappa = _reduce_to(grad * torch.add(complement, sq_dist, alpha=-0.5), kappa.shape)
         return grad_value, grad_loc, grad_kappa, None, None
 
+    @staticmethod
+    def jvp(ctx, value_tangent, loc_tangent, kappa_tangent, *_):
+        value, loc, kappa, _, _, _ = ctx.saved_tensors
+        diff = value - loc
+        tangent = None
+        if value_tangent is not None or loc_tangent is not None:
+            moved = value_tangent if loc_tangent is None else (loc_tangent.neg() if value_tangent is None else value_tangent - loc_tangent)
+            tangent = -kappa * (diff * moved).sum(-1)
+        if kappa_tangent is not None:
+            slope = torch.add(mean_resultant_length_complement(ctx.dim, kappa), diff.square().sum(-1), alpha=-0.5)
+            tangent = slope * kappa_tangent if tangent is None else tangent + slope * kappa_tangent
+        return tangent, None, None, None
 
 class VonMisesFisher(TorchDistribution):
     r"""The von Mises–Fisher distribution $\mathrm{vMF}(\mu, \kappa)$ on the unit sphere $S^{p-1} \subset \mathbb{R}^p$.
