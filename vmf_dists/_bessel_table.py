@@ -195,5 +195,32 @@ def bessel_parts(
     if isinstance(order, torch.Tensor):
         return expansion_parts(order, x, log_scaled=log_scaled, ratio=ratio, complement=complement,
                                derivative=derivative, log_series=log_series)
-    return _evaluate(order_table(float(order), x.device), x, log_scaled=log_scaled, ratio=ratio,
-                     complement=complement, derivative=derivative, log_series=log_series)
+    flags = (log_scaled, ratio, complement, derivative, log_series)
+    if _PARTS_OP is not None and torch.compiler.is_compiling():
+        # one opaque operator for torch.compile: no tracing into the tables (or their first-use build)
+        values = iter(_PARTS_OP(x, float(order), list(flags)))
+        return BesselParts(*(next(values) if flag else None for flag in flags))
+    return _evaluate(order_table(float(order), x.device), x, **dict(zip(_FLAGS, flags)))
+
+
+_FLAGS = ("log_scaled", "ratio", "complement", "derivative", "log_series")
+
+
+def _register_operator():
+    """``vmf_dists::bessel_parts`` (torch ≥ 2.4): `bessel_parts` of a Python-number order as a custom op."""
+    if not hasattr(torch.library, "custom_op"):
+        return None
+
+    @torch.library.custom_op("vmf_dists::bessel_parts", mutates_args=())
+    def parts_op(x: torch.Tensor, order: float, flags: list[bool]) -> list[torch.Tensor]:
+        parts = _evaluate(order_table(order, x.device), x, **dict(zip(_FLAGS, flags)))
+        return [part for part in parts if part is not None]
+
+    @parts_op.register_fake
+    def _(x: torch.Tensor, order: float, flags: list[bool]) -> list[torch.Tensor]:
+        return [torch.empty_like(x) for flag in flags if flag]
+
+    return parts_op
+
+
+_PARTS_OP = _register_operator()

@@ -11,16 +11,27 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["Refuse", "apply"]
+__all__ = ["Refuse", "RefuseWithoutJvp", "apply", "without_jvp"]
 
 _C_APPLY = getattr(torch._C._FunctionBase, "__dict__", {}).get("apply")
 
 
-def apply(function: type[torch.autograd.Function], *args):
-    """``function.apply(*args)`` (all arguments positional), skipping the Python wrapper when it is not needed."""
-    if _C_APPLY is None or torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+def apply(function: type[torch.autograd.Function], *args, compiled: type[torch.autograd.Function] | None = None):
+    """``function.apply(*args)`` (all arguments positional), skipping the Python wrapper when it is not needed.
+
+    Under torch.compile ``compiled`` (the `without_jvp` variant of ``function``) is applied instead:
+    Dynamo cannot trace Functions that define ``jvp`` (torch.func.jvp still gets the rule in eager mode).
+    """
+    if torch.compiler.is_compiling():
+        return (compiled or function).apply(*args)
+    if _C_APPLY is None or torch._C._are_functorch_transforms_active():
         return function.apply(*args)
     return _C_APPLY.__get__(None, function)(*args)
+
+
+def without_jvp(function: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
+    """The same Function without its ``jvp`` rule, for torch.compile (see `apply`)."""
+    return type(function.__name__ + "WithoutJvp", (function,), {"jvp": torch.autograd.Function.jvp})
 
 
 class Refuse(torch.autograd.Function):
@@ -52,3 +63,6 @@ class Refuse(torch.autograd.Function):
         if x_tangent is not None:
             raise RuntimeError(f"derivatives of order higher than implemented for {ctx.what}")
         return value_tangent
+
+
+RefuseWithoutJvp = without_jvp(Refuse)

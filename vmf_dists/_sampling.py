@@ -38,7 +38,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from vmf_dists._function import Refuse, apply
+from vmf_dists._function import Refuse, RefuseWithoutJvp, apply
 from vmf_dists._bessel_table import bessel_parts
 
 FIRST_ROUND_PROPOSALS = 4  # for `sample_one_minus_w`, which has no Gaussian to reuse ...
@@ -113,8 +113,9 @@ _MASKED_ROUNDS = 6  # on accelerators: rounds run on the full tensor between two
 
 
 def _compacts_rows(device: torch.device) -> bool:
-    """Whether rejected rows are compacted after every round (CPU) or finished in masked blocks."""
-    return device.type == "cpu"
+    """Whether rejected rows are compacted after every round (CPU) or finished in masked blocks
+    (accelerators, and under torch.compile, which cannot trace data-dependent shapes)."""
+    return device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _finish_rejected(dim: int, kappa: torch.Tensor, y: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
@@ -316,7 +317,8 @@ class SampleMap(torch.autograd.Function):
         grad_kappa = None
         if need_kappa:
             dy = SampleMap._dy_dkappa(ctx, kappa, y, one_minus_a, uniform).to(mu.dtype)
-            grad_kappa = apply(Refuse, kappa, grads.pop(0) * dy, "vMF samples in the concentration (second derivative)")
+            grad_kappa = apply(Refuse, kappa, grads.pop(0) * dy, "vMF samples in the concentration (second derivative)",
+                               compiled=RefuseWithoutJvp)
         return grad_mu, grad_kappa
 
 

@@ -42,14 +42,13 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Callable
 
 import torch
 
 from vmf_dists._bessel import BesselParts
 from vmf_dists._bessel_table import bessel_parts
-from vmf_dists._function import Refuse, apply
+from vmf_dists._function import Refuse, RefuseWithoutJvp, apply, without_jvp
 
 __all__ = [
     "log_bessel_iv",
@@ -160,7 +159,7 @@ def _order_on(v, x: torch.Tensor):
 # one autograd Function for every elementwise special function
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class _Kernel:
     """An elementwise function f(x) of `bessel_parts`, with its first derivative.
 
@@ -180,13 +179,9 @@ class _Kernel:
     graph_derivative: Callable
     passes_through: bool = False
 
-    @cached_property
-    def _value_flags(self) -> dict[str, bool]:
-        return {name: True for name in self.needs}
-
-    @cached_property
-    def _all_flags(self) -> dict[str, bool]:
-        return {name: True for name in self.needs + self.derivative_needs}
+    def __post_init__(self):  # plain attributes (torch.compile cannot trace functools.cached_property)
+        self._value_flags = {name: True for name in self.needs}
+        self._all_flags = {name: True for name in self.needs + self.derivative_needs}
 
     def parts(self, arg, x64: torch.Tensor, with_derivative: bool) -> BesselParts:
         flags = self._all_flags if with_derivative else self._value_flags
@@ -246,8 +241,11 @@ class _SpecialFunction(torch.autograd.Function):
         return x_tangent * ctx.kernel.graph_derivative(ctx.arg, x), None
 
 
+_SpecialFunctionWithoutJvp = without_jvp(_SpecialFunction)
+
+
 def _evaluate(kernel: _Kernel, x: torch.Tensor, arg, parts: BesselParts | None = None) -> torch.Tensor:
-    return apply(_SpecialFunction, x, kernel, arg, parts)[0]
+    return apply(_SpecialFunction, x, kernel, arg, parts, compiled=_SpecialFunctionWithoutJvp)[0]
 
 
 def _highest_derivative(derivative: Callable, what: str) -> Callable:
@@ -256,7 +254,7 @@ def _highest_derivative(derivative: Callable, what: str) -> Callable:
 
     def graph_derivative(arg, x):
         value = derivative(arg, x.detach().to(torch.float64), None).to(x.dtype)
-        return apply(Refuse, x, value, what)
+        return apply(Refuse, x, value, what, compiled=RefuseWithoutJvp)
 
     return graph_derivative
 
@@ -613,7 +611,7 @@ def inverse_mean_resultant_length(dim: int, r: float | torch.Tensor, *, validate
     dim = _check_dim(dim)
     validate = _validation_enabled(validate_args)
     r, dtype = _as_float_tensor(r, "r", lambda t: _check_unit_interval(t, validate))
-    return apply(_InverseMeanResultantLength, r, dim).to(dtype)
+    return _inverse(r, dim).to(dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -638,7 +636,7 @@ class _InverseMeanResultantLength(torch.autograd.Function):
     def _graph_slope(ctx) -> torch.Tensor:
         """dκ/dr = 1/A_p'(κ(r)) as a differentiable function of r."""
         r, _ = ctx.saved_tensors
-        return 1.0 / mean_resultant_length_derivative(ctx.dim, apply(_InverseMeanResultantLength, r, ctx.dim))
+        return 1.0 / mean_resultant_length_derivative(ctx.dim, _inverse(r, ctx.dim))
 
     @staticmethod
     def backward(ctx, grad):
@@ -651,6 +649,13 @@ class _InverseMeanResultantLength(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, r_tangent, _):
         return r_tangent * _InverseMeanResultantLength._graph_slope(ctx)
+
+
+_InverseMeanResultantLengthWithoutJvp = without_jvp(_InverseMeanResultantLength)
+
+
+def _inverse(r: torch.Tensor, dim: int) -> torch.Tensor:
+    return apply(_InverseMeanResultantLength, r, dim, compiled=_InverseMeanResultantLengthWithoutJvp)
 
 
 def _invert_amos_bound(r: torch.Tensor, a: float, b: float) -> torch.Tensor:

@@ -13,8 +13,12 @@ __all__ = ["HypersphericalUniform", "log_sphere_area"]
 
 
 def _default_device() -> torch.device:
-    get = getattr(torch, "get_default_device", None)  # torch ≥ 2.3 follows torch.set_default_device
-    return get() if get is not None else torch.device("cpu")
+    """torch's default device (``torch.set_default_device``), also under torch.compile, which cannot
+    trace ``torch.get_default_device`` (it returns no tensor) but can read a new tensor's device."""
+    get = getattr(torch, "get_default_device", None)
+    if get is None or torch.compiler.is_compiling():
+        return torch.empty(0).device
+    return get()
 
 
 class HypersphericalUniform(TorchDistribution):

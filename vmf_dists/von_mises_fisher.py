@@ -8,7 +8,7 @@ from torch.distributions.utils import lazy_property
 
 from vmf_dists._bessel import BesselParts
 from vmf_dists._bessel_table import bessel_parts
-from vmf_dists._function import apply
+from vmf_dists._function import apply, without_jvp
 from vmf_dists._checks import (
     check_sample_on_sphere,
     check_unit_and_nonnegative,
@@ -120,6 +120,9 @@ class _LogDensity(torch.autograd.Function):
             slope = torch.add(mean_resultant_length_complement(ctx.dim, kappa), diff.square().sum(-1), alpha=-0.5)
             tangent = slope * kappa_tangent if tangent is None else tangent + slope * kappa_tangent
         return tangent, None, None, None
+
+_LogDensityWithoutJvp = without_jvp(_LogDensity)
+
 
 class VonMisesFisher(TorchDistribution):
     r"""The von Mises–Fisher distribution $\mathrm{vMF}(\mu, \kappa)$ on the unit sphere $S^{p-1} \subset \mathbb{R}^p$.
@@ -311,7 +314,8 @@ class VonMisesFisher(TorchDistribution):
         """
         if self._validate_args:
             check_sample_on_sphere(self, value)
-        return apply(_LogDensity, value, self._unit_loc, self.concentration, self.dim, self._parts())[0]
+        return apply(_LogDensity, value, self._unit_loc, self.concentration, self.dim, self._parts(),
+                     compiled=_LogDensityWithoutJvp)[0]
 
     def rsample(self, sample_shape: torch.Size | tuple[int, ...] = torch.Size()) -> torch.Tensor:
         r"""Exact, reparameterised samples.
