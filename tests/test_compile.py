@@ -37,6 +37,15 @@ if not hasattr(torch.library, "custom_op"):
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def keep_default_validation():
+    """Dynamo switches torch.distributions' default validation off, process-wide, the first time it
+    compiles; restore it so that later tests in this worker see the usual default."""
+    before = torch.distributions.Distribution._validate_args
+    yield
+    torch.distributions.Distribution.set_default_validate_args(before)
+
+
 def _unit(shape, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.nn.functional.normalize(torch.randn(*shape, generator=g, dtype=F64), dim=-1)

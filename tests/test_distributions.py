@@ -384,6 +384,50 @@ def test_log_prob_grid_matches_mpmath(p, dtype, seeded):
             assert err <= RTOL[dtype], (i, kappas[i].item(), lp[i].item(), float(ref))
 
 
+PRECISION_F64 = 4e-15  # |Δ log f| / max(1, |log f|): the precision issue's bar (scipy's own tests ask 1e-14)
+_S98, _S02, _S8, _S2 = math.sqrt(0.98), math.sqrt(0.02), math.sqrt(0.8), math.sqrt(0.2)
+#: scipy's TestVonMises_Fisher.test_logpdf_accuracy cases (x, μ, κ); references from our mpmath oracle.
+SCIPY_LOGPDF_CASES = [
+    ([1.0, 0, 0], [1.0, 0, 0], 1e-4), ([1.0, 0, 0], [0, 0, 1.0], 1e-4), ([1.0, 0, 0], [1.0, 0, 0], 100.0),
+    ([1.0, 0, 0], [0, 0, 1.0], 100.0), ([1.0, 0, 0], [_S98, _S02, 0], 2000.0), ([1.0, 0, 0], [1.0, 0, 0], 2000.0),
+    ([1.0, 0, 0, 0, 0], [1.0, 0, 0, 0, 0], 2000.0), ([1.0, 0, 0, 0, 0], [_S98, _S02, 0, 0, 0], 2000.0),
+    ([1.0, 0, 0, 0, 0], [_S8, _S2, 0, 0, 0], 2000.0),
+]
+
+
+@pytest.mark.parametrize(("x", "mu", "kappa"), SCIPY_LOGPDF_CASES)
+def test_log_prob_float64_precision_on_scipy_cases(x, mu, kappa):
+    x, mu = torch.tensor(x, dtype=torch.float64), torch.tensor(mu, dtype=torch.float64)
+    lp = VonMisesFisher(mu / mu.norm(), torch.tensor(kappa, dtype=torch.float64)).log_prob(x).item()
+    ref, _ = _mp_log_prob(len(x), mp_unit(mu), kappa, x)
+    assert abs(lp - float(ref)) <= PRECISION_F64 * max(1.0, abs(float(ref))), (lp, float(ref))
+
+
+def test_log_prob_float64_precision_on_the_circle():
+    """p = 2 (scipy compares with its von Mises there): κ = 20, μ = (0, 1), angles around the circle."""
+    mu = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    d = VonMisesFisher(mu, torch.tensor(20.0, dtype=torch.float64))
+    angles = torch.linspace(-3.1, 3.1, 25, dtype=torch.float64)
+    x = torch.stack([torch.cos(angles), torch.sin(angles)], -1)
+    lp = d.log_prob(x)
+    for i in range(len(angles)):
+        ref, _ = _mp_log_prob(2, mp_unit(mu), 20.0, x[i])
+        assert abs(lp[i].item() - float(ref)) <= PRECISION_F64 * max(1.0, abs(float(ref))), angles[i].item()
+
+
+@pytest.mark.parametrize("p", GRID_DIMS)
+def test_log_prob_grid_float64_precision(p, seeded):
+    """The grid of test_log_prob_grid_matches_mpmath, at the precision bar relative to max(1, |log f|)."""
+    kappas = torch.tensor(GRID_KAPPAS, dtype=torch.float64)
+    loc = unit_vectors((len(GRID_KAPPAS),), p, 10 + p)
+    d = VonMisesFisher(loc, kappas)
+    for x in [loc, -loc, unit_vectors((len(GRID_KAPPAS),), p, 20 + p), d.sample()]:
+        lp = d.log_prob(x)
+        for i, k in enumerate(GRID_KAPPAS):
+            ref, _ = _mp_log_prob(p, mp_unit(loc[i]), k, x[i])
+            assert abs(lp[i].item() - float(ref)) <= PRECISION_F64 * max(1.0, abs(float(ref))), (k, lp[i].item(), float(ref))
+
+
 @pytest.mark.parametrize("p", [3, 128, 512])
 def test_float32_log_prob_at_mode_up_to_kappa_1e8(p):
     kappas = torch.tensor([0.0, 1e-3, 1.0, 1e2, 1e4, 1e6, 1e7, 1e8], dtype=torch.float32)

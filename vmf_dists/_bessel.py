@@ -46,6 +46,7 @@ from typing import NamedTuple
 import torch
 
 from vmf_dists import _debye
+from vmf_dists._function import untraced
 
 __all__ = ["BesselParts", "expansion_parts", "gap_series_limit", "DEBYE_RADIUS"]
 
@@ -118,8 +119,7 @@ def _scalar_order(nu: float, device: torch.device) -> _ScalarOrder:
     radial = nu < DEBYE_RADIUS
     num_terms = _debye.terms_needed(max(nu, DEBYE_RADIUS))
     table = _debye.radial_table(nu, num_terms) if radial else _debye.order_table(nu, num_terms)
-    # normal tensors even when the first call happens under torch.inference_mode
-    with torch.inference_mode(False), torch.no_grad():
+    with untraced():
         k = torch.arange(1, SERIES_TERMS + 1, dtype=torch.float64)
         series = torch.stack(_series_ratio_rows(nu, k)).to(device)
         entry = _ScalarOrder(
@@ -145,10 +145,10 @@ def _expansion_tensor(device: torch.device) -> torch.Tensor:
     found = _EXPANSION.get(device)
     if found is None:
         num_terms = _debye.MAX_TERMS
-        e = torch.zeros(num_terms, 2 * num_terms + 1, 4, dtype=torch.float64)
-        for k, row in enumerate(_debye.expansion_coefficients(num_terms)):
-            e[k, : len(row)] = torch.tensor(row, dtype=torch.float64)
-        with torch.inference_mode(False):
+        with untraced():
+            e = torch.zeros(num_terms, 2 * num_terms + 1, 4, dtype=torch.float64)
+            for k, row in enumerate(_debye.expansion_coefficients(num_terms)):
+                e[k, : len(row)] = torch.tensor(row, dtype=torch.float64)
             found = e.permute(1, 0, 2).reshape(2 * num_terms + 1, num_terms * 4).to(device)
         _EXPANSION[device] = found
     return found

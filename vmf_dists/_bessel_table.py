@@ -27,12 +27,14 @@ expansions to a few ulps (log I and R), and to the expansions' own accuracy near
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 
 from vmf_dists._bessel import BesselParts, expansion_parts
+from vmf_dists._function import untraced
 
 __all__ = ["bessel_parts", "order_table", "INTERVALS", "DEGREE"]
 
@@ -58,10 +60,7 @@ class OrderTable:
     gap_eta: float  # G from the table for η ≥ gap_eta (x ≤ 8c), from L beyond
     coefficients: torch.Tensor  # [intervals, 5, DEGREE + 1]: monomial coefficients in u of Q_L, Q_R, Q_C, Q_D, Q_G
     exponents: torch.Tensor  # 0, 1, …, DEGREE (float64, on the table's device)
-
-    @property
-    def intervals(self) -> int:
-        return self.coefficients.shape[0]
+    intervals: int  # a plain int: reading a cached tensor's size inside torch.jit.trace captures the tensor
 
 
 def _normalised(nu: float, c: float, x: torch.Tensor, parts: BesselParts) -> torch.Tensor:
@@ -110,11 +109,10 @@ def _build(nu: float, device: torch.device) -> OrderTable:
                                 log_series=True)
         values = _normalised(nu, c, x.reshape(-1), parts).reshape(m, DEGREE + 1, 5)
         coefficients = torch.linalg.solve(vandermonde, values).transpose(-1, -2).contiguous()
-        table = OrderTable(nu, c, gap_offset, gap_eta, coefficients, exponents)
+        table = OrderTable(nu, c, gap_offset, gap_eta, coefficients, exponents, m)
         if _agrees_with_expansions(table, ((start + check_u) / m).reshape(-1)):
             break
-    with torch.inference_mode(False):
-        return OrderTable(nu, c, gap_offset, gap_eta, table.coefficients.to(device), exponents.to(device))
+    return OrderTable(nu, c, gap_offset, gap_eta, table.coefficients.to(device), exponents.to(device), table.intervals)
 
 
 def _agrees_with_expansions(table: OrderTable, eta: torch.Tensor) -> bool:
@@ -166,7 +164,11 @@ def order_table(nu: float, device: torch.device) -> OrderTable:
     if table is None:
         if len(_TABLES) >= _MAX_TABLES:  # many distinct orders: drop the oldest
             _TABLES.pop(next(iter(_TABLES)))
-        table = _TABLES[key] = _build(nu, device)
+        with untraced():
+            table = _TABLES[key] = _build(nu, device)
+    if torch.jit.is_tracing():  # a cached tensor used by two traced Functions breaks the tracer: copies
+        with untraced():
+            table = dataclasses.replace(table, coefficients=table.coefficients.clone(), exponents=table.exponents.clone())
     return table
 
 

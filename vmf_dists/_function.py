@@ -9,9 +9,11 @@ arguments passed positionally that binding does nothing, so outside ``torch.func
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-__all__ = ["Refuse", "RefuseWithoutJvp", "apply", "without_jvp"]
+__all__ = ["Refuse", "RefuseWithoutJvp", "apply", "untraced", "without_jvp"]
 
 _C_APPLY = getattr(torch._C._FunctionBase, "__dict__", {}).get("apply")
 
@@ -24,9 +26,22 @@ def apply(function: type[torch.autograd.Function], *args, compiled: type[torch.a
     """
     if torch.compiler.is_compiling():
         return (compiled or function).apply(*args)
-    if _C_APPLY is None or torch._C._are_functorch_transforms_active():
+    if _C_APPLY is None or torch._C._are_functorch_transforms_active() or torch.jit.is_tracing():
         return function.apply(*args)
     return _C_APPLY.__get__(None, function)(*args)
+
+
+@contextlib.contextmanager
+def untraced():
+    """Build cached constants outside a ``torch.jit.trace`` (tensors made during the trace and reused by a
+    later operation of it break the tracer), and outside inference mode (so later autograd can save them)."""
+    state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            yield
+    finally:
+        torch._C._set_tracing_state(state)
 
 
 def without_jvp(function: type[torch.autograd.Function]) -> type[torch.autograd.Function]:

@@ -38,7 +38,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from vmf_dists._function import Refuse, RefuseWithoutJvp, apply
+from vmf_dists._function import Refuse, RefuseWithoutJvp, apply, untraced
 from vmf_dists._bessel_table import bessel_parts
 
 FIRST_ROUND_PROPOSALS = 4  # for `sample_one_minus_w`, which has no Gaussian to reuse ...
@@ -173,7 +173,7 @@ def _gauss_legendre(n: int, device: torch.device) -> tuple[torch.Tensor, torch.T
     """n-point Gauss-Legendre nodes and weights on [0, 1] (float64), cached per device: the training
     step's backward then never copies them from the host (a copy that would wait for the GPU)."""
     nodes, weights = np.polynomial.legendre.leggauss(n)
-    with torch.inference_mode(False):  # normal tensors even if the first call is under inference mode
+    with untraced():  # normal tensors even if the first call is under inference mode or a trace
         return (torch.as_tensor((nodes + 1.0) / 2.0, dtype=torch.float64, device=device),
                 torch.as_tensor(weights / 2.0, dtype=torch.float64, device=device))
 

@@ -6,7 +6,8 @@ import torch
 from pyro.distributions import TorchDistribution, constraints
 from torch.distributions.utils import lazy_property
 
-from vmf_dists.special import log_normalizer_plus_kappa
+from vmf_dists._checks import check_sample_on_sphere, check_unit_and_nonnegative, check_values
+from vmf_dists.special import _validation_enabled, log_normalizer_plus_kappa
 from vmf_dists.von_mises_fisher import VonMisesFisher, _check_loc, _unit
 
 __all__ = ["NonIsotropicVMF"]
@@ -97,14 +98,29 @@ class NonIsotropicVMF(TorchDistribution):
                 f"batch shapes of loc {tuple(loc.shape[:-1])} and concentration {tuple(concentration.shape[:-1])} "
                 "do not broadcast"
             ) from error
-        if (validate_args if validate_args is not None else self._validate_args) and not bool(
-            torch.isfinite(concentration).all()
-        ):
-            raise ValueError("concentration must be finite and positive")
+        validate = _validation_enabled(validate_args)
+        if validate:
+            check_unit_and_nonnegative(loc, concentration)
+            if concentration.numel() and not bool((concentration > 0).all()):
+                check_values(concentration, "concentration", positive=True)
         event_shape = loc.shape[-1:]
         self.loc = loc.expand(batch_shape + event_shape)
         self.concentration = concentration.expand(batch_shape + event_shape)
-        super().__init__(batch_shape, event_shape, validate_args=validate_args)
+        super().__init__(batch_shape, event_shape, validate_args=False)
+        self._validate_args = validate
+
+    @classmethod
+    def infer_shapes(cls, loc: tuple[int, ...], concentration: tuple[int, ...]) -> tuple[torch.Size, torch.Size]:
+        """(batch_shape, event_shape) of a distribution built from arguments of these shapes (Pyro's protocol).
+
+        Args:
+            loc: the shape of ``loc``, ``[..., p]``.
+            concentration: the shape of ``concentration``, ``[..., p]``.
+
+        Returns:
+            ``(broadcast(loc[:-1], concentration[:-1]), loc[-1:])``.
+        """
+        return torch.Size(torch.broadcast_shapes(tuple(loc[:-1]), tuple(concentration[:-1]))), torch.Size(loc[-1:])
 
     def expand(self, batch_shape: torch.Size | tuple[int, ...], _instance: NonIsotropicVMF | None = None) -> NonIsotropicVMF:
         """The same distribution with its batch shape expanded (what Pyro's ``plate`` calls).
@@ -129,8 +145,8 @@ class NonIsotropicVMF(TorchDistribution):
 
     @property
     def dim(self) -> int:
-        """The ambient dimension $p$."""
-        return self.event_shape[0]
+        """The ambient dimension $p$ (a Python int, also under ``torch.jit.trace``, which traces sizes as tensors)."""
+        return int(self.event_shape[0])
 
     @lazy_property
     def theta(self) -> torch.Tensor:
@@ -138,10 +154,20 @@ class NonIsotropicVMF(TorchDistribution):
         return self.concentration * _unit(self.loc)
 
     @lazy_property
+    def _theta64(self) -> torch.Tensor:
+        # θ in float64: with float32 concentrations near the ends of the range (1e-30, 1e38) the products
+        # and their norm would under- or overflow
+        return self.concentration.to(torch.float64) * _unit(self.loc.to(torch.float64))
+
+    @lazy_property
     def base_vmf(self) -> VonMisesFisher:
         r"""The vMF that is pushed forward: $\mathrm{vMF}(\theta/\|\theta\|, \|\theta\|)$, batch shape ``batch_shape``."""
-        norm = torch.linalg.vector_norm(self.theta, dim=-1)
-        return VonMisesFisher(self.theta / norm.unsqueeze(-1), norm, validate_args=False)
+        norm = torch.linalg.vector_norm(self._theta64, dim=-1)
+        direction = self._theta64 / norm.unsqueeze(-1)
+        return VonMisesFisher(direction.to(self.loc.dtype), norm.to(self.loc.dtype), validate_args=False)
+
+    def _validate_sample(self, value: torch.Tensor) -> None:
+        check_sample_on_sphere(self, value)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         r"""Log density of points on the sphere (normalised: it integrates to 1).
@@ -166,9 +192,9 @@ class NonIsotropicVMF(TorchDistribution):
             ValueError: with validation, if ``value`` does not lie on the unit sphere.
         """
         if self._validate_args:
-            self._validate_sample(value)
+            check_sample_on_sphere(self, value)
         k = self.concentration.to(torch.float64)
-        theta = self.theta.to(torch.float64)
+        theta = self._theta64
         theta_norm = torch.linalg.vector_norm(theta, dim=-1)
         kx = k * value.to(torch.float64)
         kx_norm = torch.linalg.vector_norm(kx, dim=-1)
@@ -197,8 +223,10 @@ class NonIsotropicVMF(TorchDistribution):
             RuntimeError: as `VonMisesFisher.rsample`.
         """
         y = self.base_vmf.rsample(sample_shape)
-        z = y / self.concentration
-        return z / torch.linalg.vector_norm(z, dim=-1, keepdim=True)
+        # x is unchanged by scaling k, so divide by k/max(k) in float64: no overflow for tiny k in float32
+        k = self.concentration.to(torch.float64)
+        z = y.to(torch.float64) / (k / k.detach().amax(-1, keepdim=True))
+        return (z / torch.linalg.vector_norm(z, dim=-1, keepdim=True)).to(y.dtype)
 
     @property
     def mean(self) -> torch.Tensor:

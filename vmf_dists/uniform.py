@@ -7,6 +7,7 @@ import math
 import torch
 from pyro.distributions import TorchDistribution, constraints
 
+from vmf_dists._checks import check_sample_on_sphere
 from vmf_dists.special import _check_dim, log_sphere_area
 
 __all__ = ["HypersphericalUniform", "log_sphere_area"]
@@ -62,6 +63,23 @@ class HypersphericalUniform(TorchDistribution):
         self._dtype = dtype if dtype is not None else torch.get_default_dtype()
         self._device = torch.device(device) if device is not None else _default_device()
         super().__init__(torch.Size(batch_shape), torch.Size([self.dim]), validate_args=validate_args)
+
+    @classmethod
+    def infer_shapes(cls, dim: int, batch_shape: tuple[int, ...] = ()) -> tuple[torch.Size, torch.Size]:
+        """(batch_shape, event_shape) of ``HypersphericalUniform(dim, batch_shape)`` (Pyro's protocol; this
+        distribution has no tensor parameters, so it takes the constructor's own arguments).
+
+        Args:
+            dim: the ambient dimension $p$.
+            batch_shape: the batch shape.
+
+        Returns:
+            ``(batch_shape, [p])``.
+        """
+        return torch.Size(batch_shape), torch.Size([_check_dim(dim)])
+
+    def _validate_sample(self, value: torch.Tensor) -> None:
+        check_sample_on_sphere(self, value)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -132,7 +150,7 @@ class HypersphericalUniform(TorchDistribution):
             ValueError: with validation, if ``value`` does not lie on the unit sphere.
         """
         if self._validate_args:
-            self._validate_sample(value)
+            check_sample_on_sphere(self, value)
         shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
         dtype = torch.promote_types(value.dtype, self._dtype) if value.is_floating_point() else self._dtype
         return torch.full(shape, -log_sphere_area(self.dim), dtype=dtype, device=value.device)

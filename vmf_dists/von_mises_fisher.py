@@ -61,15 +61,20 @@ def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 class _LogDensity(torch.autograd.Function):
     r"""log f(x) = [log C_p(κ) + κ] − κ‖x − μ‖²/2 as one autograd node, with a hand-written backward.
 
-    ∂/∂x = −κ(x − μ), ∂/∂μ = κ(x − μ), ∂/∂κ = (1 − A_p(κ)) − ‖x − μ‖²/2; double backward rebuilds them
-    from differentiable operations. ``parts`` are the distribution's cached Bessel parts (or None).
+    μ = loc/‖loc‖ is never rounded as a vector: x − μ is formed as (x − loc) + (1 − 1/‖loc‖)·loc, whose
+    rounding moves μ only along itself, which changes ‖x − μ‖² at second order. (Rounding μ's
+    components would shift the log density by ~κ‖x − μ‖·ε: 50 ulps at κ = 1e8.)
+    ∂/∂x = −κ(x − μ), ∂/∂μ = κ(x − μ) (and ∂/∂loc its tangent part over ‖loc‖),
+    ∂/∂κ = (1 − A_p(κ)) − ‖x − μ‖²/2; double backward rebuilds them from differentiable operations.
+    ``parts`` are the distribution's cached Bessel parts (or None).
     """
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(value, loc, kappa, dim: int, parts):
-        diff = value - loc
+        norm = torch.linalg.vector_norm(loc, dim=-1, keepdim=True)
+        diff = torch.addcmul(value - loc, 1.0 - torch.reciprocal(norm), loc)  # x − loc/‖loc‖
         sq_dist = diff.square().sum(-1)
         with_complement = kappa.requires_grad
         if parts is None or (with_complement and parts.complement is None):
@@ -77,23 +82,23 @@ class _LogDensity(torch.autograd.Function):
                                  complement=with_complement)
         mode = (-0.5 * dim * _LOG_2PI - parts.log_scaled).to(kappa.dtype)  # log C_p(κ) + κ
         complement = parts.complement.to(kappa.dtype) if with_complement else None
-        return torch.addcmul(mode, kappa, sq_dist, value=-0.5), diff, sq_dist, complement
+        return torch.addcmul(mode, kappa, sq_dist, value=-0.5), diff, sq_dist, complement, norm
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         value, loc, kappa, dim, _ = inputs
-        _, diff, sq_dist, complement = output
+        _, diff, sq_dist, complement, norm = output
         ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
-        ctx.save_for_backward(value, loc, kappa, diff, sq_dist, complement)
-        ctx.save_for_forward(value, loc, kappa, diff, sq_dist, complement)
+        ctx.save_for_backward(value, loc, kappa, diff, sq_dist, complement, norm)
+        ctx.save_for_forward(value, loc, kappa, diff, sq_dist, complement, norm)
         ctx.dim = dim
 
     @staticmethod
     def backward(ctx, grad, *_):
-        value, loc, kappa, diff, sq_dist, complement = ctx.saved_tensors
+        value, loc, kappa, diff, sq_dist, complement, norm = ctx.saved_tensors
         need_value, need_loc, need_kappa = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled():  # double backward: the same formulas, differentiable
-            diff = value - loc
+        if torch.is_grad_enabled():  # double backward: the same derivatives, from differentiable operations
+            diff = value - loc / torch.linalg.vector_norm(loc, dim=-1, keepdim=True)
             sq_dist = diff.square().sum(-1)
             complement = mean_resultant_length_complement(ctx.dim, kappa) if need_kappa else None
         elif need_kappa and complement is None:
@@ -103,23 +108,32 @@ class _LogDensity(torch.autograd.Function):
         if need_value or need_loc:
             scaled = (grad * kappa).unsqueeze(-1) * diff  # −∂/∂x = ∂/∂μ
             grad_value = _reduce_to(-scaled, value.shape) if need_value else None
-            grad_loc = _reduce_to(scaled, loc.shape) if need_loc else None
+            if need_loc:
+                grad_loc = _tangent_part(_reduce_to(scaled, loc.shape), loc, norm)
         if need_kappa:
             grad_kappa = _reduce_to(grad * torch.add(complement, sq_dist, alpha=-0.5), kappa.shape)
         return grad_value, grad_loc, grad_kappa, None, None
 
     @staticmethod
     def jvp(ctx, value_tangent, loc_tangent, kappa_tangent, *_):
-        value, loc, kappa, _, _, _ = ctx.saved_tensors
-        diff = value - loc
+        value, loc, kappa, _, _, _, norm = ctx.saved_tensors
+        diff = value - loc / torch.linalg.vector_norm(loc, dim=-1, keepdim=True)
         tangent = None
         if value_tangent is not None or loc_tangent is not None:
-            moved = value_tangent if loc_tangent is None else (loc_tangent.neg() if value_tangent is None else value_tangent - loc_tangent)
+            mu_tangent = None if loc_tangent is None else _tangent_part(loc_tangent, loc, norm)
+            moved = value_tangent if mu_tangent is None else (-mu_tangent if value_tangent is None else value_tangent - mu_tangent)
             tangent = -kappa * (diff * moved).sum(-1)
         if kappa_tangent is not None:
             slope = torch.add(mean_resultant_length_complement(ctx.dim, kappa), diff.square().sum(-1), alpha=-0.5)
             tangent = slope * kappa_tangent if tangent is None else tangent + slope * kappa_tangent
-        return tangent, None, None, None
+        return tangent, None, None, None, None
+
+
+def _tangent_part(vector: torch.Tensor, loc: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """(I − μμᵀ) v / ‖loc‖ with μ = loc/‖loc‖: the derivative of loc ↦ loc/‖loc‖ applied to v."""
+    mu = loc / norm
+    return torch.addcmul(vector, (vector * mu).sum(-1, keepdim=True), mu, value=-1.0) / norm
+
 
 _LogDensityWithoutJvp = without_jvp(_LogDensity)
 
@@ -262,8 +276,8 @@ class VonMisesFisher(TorchDistribution):
 
     @property
     def dim(self) -> int:
-        """The ambient dimension $p$."""
-        return self.event_shape[0]
+        """The ambient dimension $p$ (a Python int, also under ``torch.jit.trace``, which traces sizes as tensors)."""
+        return int(self.event_shape[0])
 
     @lazy_property
     def _unit_loc(self) -> torch.Tensor:
@@ -278,12 +292,15 @@ class VonMisesFisher(TorchDistribution):
     def _kappa64(self) -> torch.Tensor:
         return self.concentration.to(torch.float64)
 
+    def _validate_sample(self, value: torch.Tensor) -> None:
+        check_sample_on_sphere(self, value)
+
     def _parts(self) -> BesselParts | None:
         """The Bessel parts of κ that log_prob, entropy, the KLs and the sampler's gradient read, computed
         once per distribution (one evaluation instead of one per method: at small batch sizes the
         evaluation, not the arithmetic, is the cost). Recomputed if κ was modified in place; None under
-        ``torch.func`` transforms and ``torch.compile``, where each method computes its own."""
-        if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+        ``torch.func`` transforms, ``torch.compile`` and ``torch.jit.trace``, where each method computes its own."""
+        if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling() or torch.jit.is_tracing():
             return None
         kappa = self.concentration
         key = (kappa._version, kappa.requires_grad)
@@ -314,7 +331,7 @@ class VonMisesFisher(TorchDistribution):
         """
         if self._validate_args:
             check_sample_on_sphere(self, value)
-        return apply(_LogDensity, value, self._unit_loc, self.concentration, self.dim, self._parts(),
+        return apply(_LogDensity, value, self.loc, self.concentration, self.dim, self._parts(),
                      compiled=_LogDensityWithoutJvp)[0]
 
     def rsample(self, sample_shape: torch.Size | tuple[int, ...] = torch.Size()) -> torch.Tensor:
