@@ -2,6 +2,6 @@
 
 Subpackages and modules: `dml.data` (splits, images, transforms, class-balanced sampling),
 `dml.models` (backbones and the embedding head), `dml.losses` (one proxy loss per module, one call
-signature), `dml.evaluation` (retrieval and clustering metrics), `dml.pipeline`, `dml.checkpoint`,
+signature), `dml.metrics` (retrieval and clustering metrics), `dml.pipeline`, `dml.checkpoint`,
 `dml.config` and `dml.train`. Depends on vmf_dists; vmf_dists never imports dml.
 """

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 BACKBONES = ("efficientnet_lite0", "resnet50", "tiny")
+#: the ways `EmbeddingModel` pools the trunk's feature map
+POOLINGS = ("avg", "max", "avgmax")
 _ALIASES = {"lite0": "efficientnet_lite0", "efficientnet-lite0": "efficientnet_lite0"}
 
 
@@ -418,7 +420,7 @@ class EmbeddingModel(nn.Module):
     def __init__(self, trunk: nn.Module, spec: BackboneSpec, embed_dim: int, *, pooling: str = "avg",
                  freeze_batchnorm: bool = True, freeze_trunk: bool = False):
         super().__init__()
-        if pooling not in ("avg", "max", "avgmax"):
+        if pooling not in POOLINGS:
             raise ModelError(f"pooling must be 'avg', 'max' or 'avgmax', got {pooling!r}")
         if embed_dim < 2:
             raise ModelError(f"embed_dim must be at least 2, got {embed_dim}")

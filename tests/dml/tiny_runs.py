@@ -33,3 +33,17 @@ def tiny_args(data_root, out, *extra, eval_batch_size=16):
             "--weights", "none", "--embed-dim", "16", "--batch-size", "8", "--samples-per-class", "2",
             "--device", "cpu", "--seed", "3", "--eval-batch-size", str(eval_batch_size), "--val-fraction", "0.25",
             *extra]
+
+
+def tiny_trainer(config, *, dist=None, quiet=True):
+    """A `dml.trainer.Trainer` for a parsed configuration, built as ``dml.train`` builds it (no files written)."""
+    import torch
+
+    from dml.build import build_run, load_data
+    from dml.config import resolve
+    from dml.trainer import Trainer
+
+    device = torch.device(config.device if config.device != "auto" else "cpu")
+    config = resolve(config, device.type)
+    parts = build_run(config, load_data(config), device, dist=dist, log=lambda line: None)
+    return Trainer(parts, config.output_dir, dist=dist, quiet=quiet)
