@@ -18,7 +18,7 @@ from dml.config import ConfigError, TrainConfig
 from dml.data import ClassBalancedBatchSampler, DatasetError, Splits, load_splits
 from dml.distributed import DistContext
 from dml.losses import ProxyLoss, build_loss
-from dml.models import EmbeddingModel, build_model
+from dml.models import EmbeddingModel, build_model, to_channels_last
 from dml.pipeline import DeviceImagePipeline, FeaturePipeline, ImagePipeline, Pipeline
 
 
@@ -180,7 +180,8 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _pipeline_type(config: TrainConfig, splits: Splits, resolution: int, device: torch.device) -> type[Pipeline]:
+def _pipeline_type(config: TrainConfig, splits: Splits, resolution: int,
+                   device: torch.device) -> type[FeaturePipeline] | type[ImagePipeline]:
     if config.trunk == "frozen":
         return FeaturePipeline
     if config.device_augment == "on" or (config.device_augment == "auto"
@@ -234,7 +235,7 @@ def build_run(config: TrainConfig, splits: Splits, device: torch.device, *, dist
     resolution = config.resolution or model.spec.resolution
     autocast_dtype, channels_last = precision(config, device)
     if channels_last:
-        model.to(memory_format=torch.channels_last)
+        to_channels_last(model)
     if config.compile:
         model.trunk.forward = torch.compile(model.trunk.forward)  # state-dict keys unchanged
     pipeline_type = _pipeline_type(config, splits, resolution, device)

@@ -59,7 +59,8 @@ class TrainConfig:
     """Hyperparameters of ``python -m dml.train`` (flags use dashes: ``embed_dim`` → ``--embed-dim``).
 
     Every field is also a command-line flag (`build_parser`) and a config-file key; the help text of
-    the flags is the field's ``help`` metadata. Build one with `parse_config` or `config_from_dict`; check it with `validate`.
+    the flags is the field's ``help`` metadata. Build one with `parse_config` or `config_from_dict`; check
+    it with `validate`.
 
     Attributes:
         output_dir: run directory: config, checkpoints, logs, ``final_metrics.json``. Default ``"runs/demo"``.
@@ -140,12 +141,14 @@ class TrainConfig:
                                  "norm_softmax | l2 | cosine")
     loss_options: dict[str, Any] = _opt(None, "loss keyword options, e.g. --loss-option guidance_weight=1.0",
                                          flag="--loss-option")
-    init_norm: float = _opt(0.0, "initial mean embedding norm κ, set by a fixed head output scale (0: the loss's default, 2.5 × embed_dim for the vMF losses)")
+    init_norm: float = _opt(0.0, "initial mean embedding norm κ, set by a fixed head output scale (0: the loss's "
+                            "default, 2.5 × embed_dim for the vMF losses)")
     epochs: int = _opt(0, "training epochs (0: a default that fits the device: 40 frozen, 30 fine-tuning)")
     batch_size: int = _opt(112, "images per batch (the global batch under torchrun, split over the processes)")
     samples_per_class: int = _opt(2, "images of one class per batch group (m)")
     optimizer: str = _opt("adamw", "adamw | adam")
-    lr: float = _opt(0.0, "base learning rate (0: 1e-4); the head gets head_lr_mult ×, the loss's groups their own multipliers")
+    lr: float = _opt(0.0, "base learning rate (0: 1e-4); the head gets head_lr_mult ×, the loss's groups their own "
+                          "multipliers")
     head_lr_mult: float = _opt(10.0, "learning-rate multiplier of the embedding head")
     weight_decay: float = _opt(1e-4, "AdamW weight decay of the network (loss parameters get none)")
     scheduler: str = _opt("cosine", "cosine | constant (per step, after warmup)")

@@ -96,7 +96,7 @@ import gc
 import os
 import pickle
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 
@@ -254,7 +254,7 @@ class DistContext:
 
         box = [obj if self.rank == src else None]
         dist.broadcast_object_list(box, src=src, device=torch.device("cpu"))
-        return box[0]
+        return cast(T, box[0])
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         """Every process's picklable ``obj``, in rank order (over gloo, on the CPU).
@@ -324,7 +324,8 @@ class DistContext:
                 raise
             self.broadcast_object(("ok", result))
             return result
-        status, value = self.broadcast_object(None)
+        received: Any = self.broadcast_object(None)
+        status, value = received
         if status == "error":
             raise self.mark_shared(value)
         return value
@@ -491,5 +492,6 @@ def wrap(module: torch.nn.Module, device: torch.device, *, broadcast_buffers: bo
     device_ids = [device] if device.type == "cuda" else None
     # torch >= 2.13 renames the per-forward buffer broadcast (both sync the buffers once at construction)
     params = inspect.signature(DistributedDataParallel.__init__).parameters
-    sync = {"forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": broadcast_buffers}
+    name = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+    sync: dict[str, Any] = {name: broadcast_buffers}
     return DistributedDataParallel(module, device_ids=device_ids, **sync)

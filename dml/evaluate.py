@@ -32,11 +32,11 @@ from dml.build import load_data, make_model, precision
 from dml.checkpoint import atomic_write_json, load_checkpoint
 from dml.config import ConfigError, OneLineParser, TrainConfig, config_from_dict
 from dml.final_eval import EvaluateResult, evaluate_final, wants_uncertainty
-from dml.models import EmbeddingModel, ModelError
+from dml.models import EmbeddingModel, ModelError, to_channels_last
 from dml.pipeline import evaluation_embeddings
 from dml.report import ReportInputs, metric_rows, write_report
 from dml.runtime import (
-    USAGE_ERRORS,
+    EXPECTED_ERRORS,
     RunFailure,
     configure_allocator,
     exit_status,
@@ -207,7 +207,7 @@ def evaluate_run(run_dir: str | Path, *, checkpoint: str = "best", device: str =
         resolution = config.resolution or model.spec.resolution
         autocast_dtype, channels_last = precision(config, dev)
         if channels_last:
-            model.to(memory_format=torch.channels_last)
+            to_channels_last(model)
         log(f"evaluating {run / (checkpoint + '.pt')} (epoch {state.get('epoch', '?')}) on {len(splits.test)} test "
             f"images of {splits.test.num_classes} classes at {resolution} px on {dev}")
         embeddings, labels = evaluation_embeddings(
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         evaluate_run(args.run, checkpoint=args.checkpoint, device=args.device, batch_size=args.batch_size,
                      degradation_images=args.degradation_images, uncertainty=args.uncertainty, report=args.report)
-    except (*USAGE_ERRORS, RunFailure, OSError, KeyboardInterrupt) as err:
+    except EXPECTED_ERRORS as err:
         with contextlib.suppress(Exception):
             print("\ninterrupted" if isinstance(err, KeyboardInterrupt) else one_line(err), file=sys.stderr)
         return exit_status(err)

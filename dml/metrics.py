@@ -371,8 +371,8 @@ def kmeans(x: torch.Tensor, k: int, *, seed: int = 0, num_init: int = 3, max_ite
     greedy k-means++ (the first uniformly; for each next one, $2 + \lfloor \log k \rfloor$ candidates
     are drawn with probability proportional to the squared distance to the nearest centre chosen so far,
     and the one giving the lowest inertia is kept, as in scikit-learn) from a `torch.Generator` seeded
-    with ``seed`` on ``x``'s device, then refined by at most ``max_iter`` Lloyd iterations (assign every point to its nearest
-    centre, move every centre to the mean of its points) until the assignment no longer changes. A
+    with ``seed`` on ``x``'s device, then refined by at most ``max_iter`` Lloyd iterations (assign every
+    point to its nearest centre, move every centre to the mean of its points) until the assignment no longer changes. A
     cluster left empty is re-seeded at the point farthest from its centre. The run of lowest inertia is
     kept (the first one on ties).
 
@@ -419,6 +419,7 @@ def kmeans(x: torch.Tensor, k: int, *, seed: int = 0, num_init: int = 3, max_ite
         assign, inertia = _lloyd(points, sq_norm, centres, max_iter)
         if inertia < best_inertia or best_assign is None:
             best_assign, best_inertia = assign, inertia
+    assert best_assign is not None  # num_init >= 1
     return best_assign
 
 

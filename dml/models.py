@@ -19,6 +19,7 @@ Backbones (no download ever happens; weights come from an installed package or a
 from __future__ import annotations
 
 import math
+import pickle
 import warnings
 from collections.abc import Iterable
 from contextlib import nullcontext
@@ -203,6 +204,10 @@ class ResNet50(nn.Module):
     """
 
     feature_dim = 2048
+    layer1: nn.Sequential  # made by setattr in __init__ (torchvision's names)
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
 
     def __init__(self, num_classes: int = 1000):
         super().__init__()
@@ -306,14 +311,23 @@ def backbone_spec(name: str) -> BackboneSpec:
     return _SPECS[name]
 
 
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ModelError(f"weights file not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if not str(err).startswith("Weights only load failed"):
+            raise ModelError(f"cannot read weights file {path}: not a torch file ({_first_line(err)})") from None
+        # torch's own message advises weights_only=False, i.e. running code from the file: never do that here
+        raise ModelError(f"weights file {path} holds Python objects besides tensors; save only the state dict "
+                         "(torch.save(model.state_dict(), path)) and pass that file") from None
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line error
-        first = (str(err).strip().splitlines() or [""])[0]
-        raise ModelError(f"cannot read weights file {path}: {type(err).__name__}: {first}") from None
+        raise ModelError(f"cannot read weights file {path}: {type(err).__name__}: {_first_line(err)}") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -416,6 +430,10 @@ class EmbeddingModel(nn.Module):
         B. Ommer, J. P. Cohen, "Revisiting Training Strategies and Generalization Performance in Deep
         Metric Learning", ICML 2020 (``avgmax`` pooling).
     """
+
+    output_scale: torch.Tensor  # buffers (register_buffer in __init__)
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self, trunk: nn.Module, spec: BackboneSpec, embed_dim: int, *, pooling: str = "avg",
                  freeze_batchnorm: bool = True, freeze_trunk: bool = False):
@@ -574,6 +592,15 @@ def build_model(backbone: str = "efficientnet_lite0", embed_dim: int = 128, *, w
     trunk, spec = build_backbone(backbone, weights)
     return EmbeddingModel(trunk, spec, embed_dim, pooling=pooling, freeze_batchnorm=freeze_batchnorm,
                           freeze_trunk=freeze_trunk)
+
+
+def to_channels_last(module: nn.Module) -> None:
+    """Put a module's 4-d parameters and buffers in channels-last memory format (in place).
+
+    Args:
+        module: the module.
+    """
+    module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing from torch's stubs
 
 
 def count_parameters(params: Iterable[torch.Tensor]) -> int:

@@ -30,7 +30,7 @@ from dml.data import (
     random_resized_crop,
 )
 from dml.distributed import DistContext
-from dml.models import EmbeddingModel
+from dml.models import EmbeddingModel, to_channels_last
 
 if TYPE_CHECKING:  # for the annotations only
     from dml.config import TrainConfig
@@ -154,7 +154,7 @@ def split_features(model: EmbeddingModel, split: Split, resolution: int, device:
     Returns:
         ``[N, feature_dim]`` float32 features.
     """
-    model.to(memory_format=torch.channels_last)
+    to_channels_last(model)
     dataset = ImageDataset(split, EvalTransform(resolution), max_side=eval_resize(resolution), cache=False)
     return network_outputs(model, _loader(dataset, device), len(dataset), batch_size=batch_size,
                            channels_last=True, features=True)
@@ -210,7 +210,8 @@ class Pipeline:
     #: feed images in channels-last memory format (``--channels-last``)
     channels_last: bool
 
-    def __init__(self, model: EmbeddingModel, splits: Splits, config: TrainConfig, resolution: int, device: torch.device,
+    def __init__(self, model: EmbeddingModel, splits: Splits, config: TrainConfig, resolution: int,
+                 device: torch.device,
                  dist: DistContext | None = None, *, autocast_dtype: torch.dtype | None = None,
                  channels_last: bool = False):
         """The state every pipeline keeps; a subclass adds its data (see its own constructor)."""
@@ -315,7 +316,8 @@ class ImagePipeline(Pipeline):
         DatasetError: if an image cannot be decoded.
     """
 
-    def __init__(self, model: EmbeddingModel, splits: Splits, config: TrainConfig, resolution: int, device: torch.device,
+    def __init__(self, model: EmbeddingModel, splits: Splits, config: TrainConfig, resolution: int,
+                 device: torch.device,
                  log: Callable[[str], None] = print, dist: DistContext | None = None, *,
                  autocast_dtype: torch.dtype | None = None, channels_last: bool = False):
         super().__init__(model, splits, config, resolution, device, dist, autocast_dtype=autocast_dtype,
@@ -420,7 +422,8 @@ class DeviceImagePipeline(ImagePipeline):
         dist: the `dml.distributed.DistContext` (default: a single process).
     """
 
-    def __init__(self, model: EmbeddingModel, splits: Splits, config: TrainConfig, resolution: int, device: torch.device,
+    def __init__(self, model: EmbeddingModel, splits: Splits, config: TrainConfig, resolution: int,
+                 device: torch.device,
                  log: Callable[[str], None] = print, dist: DistContext | None = None, *,
                  autocast_dtype: torch.dtype | None = None, channels_last: bool = False):
         # not ImagePipeline's CPU datasets
@@ -499,7 +502,8 @@ class FeaturePipeline(Pipeline):
         DatasetError: if an image cannot be decoded.
     """
 
-    def __init__(self, model: EmbeddingModel, splits: Splits, config: TrainConfig, resolution: int, device: torch.device,
+    def __init__(self, model: EmbeddingModel, splits: Splits, config: TrainConfig, resolution: int,
+                 device: torch.device,
                  log: Callable[[str], None] = print, dist: DistContext | None = None, *,
                  autocast_dtype: torch.dtype | None = None, channels_last: bool = False):
         super().__init__(model, splits, config, resolution, device, dist, autocast_dtype=autocast_dtype,
@@ -537,7 +541,8 @@ class FeaturePipeline(Pipeline):
         file (path, size and modification time), pooling, resolution, views (and the seed when there are
         random views) and the torch version.
         """
-        if not getattr(config, "feature_cache", None):
+        cache_dir = config.feature_cache
+        if not cache_dir:
             return None
         weights = config.weights
         if weights not in (None, "none", "default") and Path(weights).is_file():
@@ -549,11 +554,11 @@ class FeaturePipeline(Pipeline):
             "views": self.views, "seed": config.seed if self.views > 1 else None, "torch": torch.__version__,
         }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-        return Path(config.feature_cache) / f"{splits.name}-{config.backbone}-{resolution}px-{digest}.pt"
+        return Path(cache_dir) / f"{splits.name}-{config.backbone}-{resolution}px-{digest}.pt"
 
     def _features(self, raw: ImageDataset, transform: TrainTransform) -> torch.Tensor:
         """Features of one random view of every image of ``raw`` (the transform draws the crops in order)."""
-        self.model.to(memory_format=torch.channels_last)
+        to_channels_last(self.model)
         return network_outputs(self.model, _loader(raw, self.device, transform), len(raw),
                                batch_size=self.config.eval_batch_size, channels_last=True, features=True)
 

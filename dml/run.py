@@ -21,8 +21,14 @@ from dml.config import RESUME_OVERRIDES, ConfigError, TrainConfig, TrainRequest,
 from dml.config import resolve as resolve_config
 from dml.data import Splits, data_changes, data_fingerprint
 from dml.distributed import DistContext
-from dml.final_eval import FinalEvaluation, RetrievalMetrics, TrainingResult, evaluate_final, split_metrics
-from dml.final_eval import wants_uncertainty
+from dml.final_eval import (
+    FinalEvaluation,
+    RetrievalMetrics,
+    TrainingResult,
+    evaluate_final,
+    split_metrics,
+    wants_uncertainty,
+)
 from dml.report import ReportInputs, write_report
 from dml.runtime import RunFailure, prepare_output_dir, resolve_device, run_lock
 from dml.trainer import Trainer

@@ -34,6 +34,10 @@ class RunFailure(RuntimeError):
     """A run that cannot go on for a reason outside the user's input (exit status 1, one-line message)."""
 
 
+#: what a command-line tool ends with one line and an exit status instead of a traceback
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (*USAGE_ERRORS, RunFailure, OSError, KeyboardInterrupt)
+
+
 class TrainingDiverged(RunFailure):
     """The training loss or the parameters became NaN or infinite (one-line message with a remedy)."""
 

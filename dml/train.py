@@ -30,17 +30,13 @@ from dml.config import ConfigError, parse_request
 from dml.distributed import DistContext, env_rank, init_from_env
 from dml.run import RunStart, start, train_run
 from dml.runtime import (
-    USAGE_ERRORS,
+    EXPECTED_ERRORS,
     Interrupted,
-    RunFailure,
     configure_allocator,
     exit_status,
     install_stop_signals,
     one_line,
 )
-
-#: what ends a run with one line and an exit status instead of a traceback
-EXPECTED_ERRORS = (*USAGE_ERRORS, RunFailure, OSError, KeyboardInterrupt)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -555,7 +555,7 @@ def degradation_test(
     stats = []
     strengths = torch.tensor(levels, dtype=acc, device=images.device)
     for kind in kinds:
-        k = torch.stack([clean if s == 0.0 else kappas(kind, s) for s in levels])  # [L, N]
+        k = torch.stack([clean if s == 0.0 and clean is not None else kappas(kind, s) for s in levels])  # [L, N]
         per_kind[kind] = k
         kd = k.to(acc)
         pooled = _spearman_tensor(strengths.repeat_interleave(n), kd.reshape(-1)) if len(levels) > 1 else \
@@ -679,8 +679,9 @@ def evaluate_uncertainty(
     model.eval()
     try:
         with torch.no_grad():
-            degradation, kappa = degradation_test(lambda x: model(x).float(), images, levels=levels, kinds=kinds,
-                                                  batch_size=batch_size, seed=seed, return_kappa=True)
+            both = degradation_test(lambda x: model(x).float(), images, levels=levels, kinds=kinds,
+                                    batch_size=batch_size, seed=seed, return_kappa=True)
+            degradation, kappa = cast(tuple[dict[str, Any], dict[str, torch.Tensor]], both)
     finally:
         model.train(was_training)
     metrics["degradation"] = degradation

@@ -2,8 +2,8 @@
 torch-only transforms, image degradations, the data fingerprint of a run and class-balanced batch
 sampling."""
 
-from .device_augment import DeviceImageBank, center_crop, random_resized_crop
 from .datasets import DATASETS, DatasetError, Split, Splits, default_emoji_root, load_splits
+from .device_augment import DeviceImageBank, center_crop, random_resized_crop
 from .fingerprint import data_changes, data_fingerprint
 from .images import ImageDataset, decode_image
 from .sampler import ClassBalancedBatchSampler

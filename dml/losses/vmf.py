@@ -50,7 +50,6 @@ class _VMFProxyLoss(ProxyLoss):
     """Shared parts: vMF proxies (direction, log κ [C] or per dimension [C, p]), a log temperature, the
     cross-entropy and stats."""
 
-    uses_norm = True
     initial_norm_per_dim = 2.5
 
     def __init__(
@@ -93,7 +92,8 @@ class _VMFProxyLoss(ProxyLoss):
         Returns:
             ``VonMisesFisher(normalize(proxies), exp(log_concentration))`` without argument validation.
         """
-        directions, log_kappa = self.proxies, self.log_concentration
+        directions: torch.Tensor = self.proxies
+        log_kappa: torch.Tensor = self.log_concentration
         if like is not None:
             directions, log_kappa = self._param(directions, like), self._param(log_kappa, like)
         return VonMisesFisher(F.normalize(directions, dim=-1), log_kappa.exp(), validate_args=False)

@@ -149,7 +149,8 @@ def test_usage_errors_are_one_line(argv, needle, tmp_path, capsys, data_root):
     if "--data-root" not in argv and "--resume" not in argv:
         argv = argv + ["--data-root", str(data_root)]
     if "--resume" not in argv:
-        argv = ["--output-dir", str(tmp_path / "x"), "--backbone", "tiny", "--weights", "none", "--device", "cpu", *argv]
+        argv = ["--output-dir", str(tmp_path / "x"), "--backbone", "tiny", "--weights", "none", "--device", "cpu",
+                *argv]
     try:
         code = main(argv)
     except SystemExit as exit_:  # a bad choice is argparse's: one line, status 2

@@ -14,9 +14,9 @@ from scipy.stats import rankdata, spearmanr
 from sklearn.metrics import roc_auc_score
 
 from dml.data import load_splits
+from dml.data.degradations import blur, degradation_parameter, downsample, occlude
 from dml.metrics import retrieval_metrics
 from dml.models import build_model
-from dml.data.degradations import blur, degradation_parameter, downsample, occlude
 from dml.pipeline import evaluation_embeddings
 from dml.uncertainty import (
     DEFAULT_LEVELS,
