@@ -321,7 +321,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if not str(err).startswith("Weights only load failed"):
+        if "Unsupported global" not in str(err):  # garbage, not a file of pickled objects
             raise ModelError(f"cannot read weights file {path}: not a torch file ({_first_line(err)})") from None
         # torch's own message advises weights_only=False, i.e. running code from the file: never do that here
         raise ModelError(f"weights file {path} holds Python objects besides tensors; save only the state dict "
