@@ -322,7 +322,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "Unsupported global" not in str(err):  # garbage, not a file of pickled objects
-            raise ModelError(f"cannot read weights file {path}: not a torch file ({_first_line(err)})") from None
+            raise ModelError(f"cannot read weights file {path}: not a file written by torch.save") from None
         # torch's own message advises weights_only=False, i.e. running code from the file: never do that here
         raise ModelError(f"weights file {path} holds Python objects besides tensors; save only the state dict "
                          "(torch.save(model.state_dict(), path)) and pass that file") from None
