@@ -3,19 +3,28 @@ seconds-long `python -m dml.train` run with the tiny backbone on the CPU."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
+#: the repository root (the checkout under test: its dml is the one the subprocesses import)
+REPO = Path(__file__).resolve().parents[2]
 
-def make_folder_dataset(root, classes=16, per_class=4, size=24, *, mixed_sizes=False):
+
+def make_folder_dataset(root, classes=16, per_class=4, size=24, *, mixed_sizes=False, names=None):
     """Class c: a coloured square at a class-specific position on noise (learnable, not trivial).
 
     ``mixed_sizes``: image i of a class is ``(size + i) × (size + 2i)`` instead of square, so that random
-    crops of different images consume different numbers of draws.
+    crops of different images consume different numbers of draws. ``names``: the class folders' names
+    (default ``class_00`` …).
     """
     rng = np.random.default_rng(0)
     for c in range(classes):
-        d = root / f"class_{c:02d}"
+        d = root / (names[c] if names else f"class_{c:02d}")
         d.mkdir(parents=True)
         colour = rng.integers(0, 256, 3)
         y0, x0 = rng.integers(0, size // 2, 2)
@@ -47,3 +56,18 @@ def tiny_trainer(config, *, dist=None, quiet=True):
     config = resolve(config, device.type)
     parts = build_run(config, load_data(config), device, dist=dist, log=lambda line: None)
     return Trainer(parts, config.output_dir, dist=dist, quiet=quiet)
+
+
+def run_cli(module, *args, timeout=300, env=None):
+    """``python -m MODULE ARGS`` in a subprocess from the repository root (one BLAS thread): the real command."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, env=environment,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(result, status, needle=""):
+    """The process ended with ``status`` and one ``error: …`` line on stderr containing ``needle``."""
+    err = result.stderr
+    assert result.returncode == status, (result.returncode, err[-600:])
+    assert err.startswith("error: ") and err.count("\n") == 1, err[-600:]
+    assert "Traceback" not in err and needle in err, err
