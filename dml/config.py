@@ -92,7 +92,7 @@ class TrainConfig:
             ``kl_vmf``, ``proxy_anchor``, ``proxy_nca``, ``norm_softmax``, ``l2``, ``cosine``).
             Default ``"el_nivmf"``.
         loss_options: the loss's keyword options (`dml.losses.loss_options`), e.g. from
-            ``--loss-option guidance_weight=1.0``. Default: none (``{}`` after parsing).
+            ``--loss-option guidance_weight=1.0``. Default ``{}``.
         init_norm: initial mean embedding norm κ, set by a fixed head output scale (0: the loss's
             default, 2.5 × ``embed_dim`` for the vMF losses). Default 0.
         epochs: training epochs (0: a default that fits the device: 40 frozen, 30 fine-tuning). Default 0.
@@ -139,8 +139,8 @@ class TrainConfig:
     resolution: int = _opt(0, "input crop size (0: the backbone's own, 224 for Lite0 / ResNet-50)")
     loss: str = _opt("el_nivmf", "el_nivmf | el_nivmf_paper | el_vmf | ppk_vmf | kl_vmf | proxy_anchor | proxy_nca | "
                                  "norm_softmax | l2 | cosine")
-    loss_options: dict[str, Any] = _opt(None, "loss keyword options, e.g. --loss-option guidance_weight=1.0",
-                                         flag="--loss-option")
+    loss_options: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "loss keyword options, e.g. --loss-option guidance_weight=1.0 (repeatable)"})
     init_norm: float = _opt(0.0, "initial mean embedding norm κ, set by a fixed head output scale (0: the loss's "
                             "default, 2.5 × embed_dim for the vMF losses)")
     epochs: int = _opt(0, "training epochs (0: a default that fits the device: 40 frozen, 30 fine-tuning)")
@@ -389,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR where it stopped (with --epochs N: "
                         "extend it to N epochs); no other flag is allowed")
     for f in dataclasses.fields(TrainConfig):
-        help_text = f"{f.metadata['help']} (default: {f.default})".replace("%", "%%")  # argparse formats help
+        default = "none" if f.default is dataclasses.MISSING else f.default
+        help_text = f"{f.metadata['help']} (default: {default})".replace("%", "%%")  # argparse formats help
         choices = CHOICES.get(f.name)
         if f.name == "loss_options":
             parser.add_argument(flag(f.name), dest=f.name, action="append", metavar="KEY=VALUE", help=help_text)
