@@ -13,13 +13,13 @@ import torch.nn.functional as F
 
 from dml.losses.base import LossStats, check_nonnegative, check_positive
 from dml.losses.proxy_anchor import proxy_anchor_loss
-from dml.losses.vmf import _VMFProxyLoss, image_distributions
+from dml.losses.vmf import VMFProxyLoss, image_distributions
 from vmf_dists import NonIsotropicVMF, pairwise_log_expected_likelihood
 
 __all__ = ["ELNivMFLoss"]
 
 
-class ELNivMFLoss(_VMFProxyLoss):
+class ELNivMFLoss(VMFProxyLoss):
     r"""Softmax over tempered expected likelihoods of vMF images under nivMF proxies, plus ProxyAnchor.
 
     Image $i$ is $\mathrm{vMF}(\mu_i, \kappa_i)$ with $\mu_i = e_i/\|e_i\|$, $\kappa_i = \|e_i\|$;

@@ -46,7 +46,7 @@ def image_distributions(embeddings: torch.Tensor) -> VonMisesFisher:
     return VonMisesFisher(F.normalize(embeddings, dim=-1), kappa, validate_args=False)
 
 
-class _VMFProxyLoss(ProxyLoss):
+class VMFProxyLoss(ProxyLoss):
     """Shared parts: vMF proxies (direction, log κ [C] or per dimension [C, p]), a log temperature, the
     cross-entropy and stats."""
 
@@ -115,7 +115,7 @@ class _VMFProxyLoss(ProxyLoss):
         ]
 
 
-class ELVMFLoss(_VMFProxyLoss):
+class ELVMFLoss(VMFProxyLoss):
     r"""Softmax over tempered expected likelihoods of vMF images under vMF proxies.
 
     $$
@@ -174,7 +174,7 @@ class ELVMFLoss(_VMFProxyLoss):
         )
 
 
-class PPKVMFLoss(_VMFProxyLoss):
+class PPKVMFLoss(VMFProxyLoss):
     r"""Softmax over log probability product kernels of vMF images and vMF proxies, over a temperature.
 
     $$
@@ -237,7 +237,7 @@ class PPKVMFLoss(_VMFProxyLoss):
         return log_ppk / self._param(self.log_temperature, embeddings).exp()
 
 
-class KLVMFLoss(_VMFProxyLoss):
+class KLVMFLoss(VMFProxyLoss):
     r"""Softmax over negative KL divergences from vMF images to vMF proxies, over a temperature.
 
     $$
