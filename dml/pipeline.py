@@ -211,14 +211,29 @@ class Pipeline:
     channels_last: bool
 
     def __init__(self, model: EmbeddingModel, splits: Splits, config: TrainConfig, resolution: int,
-                 device: torch.device,
-                 dist: DistContext | None = None, *, autocast_dtype: torch.dtype | None = None,
-                 channels_last: bool = False):
-        """The state every pipeline keeps; a subclass adds its data (see its own constructor)."""
+                 device: torch.device, *, log: Callable[[str], None] = print, dist: DistContext | None = None,
+                 autocast_dtype: torch.dtype | None = None, channels_last: bool = False):
+        """Keep the state every pipeline shares, then let the subclass prepare its data (`_prepare`).
+
+        Args:
+            model: the embedding model (moved to ``device`` by the caller).
+            splits: the dataset's train / val / test splits.
+            config: the run's `dml.config.TrainConfig` (``seed``, ``eval_batch_size``, ``feature_views`` …).
+            resolution: the crop size in pixels.
+            device: where batches and embeddings live.
+            log: receives progress lines.
+            dist: the `dml.distributed.DistContext` (default: a single process).
+            autocast_dtype: autocast dtype of the network's forward passes (None: off).
+            channels_last: feed images in channels-last memory format.
+        """
         self.model, self.splits, self.config, self.device = model, splits, config, device
         self.dist = dist or DistContext()
         self.resolution = resolution
         self.autocast_dtype, self.channels_last = autocast_dtype, channels_last
+        self._prepare(log)
+
+    def _prepare(self, log: Callable[[str], None]) -> None:
+        """Decode, cache or compute what the pipeline needs (a subclass's data); nothing here."""
 
     def _autocast(self) -> torch.autocast:
         return _autocast(self.model, self.autocast_dtype)
@@ -316,18 +331,14 @@ class ImagePipeline(Pipeline):
         DatasetError: if an image cannot be decoded.
     """
 
-    def __init__(self, model: EmbeddingModel, splits: Splits, config: TrainConfig, resolution: int,
-                 device: torch.device,
-                 log: Callable[[str], None] = print, dist: DistContext | None = None, *,
-                 autocast_dtype: torch.dtype | None = None, channels_last: bool = False):
-        super().__init__(model, splits, config, resolution, device, dist, autocast_dtype=autocast_dtype,
-                         channels_last=channels_last)
+    def _prepare(self, log: Callable[[str], None]) -> None:
+        splits, resolution = self.splits, self.resolution
         self._sizes: dict[int, tuple[int, int]] = {}  # training image sizes seen (DDP: to skip others' draws)
         max_side = eval_resize(resolution)  # the eval resize; random crops come from the same image
         self.train_set = ImageDataset(splits.train, None, max_side=max_side)
         self.eval_sets = {name: ImageDataset(getattr(splits, name), EvalTransform(resolution), max_side=max_side)
                           for name in ("val", "test")}
-        self.train_labels = _labels(splits.train, device)
+        self.train_labels = _labels(splits.train, self.device)
 
     def train_batches(self, batches, epoch, start=0):
         """See `Pipeline.train_batches`."""
@@ -422,14 +433,9 @@ class DeviceImagePipeline(ImagePipeline):
         dist: the `dml.distributed.DistContext` (default: a single process).
     """
 
-    def __init__(self, model: EmbeddingModel, splits: Splits, config: TrainConfig, resolution: int,
-                 device: torch.device,
-                 log: Callable[[str], None] = print, dist: DistContext | None = None, *,
-                 autocast_dtype: torch.dtype | None = None, channels_last: bool = False):
-        # not ImagePipeline's CPU datasets
-        Pipeline.__init__(self, model, splits, config, resolution, device, dist, autocast_dtype=autocast_dtype,
-                          channels_last=channels_last)
-        side = eval_resize(resolution)
+    def _prepare(self, log: Callable[[str], None]) -> None:  # not ImagePipeline's CPU datasets
+        splits, device = self.splits, self.device
+        side = eval_resize(self.resolution)
         log(f"decoding {len(splits.train) + len(splits.val) + len(splits.test)} images into uint8 banks on {device} "
             f"({side} px)")
         self.banks = {name: DeviceImageBank(getattr(splits, name), side, device) for name in ("train", "val", "test")}
@@ -502,12 +508,8 @@ class FeaturePipeline(Pipeline):
         DatasetError: if an image cannot be decoded.
     """
 
-    def __init__(self, model: EmbeddingModel, splits: Splits, config: TrainConfig, resolution: int,
-                 device: torch.device,
-                 log: Callable[[str], None] = print, dist: DistContext | None = None, *,
-                 autocast_dtype: torch.dtype | None = None, channels_last: bool = False):
-        super().__init__(model, splits, config, resolution, device, dist, autocast_dtype=autocast_dtype,
-                         channels_last=channels_last)
+    def _prepare(self, log: Callable[[str], None]) -> None:
+        model, splits, config, resolution, device = self.model, self.splits, self.config, self.resolution, self.device
         self.views = max(1, int(config.feature_views))
         generator = torch.Generator().manual_seed(10_007 * config.seed + 1)
         train_transform = TrainTransform(resolution, generator=generator)

@@ -10,14 +10,11 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
 from dml.checkpoint import load_checkpoint
-from tests.dml.tiny_runs import REPO, assert_one_line_error, make_folder_dataset, run_cli, tiny_args
+from tests.dml.tiny_runs import assert_one_line_error, make_folder_dataset, run_cli, signal_after_first_epoch, tiny_args
 
 ENTRY_POINTS = ("dml.train", "dml.evaluate")
 
@@ -119,16 +116,9 @@ def test_full_or_read_only_disk_is_a_one_line_runtime_failure(data_root, tmp_pat
 
 def test_sigterm_behaves_like_ctrl_c(data_root, tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "dml.train", *tiny_args(data_root, out, "--loss", "proxy_anchor", "--trunk",
-                                                         "frozen", "--epochs", "100000")]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (out / "history.jsonl").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err
+    args = tiny_args(data_root, out, "--loss", "proxy_anchor", "--trunk", "frozen", "--epochs", "100000")
+    status, err = signal_after_first_epoch(args, out, signal.SIGTERM)
+    assert status == 143, err
     assert "interrupted (SIGTERM): resume with" in err and f"--resume {out}" in err and "Traceback" not in err
     state = load_checkpoint(out / "last.pt")
     assert state["epoch"] >= 1

@@ -13,7 +13,7 @@ from dml import trainer as train_module
 from dml.checkpoint import load_checkpoint
 from dml.config import ConfigError, parse_config
 from dml.train import main
-from tests.dml.tiny_runs import make_folder_dataset
+from tests.dml.tiny_runs import make_folder_dataset, signal_after_first_epoch
 from tests.dml.tiny_runs import tiny_args as _args
 
 
@@ -190,24 +190,12 @@ def test_run_directory_lock(tmp_path):
 
 def test_real_sigint_leaves_a_resumable_checkpoint(data_root, tmp_path):
     """A real SIGINT (Ctrl-C) to a running `python -m dml.train`: exit 130, then --resume finishes the run."""
-    import os
     import signal
-    import subprocess
-    import sys
-    import time
 
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "dml.train", *_args(data_root, out, "--loss", "proxy_anchor", "--trunk", "finetune",
-                                                    "--epochs", "1000")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 120
-    while not (out / "history.jsonl").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    args = _args(data_root, out, "--loss", "proxy_anchor", "--trunk", "finetune", "--epochs", "1000")
+    status, err = signal_after_first_epoch(args, out, signal.SIGINT)
+    assert status == 130, err
     assert "--resume" in err
     state = load_checkpoint(out / "last.pt")
     assert 1 <= state["epoch"] < 1000

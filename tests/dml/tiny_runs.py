@@ -4,8 +4,10 @@ seconds-long `python -m dml.train` run with the tiny backbone on the CPU."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +73,23 @@ def assert_one_line_error(result, status, needle=""):
     assert result.returncode == status, (result.returncode, err[-600:])
     assert err.startswith("error: ") and err.count("\n") == 1, err[-600:]
     assert "Traceback" not in err and needle in err, err
+
+
+def signal_after_first_epoch(train_args, out, signum, timeout=120):
+    """Start ``python -m dml.train TRAIN_ARGS``, send ``signum`` once ``OUT/history.jsonl`` exists (an epoch is
+    done), and return ``(exit status, stderr)``. The child starts with default signal handlers (a pytest-xdist
+    worker may ignore SIGINT)."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+    def default_handlers():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_DFL)
+
+    proc = subprocess.Popen([sys.executable, "-m", "dml.train", *map(str, train_args)], cwd=REPO, env=environment,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_handlers)
+    deadline = time.time() + timeout
+    while not (out / "history.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err
