@@ -4,11 +4,11 @@ Reads ``DIR/config.json``, rebuilds the model with the weights of ``DIR/best.pt`
 embeds the test split exactly as the run's training did (`dml.pipeline.evaluation_embeddings`) and runs
 the one final evaluation (`dml.final_eval.evaluate_final`) with the run's own settings — so on the same
 machine it reproduces the numbers of ``final_metrics.json`` (runs whose images were cropped on the GPU,
-``--device-augment``, come close but not bit for bit: here they are decoded and cropped on the CPU). Every option means what it means in
-``dml.train``: ``--degradation-images`` defaults to the run's value and 0 skips the degradation test;
-``--batch-size`` is the run's ``--eval-batch-size``. The result is added to ``DIR/final_metrics.json``
-under ``"evaluate"`` (the rest of the file is kept; written atomically) and shown as one more row of
-``DIR/report.md`` (``--no-report``: the report is left alone).
+``--device-augment``, come close but not bit for bit: here they are decoded and cropped on the CPU).
+Every option means what it means in ``dml.train``: ``--degradation-images`` defaults to the run's value
+and 0 skips the degradation test; ``--batch-size`` is the run's ``--eval-batch-size``. The result is
+added to ``DIR/final_metrics.json`` under ``"evaluate"`` (the rest of the file is kept; written
+atomically) and shown as one more row of ``DIR/report.md`` (``--no-report``: the report is left alone).
 
 Example::
 

@@ -93,6 +93,10 @@ def _layout(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
+#: images per forward pass of `network_outputs` on a CPU
+CPU_FORWARD_IMAGES = 64
+
+
 @torch.no_grad()
 def network_outputs(model: EmbeddingModel, images_of: Callable[[int, int], torch.Tensor], count: int, *,
                     batch_size: int, starts: Sequence[int] | None = None, autocast_dtype: torch.dtype | None = None,
@@ -100,7 +104,8 @@ def network_outputs(model: EmbeddingModel, images_of: Callable[[int, int], torch
     """The network's outputs for images ``0 .. count - 1`` in batches of ``batch_size`` (model in eval mode).
 
     The one place where evaluation images go through the network: the pipelines and ``dml.evaluate``
-    all call it, so the same model gives the same embeddings everywhere.
+    all call it, so the same model gives the same embeddings everywhere. On a CPU each batch goes
+    through the network in parts of `CPU_FORWARD_IMAGES` images (less memory, the same numbers).
 
     Args:
         model: the embedding model (its training mode is restored afterwards).
@@ -118,14 +123,19 @@ def network_outputs(model: EmbeddingModel, images_of: Callable[[int, int], torch
     was_training = model.training
     model.eval()
     chunks = []
+    device = model.head.weight.device
+    # on a CPU the network runs on at most CPU_FORWARD_IMAGES images at once: the same numbers (per-image
+    # results do not depend on the batch), a quarter of the activation memory of a batch of 256
+    step = CPU_FORWARD_IMAGES if device.type == "cpu" else batch_size
     for start in range(0, count, batch_size) if starts is None else starts:
         images = _layout(images_of(start, min(start + batch_size, count)), channels_last)
-        with _autocast(model, autocast_dtype):
-            chunks.append((model.features(images) if features else model(images)).float())
+        for part in images.split(step):
+            with _autocast(model, autocast_dtype):
+                chunks.append((model.features(part) if features else model(part)).float())
     model.train(was_training)
     if not chunks:
         width = model.spec.feature_dim if features else model.embed_dim
-        return torch.zeros(0, width, device=model.head.weight.device)
+        return torch.zeros(0, width, device=device)
     return torch.cat(chunks)
 
 
