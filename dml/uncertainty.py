@@ -498,20 +498,16 @@ def degradation_test(
 
     Returns:
         ``{"levels", "num_images", "seed", "kinds": {kind: {...}}, "mean_spearman",
-        "mean_image_spearman", "mean_kappa"}`` where every ``kinds[kind]`` holds
-
-        * ``parameter`` (``"sigma_px"``, ``"factor"`` or ``"area_fraction"``) and ``parameter_values``
-          (its value at every level, for these images' size),
-        * ``mean_kappa`` and ``std_kappa`` — mean and population standard deviation of κ over the
-          images, per level,
-        * ``spearman`` — Spearman's ρ between strength and κ over all N·L (image, level) pairs (average
-          ranks; None if undefined),
-        * ``mean_image_spearman`` — the mean over images of the Spearman ρ between strength and that
-          image's κ across the levels (free of the differences between images; images with constant κ
-          are left out; None if none is left);
-
-        and at the top level ``mean_spearman`` / ``mean_image_spearman`` (the means of those over the
-        kinds, None-valued kinds left out) and ``mean_kappa`` (per level, the mean over kinds).
+        "mean_image_spearman", "mean_kappa"}``. Every ``kinds[kind]`` holds ``parameter``
+        (``"sigma_px"``, ``"factor"`` or ``"area_fraction"``) and ``parameter_values`` (its value at
+        every level, for these images' size); ``mean_kappa`` and ``std_kappa`` (mean and population
+        standard deviation of κ over the images, per level); ``spearman`` (Spearman's ρ between strength
+        and κ over all N·L (image, level) pairs, average ranks; None if undefined); and
+        ``mean_image_spearman`` (the mean over images of the Spearman ρ between strength and that image's
+        κ across the levels — free of the differences between images; images with constant κ are left
+        out; None if none is left). At the top level ``mean_spearman`` / ``mean_image_spearman`` are the
+        means of those over the kinds (None-valued kinds left out) and ``mean_kappa`` is, per level, the
+        mean over kinds.
         All JSON-serialisable. With ``return_kappa``, a tuple ``(result, {kind: [L, N] κ on the CPU})``.
 
     Raises:
