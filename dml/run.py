@@ -128,8 +128,9 @@ def start(request: TrainRequest, stack: contextlib.ExitStack) -> RunStart:
             raise ConfigError(f"--epochs {overrides['epochs']}: the run in {directory} has already trained "
                               f"{state['epoch']} epochs")
         if overrides["epochs"] != saved["epochs"]:
-            notes.append(f"extending the run from {saved['epochs']} to {overrides['epochs']} epochs (the cosine "
-                         "schedule is stretched to the new length)")
+            verb = "extending" if overrides["epochs"] > saved["epochs"] else "shortening"
+            notes.append(f"{verb} the run from {saved['epochs']} to {overrides['epochs']} epochs (the learning-rate "
+                         "schedule is recomputed for the new length)")
     config = config_from_dict({**saved, **overrides})
     return RunStart(config=config, state=state, notes=notes)
 
