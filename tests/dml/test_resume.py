@@ -85,10 +85,13 @@ def test_edited_config_json_is_refused(started, tmp_path):
     assert_one_line_error(run_cli("dml.train", "--resume", run), 2, "was edited since the run started (lr: ")
 
 
-def test_epochs_below_the_trained_ones_are_refused(started, tmp_path):
+def test_resume_takes_only_epochs_and_never_fewer_than_trained(started, tmp_path):
     _, run = _copy(started, tmp_path)
     assert_one_line_error(run_cli("dml.train", "--resume", run, "--epochs", "1", "--lr", "1"), 2,
                           "only --epochs may be given")
+    extended = run_cli("dml.train", "--resume", run, "--epochs", "2")
+    assert extended.returncode == 0, extended.stderr[-1000:]
+    assert_one_line_error(run_cli("dml.train", "--resume", run, "--epochs", "1"), 2, "has already trained 2 epochs")
 
 
 def test_extending_a_run_equals_training_longer_from_the_start(tmp_path):
