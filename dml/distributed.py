@@ -96,7 +96,7 @@ import gc
 import os
 import pickle
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 
@@ -137,6 +137,7 @@ class DistContext:
     def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0, *, initialized: bool = False):
         self.rank, self.world_size, self.local_rank = int(rank), int(world_size), int(local_rank)
         self.initialized = bool(initialized)
+        self._shared: list[BaseException] = []  # errors every process raised together (see mark_shared)
 
     def __repr__(self) -> str:
         return (f"DistContext(rank={self.rank}, world_size={self.world_size}, local_rank={self.local_rank}, "
@@ -152,12 +153,36 @@ class DistContext:
         """True on rank 0 (the process that prints and writes files)."""
         return self.rank == 0
 
+    # --- errors -------------------------------------------------------------------------------------
+    def mark_shared(self, error: BaseException) -> BaseException:
+        """Record that every process raises ``error`` at the same point (so only rank 0 reports it).
+
+        Args:
+            error: the exception.
+
+        Returns:
+            ``error``, for ``raise dist.mark_shared(err)``.
+        """
+        self._shared.append(error)
+        return error
+
+    def is_shared(self, error: BaseException) -> bool:
+        """Whether every process raised ``error`` together (`mark_shared`; always True for one process).
+
+        Args:
+            error: the exception.
+
+        Returns:
+            True if it was marked (or there is no process group).
+        """
+        return not self.enabled or any(error is e for e in self._shared)
+
     # --- devices ------------------------------------------------------------------------------------
     def device_for(self, device: torch.device) -> torch.device:
         """The device this process uses: ``cuda:LOCAL_RANK`` for a CUDA device under DDP, else ``device``.
 
         Args:
-            device: the device the configuration asks for (`dml.train.resolve_device`).
+            device: the device the configuration asks for (`dml.runtime.resolve_device`).
 
         Returns:
             The process's device.
@@ -229,7 +254,7 @@ class DistContext:
 
         box = [obj if self.rank == src else None]
         dist.broadcast_object_list(box, src=src, device=torch.device("cpu"))
-        return box[0]
+        return cast(T, box[0])
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         """Every process's picklable ``obj``, in rank order (over gloo, on the CPU).
@@ -277,7 +302,7 @@ class DistContext:
 
         Use it for whatever only rank 0 may do (read ``last.pt``, check the output directory, compute
         metrics): the other processes wait, then return the same result or raise the same exception
-        (marked ``dist_shared = True``, so that only rank 0 reports it).
+        (marked with `mark_shared`, so that only rank 0 reports it).
 
         Args:
             fn: a callable without arguments returning something picklable.
@@ -295,14 +320,14 @@ class DistContext:
                 result = fn()
             except BaseException as err:  # noqa: BLE001 - handed to the others, then re-raised here
                 self.broadcast_object(("error", _picklable(err)))
-                err.dist_shared = True  # type: ignore[attr-defined]
+                self.mark_shared(err)
                 raise
             self.broadcast_object(("ok", result))
             return result
-        status, value = self.broadcast_object(None)
+        received: Any = self.broadcast_object(None)
+        status, value = received
         if status == "error":
-            value.dist_shared = True
-            raise value
+            raise self.mark_shared(value)
         return value
 
     def agree(self, error: BaseException | None) -> None:
@@ -316,7 +341,7 @@ class DistContext:
             error: this process's exception, or None.
 
         Raises:
-            BaseException: as described (marked ``dist_shared = True`` under a process group).
+            BaseException: as described (marked with `mark_shared` under a process group).
         """
         if not self.enabled:
             if error is not None:
@@ -326,8 +351,7 @@ class DistContext:
         if error is None:
             error = next((e for e in errors if e is not None), None)
         if error is not None:
-            error.dist_shared = True  # type: ignore[attr-defined]
-            raise error
+            raise self.mark_shared(error)
 
     def close(self, clean: bool = True) -> None:
         """Leave the process group (best effort; never raises).
@@ -468,5 +492,6 @@ def wrap(module: torch.nn.Module, device: torch.device, *, broadcast_buffers: bo
     device_ids = [device] if device.type == "cuda" else None
     # torch >= 2.13 renames the per-forward buffer broadcast (both sync the buffers once at construction)
     params = inspect.signature(DistributedDataParallel.__init__).parameters
-    sync = {"forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": broadcast_buffers}
+    name = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+    sync: dict[str, Any] = {name: broadcast_buffers}
     return DistributedDataParallel(module, device_ids=device_ids, **sync)

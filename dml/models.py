@@ -19,6 +19,7 @@ Backbones (no download ever happens; weights come from an installed package or a
 from __future__ import annotations
 
 import math
+import pickle
 import warnings
 from collections.abc import Iterable
 from contextlib import nullcontext
@@ -30,6 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 BACKBONES = ("efficientnet_lite0", "resnet50", "tiny")
+#: the ways `EmbeddingModel` pools the trunk's feature map
+POOLINGS = ("avg", "max", "avgmax")
 _ALIASES = {"lite0": "efficientnet_lite0", "efficientnet-lite0": "efficientnet_lite0"}
 
 
@@ -201,6 +204,10 @@ class ResNet50(nn.Module):
     """
 
     feature_dim = 2048
+    layer1: nn.Sequential  # made by setattr in __init__ (torchvision's names)
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
 
     def __init__(self, num_classes: int = 1000):
         super().__init__()
@@ -304,14 +311,23 @@ def backbone_spec(name: str) -> BackboneSpec:
     return _SPECS[name]
 
 
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ModelError(f"weights file not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):  # garbage, not a file of pickled objects
+            raise ModelError(f"cannot read weights file {path}: not a file written by torch.save") from None
+        # torch's own message advises weights_only=False, i.e. running code from the file: never do that here
+        raise ModelError(f"weights file {path} holds Python objects besides tensors; save only the state dict "
+                         "(torch.save(model.state_dict(), path)) and pass that file") from None
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line error
-        first = (str(err).strip().splitlines() or [""])[0]
-        raise ModelError(f"cannot read weights file {path}: {type(err).__name__}: {first}") from None
+        raise ModelError(f"cannot read weights file {path}: {type(err).__name__}: {_first_line(err)}") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -415,10 +431,14 @@ class EmbeddingModel(nn.Module):
         Metric Learning", ICML 2020 (``avgmax`` pooling).
     """
 
+    output_scale: torch.Tensor  # buffers (register_buffer in __init__)
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, trunk: nn.Module, spec: BackboneSpec, embed_dim: int, *, pooling: str = "avg",
                  freeze_batchnorm: bool = True, freeze_trunk: bool = False):
         super().__init__()
-        if pooling not in ("avg", "max", "avgmax"):
+        if pooling not in POOLINGS:
             raise ModelError(f"pooling must be 'avg', 'max' or 'avgmax', got {pooling!r}")
         if embed_dim < 2:
             raise ModelError(f"embed_dim must be at least 2, got {embed_dim}")
@@ -572,6 +592,15 @@ def build_model(backbone: str = "efficientnet_lite0", embed_dim: int = 128, *, w
     trunk, spec = build_backbone(backbone, weights)
     return EmbeddingModel(trunk, spec, embed_dim, pooling=pooling, freeze_batchnorm=freeze_batchnorm,
                           freeze_trunk=freeze_trunk)
+
+
+def to_channels_last(module: nn.Module) -> None:
+    """Put a module's 4-d parameters and buffers in channels-last memory format (in place).
+
+    Args:
+        module: the module.
+    """
+    module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing from torch's stubs
 
 
 def count_parameters(params: Iterable[torch.Tensor]) -> int:

@@ -30,7 +30,7 @@ from dml.data import (
     random_resized_crop,
 )
 from dml.distributed import DistContext
-from dml.models import EmbeddingModel
+from dml.models import EmbeddingModel, to_channels_last
 
 if TYPE_CHECKING:  # for the annotations only
     from dml.config import TrainConfig
@@ -83,6 +83,125 @@ def _skip_train_transform(transform: TrainTransform, height: int, width: int) ->
         torch.rand(1, generator=transform.generator)
 
 
+def _autocast(model: EmbeddingModel, dtype: torch.dtype | None) -> torch.autocast:
+    """The autocast context of the network's forward passes (a no-op when ``dtype`` is None)."""
+    device_type = "cuda" if model.head.weight.is_cuda else "cpu"
+    return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def _layout(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+#: images per forward pass of `network_outputs` on a CPU
+CPU_FORWARD_IMAGES = 64
+
+
+@torch.no_grad()
+def network_outputs(model: EmbeddingModel, images_of: Callable[[int, int], torch.Tensor], count: int, *,
+                    batch_size: int, starts: Sequence[int] | None = None, autocast_dtype: torch.dtype | None = None,
+                    channels_last: bool = False, features: bool = False) -> torch.Tensor:
+    """The network's outputs for images ``0 .. count - 1`` in batches of ``batch_size`` (model in eval mode).
+
+    The one place where evaluation images go through the network: the pipelines and ``dml.evaluate``
+    all call it, so the same model gives the same embeddings everywhere. On a CPU each batch goes
+    through the network in parts of `CPU_FORWARD_IMAGES` images (less memory, the same numbers).
+
+    Args:
+        model: the embedding model (its training mode is restored afterwards).
+        images_of: ``images_of(start, stop)`` returns images ``start:stop`` on the model's device.
+        count: the number of images.
+        batch_size: images per batch.
+        starts: the batches to run, by their first image (default: all, in order).
+        autocast_dtype: autocast dtype of the forward pass (None: off).
+        channels_last: feed the images in channels-last memory format.
+        features: return the pooled trunk features instead of the embeddings.
+
+    Returns:
+        ``[n, embed_dim]`` (or ``[n, feature_dim]``) float32 outputs of the batches run, concatenated.
+    """
+    was_training = model.training
+    model.eval()
+    chunks = []
+    device = model.head.weight.device
+    # on a CPU the network runs on at most CPU_FORWARD_IMAGES images at once: the same numbers (per-image
+    # results do not depend on the batch), a quarter of the activation memory of a batch of 256
+    step = CPU_FORWARD_IMAGES if device.type == "cpu" else batch_size
+    for start in range(0, count, batch_size) if starts is None else starts:
+        images = _layout(images_of(start, min(start + batch_size, count)), channels_last)
+        for part in images.split(step):
+            with _autocast(model, autocast_dtype):
+                chunks.append((model.features(part) if features else model(part)).float())
+    model.train(was_training)
+    if not chunks:
+        width = model.spec.feature_dim if features else model.embed_dim
+        return torch.zeros(0, width, device=device)
+    return torch.cat(chunks)
+
+
+def _loader(dataset: ImageDataset, device: torch.device,
+            transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Callable[[int, int], torch.Tensor]:
+    def images_of(start: int, stop: int) -> torch.Tensor:
+        pictures = [dataset[i][0] for i in range(start, stop)]
+        return torch.stack([transform(p) for p in pictures] if transform else pictures).to(device)
+
+    return images_of
+
+
+def split_features(model: EmbeddingModel, split: Split, resolution: int, device: torch.device,
+                   batch_size: int) -> torch.Tensor:
+    """Pooled trunk features of the evaluation crops of a split, as the frozen-trunk pipeline caches them.
+
+    The model is put in channels-last memory format (1.4-2x faster convolutions on CPU with oneDNN).
+
+    Args:
+        model: the embedding model, on ``device``.
+        split: the images.
+        resolution: the crop size.
+        device: the model's device.
+        batch_size: images per batch.
+
+    Returns:
+        ``[N, feature_dim]`` float32 features.
+    """
+    to_channels_last(model)
+    dataset = ImageDataset(split, EvalTransform(resolution), max_side=eval_resize(resolution), cache=False)
+    return network_outputs(model, _loader(dataset, device), len(dataset), batch_size=batch_size,
+                           channels_last=True, features=True)
+
+
+@torch.no_grad()
+def evaluation_embeddings(model: EmbeddingModel, split: Split, *, frozen: bool, resolution: int,
+                          device: torch.device, batch_size: int, autocast_dtype: torch.dtype | None = None,
+                          channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings and labels of a split exactly as a single-process training run evaluates it.
+
+    Frozen trunk: the head on `split_features` (what `FeaturePipeline` caches); fine-tuning: the whole
+    network on the evaluation crops (what `ImagePipeline` runs). ``dml.evaluate`` uses it to reproduce
+    the training run's numbers.
+
+    Args:
+        model: the embedding model, on ``device``.
+        split: the images.
+        frozen: whether the run trained with a frozen trunk.
+        resolution: the crop size.
+        device: the model's device.
+        batch_size: images per batch (the run's ``eval_batch_size``).
+        autocast_dtype: the run's autocast dtype (fine-tuning).
+        channels_last: the run's memory format (fine-tuning).
+
+    Returns:
+        ``(embeddings [N, embed_dim] float32, labels [N] int64)`` on ``device``.
+    """
+    if frozen:
+        embeddings = model.eval().embed(split_features(model, split, resolution, device, batch_size))
+    else:
+        dataset = ImageDataset(split, EvalTransform(resolution), max_side=eval_resize(resolution), cache=False)
+        embeddings = network_outputs(model, _loader(dataset, device), len(dataset), batch_size=batch_size,
+                                     autocast_dtype=autocast_dtype, channels_last=channels_last)
+    return embeddings, _labels(split, device)
+
+
 class Pipeline:
     """Interface used by the trainer: training batches, training embeddings and evaluation embeddings.
 
@@ -96,26 +215,41 @@ class Pipeline:
 
     model: EmbeddingModel
     dist: DistContext
-    #: bf16 autocast for the network's forward passes (set by the trainer from ``--amp``); None: off
-    autocast_dtype: torch.dtype | None = None
-    #: feed images in channels-last memory format (set by the trainer from ``--channels-last``)
-    channels_last: bool = False
+    #: bf16 autocast for the network's forward passes (``--amp``); None: off
+    autocast_dtype: torch.dtype | None
+    #: feed images in channels-last memory format (``--channels-last``)
+    channels_last: bool
 
-    def __init__(self, model: EmbeddingModel, splits: Splits, config: TrainConfig, resolution: int, device: torch.device,
-                 dist: DistContext | None = None):
-        """The state every pipeline keeps; a subclass adds its data (see its own constructor)."""
+    def __init__(self, model: EmbeddingModel, splits: Splits, config: TrainConfig, resolution: int,
+                 device: torch.device, *, log: Callable[[str], None] = print, dist: DistContext | None = None,
+                 autocast_dtype: torch.dtype | None = None, channels_last: bool = False):
+        """Keep the state every pipeline shares, then let the subclass prepare its data (`_prepare`).
+
+        Args:
+            model: the embedding model (moved to ``device`` by the caller).
+            splits: the dataset's train / val / test splits.
+            config: the run's `dml.config.TrainConfig` (``seed``, ``eval_batch_size``, ``feature_views`` …).
+            resolution: the crop size in pixels.
+            device: where batches and embeddings live.
+            log: receives progress lines.
+            dist: the `dml.distributed.DistContext` (default: a single process).
+            autocast_dtype: autocast dtype of the network's forward passes (None: off).
+            channels_last: feed images in channels-last memory format.
+        """
         self.model, self.splits, self.config, self.device = model, splits, config, device
         self.dist = dist or DistContext()
         self.resolution = resolution
+        self.autocast_dtype, self.channels_last = autocast_dtype, channels_last
+        self._prepare(log)
 
-    def _autocast(self):
-        """The autocast context of the network's forward passes (a no-op when off)."""
-        device_type = "cuda" if self.model.head.weight.is_cuda else "cpu"
-        return torch.autocast(device_type, dtype=self.autocast_dtype or torch.bfloat16,
-                              enabled=self.autocast_dtype is not None)
+    def _prepare(self, log: Callable[[str], None]) -> None:
+        """Decode, cache or compute what the pipeline needs (a subclass's data); nothing here."""
+
+    def _autocast(self) -> torch.autocast:
+        return _autocast(self.model, self.autocast_dtype)
 
     def _layout(self, images: torch.Tensor) -> torch.Tensor:
-        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+        return _layout(images, self.channels_last)
 
     def train_batches(self, batches: Sequence[list[int]], epoch: int, start: int = 0
                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -207,15 +341,14 @@ class ImagePipeline(Pipeline):
         DatasetError: if an image cannot be decoded.
     """
 
-    def __init__(self, model: EmbeddingModel, splits: Splits, config: TrainConfig, resolution: int, device: torch.device,
-                 log: Callable[[str], None] = print, dist: DistContext | None = None):
-        super().__init__(model, splits, config, resolution, device, dist)
+    def _prepare(self, log: Callable[[str], None]) -> None:
+        splits, resolution = self.splits, self.resolution
         self._sizes: dict[int, tuple[int, int]] = {}  # training image sizes seen (DDP: to skip others' draws)
         max_side = eval_resize(resolution)  # the eval resize; random crops come from the same image
         self.train_set = ImageDataset(splits.train, None, max_side=max_side)
         self.eval_sets = {name: ImageDataset(getattr(splits, name), EvalTransform(resolution), max_side=max_side)
                           for name in ("val", "test")}
-        self.train_labels = _labels(splits.train, device)
+        self.train_labels = _labels(splits.train, self.device)
 
     def train_batches(self, batches, epoch, start=0):
         """See `Pipeline.train_batches`."""
@@ -246,20 +379,14 @@ class ImagePipeline(Pipeline):
     @torch.no_grad()
     def embed_split(self, name):
         """See `Pipeline.embed_split`."""
-        was_training = self.model.training
-        self.model.eval()
-        chunks = []
         count = len(getattr(self.splits, name))
         size = self.config.eval_batch_size
         starts = list(range(0, count, size))
         world, rank = self.dist.world_size, self.dist.rank
-        for start in starts[rank::world]:  # a single process: every batch
-            images = self._eval_images(name, start, min(start + size, count))
-            with self._autocast():
-                chunks.append(self.model(self._layout(images)).float())
-        self.model.train(was_training)
+        local = network_outputs(self.model, lambda a, b: self._eval_images(name, a, b), count, batch_size=size,
+                                starts=starts[rank::world], autocast_dtype=self.autocast_dtype,
+                                channels_last=self.channels_last)  # a single process: every batch
         labels = _labels(getattr(self.splits, name), self.device)
-        local = torch.cat(chunks) if chunks else torch.zeros(0, self.model.embed_dim, device=self.device)
         if world == 1:
             return local, labels
         # batch k was embedded by rank k % world as its (k // world)-th batch; only the very last batch of
@@ -316,10 +443,9 @@ class DeviceImagePipeline(ImagePipeline):
         dist: the `dml.distributed.DistContext` (default: a single process).
     """
 
-    def __init__(self, model: EmbeddingModel, splits: Splits, config: TrainConfig, resolution: int, device: torch.device,
-                 log: Callable[[str], None] = print, dist: DistContext | None = None):
-        Pipeline.__init__(self, model, splits, config, resolution, device, dist)  # not ImagePipeline's CPU datasets
-        side = eval_resize(resolution)
+    def _prepare(self, log: Callable[[str], None]) -> None:  # not ImagePipeline's CPU datasets
+        splits, device = self.splits, self.device
+        side = eval_resize(self.resolution)
         log(f"decoding {len(splits.train) + len(splits.val) + len(splits.test)} images into uint8 banks on {device} "
             f"({side} px)")
         self.banks = {name: DeviceImageBank(getattr(splits, name), side, device) for name in ("train", "val", "test")}
@@ -392,31 +518,27 @@ class FeaturePipeline(Pipeline):
         DatasetError: if an image cannot be decoded.
     """
 
-    def __init__(self, model: EmbeddingModel, splits: Splits, config: TrainConfig, resolution: int, device: torch.device,
-                 log: Callable[[str], None] = print, dist: DistContext | None = None):
-        super().__init__(model, splits, config, resolution, device, dist)
+    def _prepare(self, log: Callable[[str], None]) -> None:
+        model, splits, config, resolution, device = self.model, self.splits, self.config, self.resolution, self.device
         self.views = max(1, int(config.feature_views))
-        max_side = eval_resize(resolution)
         generator = torch.Generator().manual_seed(10_007 * config.seed + 1)
         train_transform = TrainTransform(resolution, generator=generator)
-        eval_transform = EvalTransform(resolution)
         cache = self._cache_path(splits, config, resolution)
         if cache is not None and cache.is_file():
             log(f"loading cached frozen-trunk features from {cache}")
             stored = torch.load(cache, map_location=device, weights_only=True)
             self.train_features, self.eval_features = stored["train"], {k: stored[k] for k in ("val", "test")}
         else:
-            raw_train = ImageDataset(splits.train, None, max_side=max_side)
             views = "the centre crop" if self.views == 1 else f"{self.views} views (centre crop + random crops)"
-            log(f"caching frozen-trunk features: {len(raw_train)} training images × {views}, "
+            log(f"caching frozen-trunk features: {len(splits.train)} training images × {views}, "
                 f"{len(splits.val) + len(splits.test)} evaluation images, {resolution} px, on {device}")
-            features = []
-            for v in range(self.views):
-                transform = eval_transform if v == 0 else train_transform  # view 0: the plain centre crop
-                features.append(self._features(raw_train, transform))
+            features = [split_features(model, splits.train, resolution, device, config.eval_batch_size)]
+            raw_train = ImageDataset(splits.train, None, max_side=eval_resize(resolution))
+            for _ in range(1, self.views):  # view 0 (above): the plain centre crop
+                features.append(self._features(raw_train, train_transform))
             self.train_features = torch.stack(features, dim=1)  # [N, V, F]
-            self.eval_features = {name: self._features(ImageDataset(getattr(splits, name), None, max_side=max_side),
-                                                       eval_transform) for name in ("val", "test")}
+            self.eval_features = {name: split_features(model, getattr(splits, name), resolution, device,
+                                                       config.eval_batch_size) for name in ("val", "test")}
             if cache is not None and self.dist.is_main:
                 save_checkpoint(cache, {"train": self.train_features.cpu(),
                                         **{k: v.cpu() for k, v in self.eval_features.items()}})
@@ -431,7 +553,8 @@ class FeaturePipeline(Pipeline):
         file (path, size and modification time), pooling, resolution, views (and the seed when there are
         random views) and the torch version.
         """
-        if not getattr(config, "feature_cache", None):
+        cache_dir = config.feature_cache
+        if not cache_dir:
             return None
         weights = config.weights
         if weights not in (None, "none", "default") and Path(weights).is_file():
@@ -443,22 +566,13 @@ class FeaturePipeline(Pipeline):
             "views": self.views, "seed": config.seed if self.views > 1 else None, "torch": torch.__version__,
         }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-        return Path(config.feature_cache) / f"{splits.name}-{config.backbone}-{resolution}px-{digest}.pt"
+        return Path(cache_dir) / f"{splits.name}-{config.backbone}-{resolution}px-{digest}.pt"
 
-    @torch.no_grad()
-    def _features(self, raw: ImageDataset, transform) -> torch.Tensor:
-        self.model.eval()
-        out = []
-        size = self.config.eval_batch_size
-        self.model.to(memory_format=torch.channels_last)  # 1.4-2x faster convolutions on CPU (oneDNN)
-        for start in range(0, len(raw), size):
-            images = torch.stack([transform(raw[i][0]) for i in range(start, min(start + size, len(raw)))])
-            images = images.to(self.device).contiguous(memory_format=torch.channels_last)
-            out.append(self.model.features(images).float())
-        self.model.train()
-        if not out:
-            return torch.zeros(0, self.model.spec.feature_dim, device=self.device)
-        return torch.cat(out)
+    def _features(self, raw: ImageDataset, transform: TrainTransform) -> torch.Tensor:
+        """Features of one random view of every image of ``raw`` (the transform draws the crops in order)."""
+        to_channels_last(self.model)
+        return network_outputs(self.model, _loader(raw, self.device, transform), len(raw),
+                               batch_size=self.config.eval_batch_size, channels_last=True, features=True)
 
     def train_batches(self, batches, epoch, start=0):
         """See `Pipeline.train_batches`."""

@@ -1,6 +1,6 @@
 r"""``OUTPUT/report.md``: a run's metric tables and plots (PNG, matplotlib's Agg renderer).
 
-`write_report` writes the Markdown report and its figures in ``OUTPUT/report/``:
+`write_report` writes the Markdown report (one function per section) and its figures in ``OUTPUT/report/``:
 
 | file | what |
 |---|---|
@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,11 @@ import numpy as np
 import torch
 
 from dml.checkpoint import atomic_write_bytes, atomic_write_text
+from dml.data import Split
+from dml.final_eval import RetrievalMetrics, UncertaintyResult
+from dml.uncertainty import UncertaintyDetails
 
-__all__ = ["write_report", "PLOT_NAMES"]
+__all__ = ["PLOT_NAMES", "ReportInputs", "metric_rows", "write_report"]
 
 #: the figures `write_report` may write in ``OUTPUT/report/``
 PLOT_NAMES = ("training_curves.png", "kappa_histogram.png", "rejection_curve.png", "kappa_vs_degradation.png",
@@ -129,7 +133,7 @@ def _plot_training(history: list[dict], selected_epoch: int | None, path: Path) 
     _save(fig, path)
 
 
-def _plot_histogram(uncertainty: dict, details: Any, path: Path) -> None:
+def _plot_histogram(auroc: float | None, details: UncertaintyDetails, path: Path) -> None:
     kappa = details.kappa[details.query_index].double().numpy()
     correct = details.correct.numpy().astype(bool)
     fig = _figure(6.4, 3.8)
@@ -143,7 +147,6 @@ def _plot_histogram(uncertainty: dict, details: Any, path: Path) -> None:
             ax.hist(kappa[mask], bins=bins, density=True, alpha=0.45, color=colour,
                     label=f"{name} ({int(mask.sum())} queries, mean κ {_kappa_fmt(float(kappa[mask].mean()))})")
             ax.hist(kappa[mask], bins=bins, density=True, histtype="step", color=colour, lw=1.4)
-    auroc = uncertainty.get("auroc_kappa")
     ax.set(title=f"κ of the test queries  (AUROC of κ for 1-NN correct: {_fmt(auroc, 3)})", xlabel="κ = ‖e‖",
            ylabel="density")
     ax.legend(fontsize=8)
@@ -151,10 +154,9 @@ def _plot_histogram(uncertainty: dict, details: Any, path: Path) -> None:
     _save(fig, path)
 
 
-def _plot_rejection(uncertainty: dict, path: Path) -> None:
-    curve = np.asarray(uncertainty["rejection_curve"], dtype=float)
+def _plot_rejection(base: float, rejection_curve: list[list[float]], path: Path) -> None:
+    curve = np.asarray(rejection_curve, dtype=float)
     fractions, recall = curve[:, 0], curve[:, 1]
-    base = uncertainty.get("recall@1", recall[0] if fractions[0] == 0 else math.nan)
     fig = _figure(5.6, 3.8)
     ax = fig.subplots()
     grid = np.linspace(0, max(0.95, float(fractions.max())), 100)
@@ -208,7 +210,7 @@ def _show(ax, image: torch.Tensor) -> None:
 
 
 def _plot_examples(image: torch.Tensor, degradation: dict, path: Path) -> None:
-    from dml.uncertainty import degrade
+    from dml.data.degradations import degrade
 
     levels = degradation["levels"]
     kinds = list(degradation["kinds"])
@@ -228,7 +230,19 @@ def _plot_examples(image: torch.Tensor, degradation: dict, path: Path) -> None:
     _save(fig, path)
 
 
-def _plot_confident(details: Any, test_split: Any, resolution: int, path: Path, per_row: int = 8) -> None:
+def _renderable(text: str) -> str:
+    """``text`` without the characters that matplotlib's font cannot draw (emoji in class names would
+    otherwise warn "Glyph … missing" and show as boxes)."""
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    font = FT2Font(font_manager.findfont(font_manager.FontProperties()))
+    kept = "".join(c for c in text if c.isspace() or font.get_char_index(ord(c)))
+    return " ".join(kept.split())
+
+
+def _plot_confident(details: UncertaintyDetails, test_split: Split, resolution: int, path: Path,
+                    per_row: int = 8) -> None:
     kappa = details.kappa.double()
     n = kappa.numel()
     k = min(per_row, max(1, n // 2))
@@ -241,7 +255,7 @@ def _plot_confident(details: Any, test_split: Any, resolution: int, path: Path, 
         for c, i in enumerate(indices):
             ax = axes[r][c]
             _show(ax, _eval_image(test_split.paths[i], resolution))
-            label = test_split.class_names[test_split.labels[i]]
+            label = _renderable(test_split.class_names[test_split.labels[i]])
             label = label if len(label) <= 16 else label[:15] + "…"
             mark = ""
             if i in correct:
@@ -260,62 +274,257 @@ def _plot_confident(details: Any, test_split: Any, resolution: int, path: Path, 
 # the report
 
 
-def _metric_rows(final_metrics: dict, history: list[dict]) -> list[tuple[str, dict]]:
-    rows: list[tuple[str, dict]] = []
+def metric_rows(final_metrics: dict[str, Any], history: list[dict[str, Any]]) -> list[tuple[str, RetrievalMetrics]]:
+    """The rows of the report's test-metric table from a ``final_metrics.json`` dict.
+
+    Args:
+        final_metrics: the dict (any part may be missing).
+        history: the epoch records, for the number of the last epoch.
+
+    Returns:
+        ``(label, metrics)`` for the selected checkpoint, the last epoch, before training and a
+        ``dml.evaluate`` re-evaluation, whichever are present.
+    """
+    rows: list[tuple[str, RetrievalMetrics]] = []
     if "recall@1" in final_metrics:
-        epoch = final_metrics.get("selected_epoch")
         selection = final_metrics.get("selection", "selected")
-        rows.append((f"selected checkpoint (epoch {epoch}; {selection})", final_metrics))
+        rows.append((f"selected checkpoint (epoch {final_metrics.get('selected_epoch')}; {selection})",
+                     RetrievalMetrics.from_dict(final_metrics)))
     if isinstance(final_metrics.get("last_epoch"), dict):
         last = history[-1].get("epoch") if history else None
-        rows.append((f"last epoch ({last})" if last is not None else "last epoch", final_metrics["last_epoch"]))
+        label = f"last epoch ({last})" if last is not None else "last epoch"
+        rows.append((label, RetrievalMetrics.from_dict(final_metrics["last_epoch"])))
     if isinstance(final_metrics.get("initial"), dict):
-        rows.append(("before training", final_metrics["initial"]))
+        rows.append(("before training", RetrievalMetrics.from_dict(final_metrics["initial"])))
     evaluated = final_metrics.get("evaluate")
     if isinstance(evaluated, dict) and "recall@1" in evaluated:
         what = f"`{evaluated.get('checkpoint', '?')}.pt`"
         if evaluated.get("epoch") is not None:
             what += f", epoch {evaluated['epoch']}"
-        rows.append((f"re-evaluated by `dml.evaluate` ({what})", evaluated))
+        rows.append((f"re-evaluated by `dml.evaluate` ({what})", RetrievalMetrics.from_dict(evaluated)))
     return rows
 
 
-def write_report(
-    out_dir: str | Path,
-    *,
-    history: list[dict],
-    final_metrics: dict,
-    uncertainty: dict | None,
-    test_split: Any,
-    per_query: Any = None,
-    resolution: int,
-    config: dict | None = None,
-) -> Path:
+@dataclass
+class ReportInputs:
+    """Everything `write_report` shows.
+
+    Attributes:
+        rows: the test-metric table (`metric_rows`).
+        history: one record per epoch (``history.jsonl``): ``epoch``, ``train`` (``loss``, optionally
+            ``mean_image_kappa`` …) and optionally ``val`` (``recall@1``, ``map@r`` …).
+        selected_epoch: the epoch of the selected checkpoint (marked in the curves), or None.
+        uncertainty: the uncertainty metrics, or None (the report says why they are missing).
+        details: the per-image values behind them (histogram, image grids), or None.
+        test_split: the test split (image paths, class names) for the image grids, or None.
+        resolution: the evaluation crop size, to show the images as the model saw them.
+        config: the run's configuration (``config.json``) for the heading, or None.
+        device: the run's device, or None.
+        wall_time_s: the run's wall time, or None.
+    """
+
+    rows: list[tuple[str, RetrievalMetrics]]
+    history: list[dict[str, Any]]
+    selected_epoch: int | None
+    uncertainty: UncertaintyResult | None
+    details: UncertaintyDetails | None
+    test_split: Split | None
+    resolution: int
+    config: dict[str, Any] | None = None
+    device: str | None = None
+    wall_time_s: float | None = None
+
+
+class _Figures:
+    """Draws the report's figures into ``report/`` (nothing without matplotlib) and remembers which."""
+
+    def __init__(self, fig_dir: Path) -> None:
+        self.fig_dir = fig_dir
+        try:
+            import matplotlib  # noqa: F401
+
+            self.enabled = True
+        except ImportError:
+            self.enabled = False
+        self.written: set[str] = set()
+
+    def __call__(self, name: str, draw: Callable[..., None], *args: Any) -> list[str]:
+        """Draw figure ``name``; the Markdown lines that show it ([] when it is not drawn)."""
+        if not self.enabled:
+            return []
+        draw(*args, self.fig_dir / name)
+        self.written.add(name)
+        return [f"![{name.removesuffix('.png').replace('_', ' ')}](report/{name})", ""]
+
+    def remove_stale(self) -> None:
+        """Delete the figures of an earlier report that this one did not draw."""
+        for name in PLOT_NAMES:
+            if name not in self.written:
+                (self.fig_dir / name).unlink(missing_ok=True)
+
+
+def _heading_section(name: str, inputs: ReportInputs, plotting: bool) -> list[str]:
+    lines = [f"# Run report: `{name}`", ""]
+    config = inputs.config
+    if config:
+        keys = ("dataset", "backbone", "embed_dim", "loss", "trunk", "epochs", "batch_size", "lr", "seed")
+        lines.append(" · ".join(f"{k} `{config[k]}`" for k in keys if k in config))
+        if config.get("loss_options"):
+            lines += ["", "loss options: " + ", ".join(f"`{k}={v}`" for k, v in sorted(config["loss_options"].items()))]
+        lines.append("")
+    facts = []
+    if inputs.device:
+        facts.append(f"device `{inputs.device}`")
+    if inputs.wall_time_s is not None:
+        facts.append(f"wall time {inputs.wall_time_s} s")
+    if inputs.test_split is not None:
+        facts.append(f"test split: {len(inputs.test_split)} images of {inputs.test_split.num_classes} classes, "
+                     f"evaluated at {inputs.resolution} px")
+    if facts:
+        lines += [", ".join(facts) + ".", ""]
+    if not plotting:
+        lines += ["*matplotlib is not installed: the figures are left out (`pip install matplotlib`).*", ""]
+    return lines
+
+
+def _metrics_section(inputs: ReportInputs) -> list[str]:
+    lines = ["## Test metrics", ""]
+    if not inputs.rows:
+        return lines + ["No test metrics recorded yet.", ""]
+    table = [(label, m.to_json()) for label, m in inputs.rows]
+    columns = [(k, name) for k, name in _METRIC_COLUMNS if any(k in m for _, m in table)]
+    lines += _table(["", *(name for _, name in columns)],
+                    [[label, *(_fmt(m.get(k)) for k, _ in columns)] for label, m in table])
+    return lines + ["", "Leave-one-out retrieval over the test classes (never seen in training), cosine similarity "
+                    "unless marked Euclidean; NMI of k-means clusters (`dml.metrics`).", ""]
+
+
+def _training_section(inputs: ReportInputs, figure: _Figures) -> list[str]:
+    lines = ["## Training", ""]
+    history, selected = inputs.history, inputs.selected_epoch
+    if not history:
+        return lines + ["No epoch recorded (`history.jsonl` is empty or missing).", ""]
+    has_val = any("val" in r for r in history)
+    lines += figure("training_curves.png", _plot_training, history, selected)
+    if not has_val:
+        lines += ["No validation split (`--val-fraction 0`): no validation curve, and the last epoch is the "
+                  "selected one.", ""]
+    header = ["epoch", "train loss"] + (["val R@1", "val MAP@R"] if has_val else [])
+    has_kappa = any("mean_image_kappa" in r.get("train", {}) for r in history)
+    header += ["mean image κ"] if has_kappa else []
+    rows = []
+    for r in history:
+        row = [str(r.get("epoch", "")) + (" ★" if r.get("epoch") == selected and has_val else ""),
+               _fmt(r.get("train", {}).get("loss"))]
+        if has_val:
+            val = r.get("val", {})
+            row += [_fmt(val.get("recall@1")), _fmt(val.get("map@r"))]
+        if has_kappa:
+            row.append(_kappa_fmt(r.get("train", {}).get("mean_image_kappa")))
+        rows.append(row)
+    return lines + ["<details><summary>per-epoch values</summary>", "", *_table(header, rows), "", "</details>", ""]
+
+
+def _kappa_section(u: UncertaintyResult, inputs: ReportInputs, figure: _Figures) -> list[str]:
+    lines = _table(["", "value"], [
+        ["AUROC of κ for “1-NN correct”", _fmt(u.auroc_kappa)],
+        ["Spearman ρ(κ, AP@R)", _fmt(u.spearman_kappa_ap)],
+        ["mean κ ± std (all test images)", f"{_kappa_fmt(u.mean_kappa)} ± {_kappa_fmt(u.std_kappa)}"],
+        ["mean κ, 1-NN correct / wrong", f"{_kappa_fmt(u.mean_kappa_correct)} / {_kappa_fmt(u.mean_kappa_wrong)}"],
+        ["queries (1-NN correct)", f"{u.num_queries} ({u.num_correct})"],
+    ])
+    lines += ["", "AUROC 0.5: κ says nothing about whether the nearest neighbour is right; 1: every correct query "
+              "is more confident than every wrong one (–: undefined, all queries correct or all wrong). "
+              "Queries: test images with at least one other image of their class.", ""]
+    if inputs.details is None:
+        return lines + ["(No per-query values given: no κ histogram and no image grid.)", ""]
+    return lines + figure("kappa_histogram.png", _plot_histogram, u.auroc_kappa, inputs.details)
+
+
+def _rejection_section(u: UncertaintyResult, figure: _Figures) -> list[str]:
+    curve = u.rejection_curve
+    if not curve:
+        return []
+    lines = ["### Accuracy–rejection curve", ""]
+    lines += _table(["queries rejected", *(f"{100 * f:.0f}%" for f, _ in curve)],
+                    [["R@1 of the rest", *(_fmt(v, 3) for _, v in curve)]])
+    lines.append("")
+    lines += figure("rejection_curve.png", _plot_rejection, u.recall_at_1, curve)
+    return lines + ["The least confident (lowest κ) queries are rejected first; a useful κ makes the curve rise "
+                    "(random rejection keeps it flat; the oracle rejects the wrong queries first).", ""]
+
+
+def _degradation_section(u: UncertaintyResult, inputs: ReportInputs, figure: _Figures) -> list[str]:
+    lines = ["### Degradation test", ""]
+    degradation = u.degradation
+    if not degradation:
+        return lines + ["Not run (`--degradation-images 0`).", ""]
+    levels = degradation["levels"]
+    header = ["", *(f"s = {s:g}" for s in levels), "ρ(s, κ)", "mean per-image ρ"]
+    rows = []
+    for kind, r in degradation["kinds"].items():
+        text = _PARAMETER_TEXT.get(r["parameter"], lambda v: f"{v:g}")
+        cells = [f"{_kappa_fmt(m)} ({text(p)})" for m, p in zip(r["mean_kappa"], r["parameter_values"])]
+        rows.append([_KIND_LABELS.get(kind, kind), *cells, _fmt(r["spearman"], 3), _fmt(r["mean_image_spearman"], 3)])
+    rows.append(["mean over kinds", *(_kappa_fmt(m) for m in degradation["mean_kappa"]),
+                 _fmt(degradation["mean_spearman"], 3), _fmt(degradation["mean_image_spearman"], 3)])
+    lines += _table(header, rows)
+    lines += ["", f"Mean κ of {degradation['num_images']} test images (seed {degradation.get('seed', 0)}) at "
+              "every strength s. ρ(s, κ): Spearman over all (image, strength) pairs; per-image ρ: Spearman "
+              "across the strengths of one image, averaged. The paper's claim — degraded, ambiguous images "
+              "get a lower κ — predicts negative values.", ""]
+    lines += figure("kappa_vs_degradation.png", _plot_degradation, degradation)
+    split = inputs.test_split
+    if split is not None and len(split):
+        example = 0
+        details = inputs.details
+        if details is not None and details.kappa.numel():
+            example = int(torch.argsort(details.kappa.double(), stable=True)[details.kappa.numel() // 2])
+        lines += figure("degradation_examples.png", _plot_examples, _eval_image(split.paths[example],
+                                                                                inputs.resolution), degradation)
+    return lines
+
+
+def _confident_section(inputs: ReportInputs, figure: _Figures) -> list[str]:
+    if inputs.details is None or inputs.test_split is None or len(inputs.test_split) < 2:
+        return []
+    return ["### Most and least confident test images", "",
+            *figure("confident_images.png", _plot_confident, inputs.details, inputs.test_split, inputs.resolution)]
+
+
+def _uncertainty_section(inputs: ReportInputs, figure: _Figures) -> list[str]:
+    lines = ["## Uncertainty: the embedding norm κ = ‖e‖", ""]
+    u = inputs.uncertainty
+    if u is None:
+        loss = f"`{inputs.config['loss']}`" if inputs.config and "loss" in inputs.config else "this run's loss"
+        return lines + [f"Not evaluated: {loss} does not model the embedding norm as a vMF concentration (only the "
+                        "vMF-based losses `el_nivmf`, `el_nivmf_paper`, `el_vmf`, `ppk_vmf` and `kl_vmf` do), so κ "
+                        "is no uncertainty here and the κ figures are left out.", ""]
+    return (lines + _kappa_section(u, inputs, figure) + _rejection_section(u, figure)
+            + _degradation_section(u, inputs, figure) + _confident_section(inputs, figure))
+
+
+def _references_section() -> list[str]:
+    return ["---", "", "References: M. Kirchhof, K. Roth, Z. Akata, E. Kasneci, *A Non-isotropic Probabilistic Take "
+            "on Proxy-based Deep Metric Learning*, ECCV 2022 (κ = ‖e‖ as certainty); M. S. A. Nadeem, "
+            "J.-D. Zucker, B. Hanczar, *Accuracy-Rejection Curves (ARCs) for Comparing Classification Methods "
+            "with a Reject Option*, MLSB 2009; K. Musgrave, S. Belongie, S.-N. Lim, *A Metric Learning Reality "
+            "Check*, ECCV 2020 (MAP@R). Written by `dml.report`.", ""]
+
+
+def write_report(out_dir: str | Path, inputs: ReportInputs) -> Path:
     r"""Write ``out_dir/report.md`` with the run's metric tables and its figures in ``out_dir/report/``.
 
-    Sections: the run (from ``config``), the test metrics (rows: the selected checkpoint, the last
-    epoch, before training, and a `dml.evaluate` re-evaluation — whichever ``final_metrics`` holds),
-    training curves (loss, validation R@1 and MAP@R with the selected epoch marked, mean training κ),
-    and the uncertainty of κ = ‖e‖: AUROC, Spearman, κ statistics, the accuracy–rejection curve, the
-    degradation test, and the most / least confident test images. Figures whose inputs are missing
-    are skipped and the report says why (no validation split; ``uncertainty`` None for losses whose
-    norm is no concentration; ``per_query`` None). Figures from an earlier report that this one does
-    not draw are removed. All files are written atomically.
+    One function per section: the run (configuration, device, test split), the test metrics (one row
+    per entry of ``inputs.rows``), training curves (loss, validation R@1 and MAP@R with the selected
+    epoch marked, mean training κ), and the uncertainty of κ = ‖e‖ (AUROC, Spearman, κ statistics, the
+    accuracy–rejection curve, the degradation test, the most / least confident test images). Figures
+    whose inputs are missing are skipped and the report says why. Figures from an earlier report that
+    this one does not draw are removed. All files are written atomically.
 
     Args:
         out_dir: the run directory.
-        history: one record per epoch (``history.jsonl``): ``epoch``, ``train`` (``loss``, optionally
-            ``mean_image_kappa`` …) and optionally ``val`` (``recall@1``, ``map@r`` …).
-        final_metrics: what ``final_metrics.json`` holds: the selected checkpoint's test metrics at the
-            top level, ``selected_epoch``, ``selection``, ``last_epoch``, ``initial``, optionally
-            ``evaluate`` (any of them may be missing).
-        uncertainty: the first return value of `dml.uncertainty.evaluate_uncertainty`, or None.
-        test_split: the test `dml.data.Split` (image paths, labels, class names) for the image grids;
-            None skips them.
-        per_query: the second return value of `dml.uncertainty.evaluate_uncertainty` (an
-            `dml.uncertainty.UncertaintyDetails`), or None (no histogram, no image grid).
-        resolution: the evaluation crop size, for showing the images as the model saw them.
-        config: the run's configuration (``config.json``) for the heading, or None.
+        inputs: what to show.
 
     Returns:
         The path of ``report.md``.
@@ -327,173 +536,10 @@ def write_report(
     out_dir = Path(out_dir)
     fig_dir = out_dir / "report"
     fig_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        import matplotlib  # noqa: F401
-
-        plotting = True
-    except ImportError:
-        plotting = False
-    written: set[str] = set()
-
-    def figure(name: str, draw, *args) -> str | None:
-        if not plotting:
-            return None
-        draw(*args, fig_dir / name)
-        written.add(name)
-        return f"report/{name}"
-
-    lines: list[str] = [f"# Run report: `{out_dir.name}`", ""]
-    if config:
-        keys = ("dataset", "backbone", "embed_dim", "loss", "trunk", "epochs", "batch_size", "lr", "seed")
-        lines.append(" · ".join(f"{k} `{config[k]}`" for k in keys if k in config))
-        if config.get("loss_options"):
-            lines.append("")
-            lines.append("loss options: " + ", ".join(f"`{k}={v}`" for k, v in sorted(config["loss_options"].items())))
-        lines.append("")
-    facts = []
-    if final_metrics.get("device"):
-        facts.append(f"device `{final_metrics['device']}`")
-    if final_metrics.get("wall_time_s") is not None:
-        facts.append(f"wall time {final_metrics['wall_time_s']} s")
-    if test_split is not None:
-        facts.append(f"test split: {len(test_split)} images of {test_split.num_classes} classes, "
-                     f"evaluated at {resolution} px")
-    if facts:
-        lines += [", ".join(facts) + ".", ""]
-    if not plotting:
-        lines += ["*matplotlib is not installed: the figures are left out (`pip install matplotlib`).*", ""]
-
-    # --- test metrics --------------------------------------------------------------------------------
-    lines += ["## Test metrics", ""]
-    rows = _metric_rows(final_metrics, history)
-    if rows:
-        columns = [(k, name) for k, name in _METRIC_COLUMNS if any(k in m for _, m in rows)]
-        lines += _table(["", *(name for _, name in columns)],
-                        [[label, *(_fmt(m.get(k)) for k, _ in columns)] for label, m in rows])
-        lines += ["", "Leave-one-out retrieval over the test classes (never seen in training), cosine similarity "
-                  "unless marked Euclidean; NMI of k-means clusters (`dml.evaluation`)."]
-    else:
-        lines.append("No test metrics recorded yet.")
-    lines.append("")
-
-    # --- training ------------------------------------------------------------------------------------
-    lines += ["## Training", ""]
-    if history:
-        has_val = any("val" in r for r in history)
-        selected = final_metrics.get("selected_epoch")
-        src = figure("training_curves.png", _plot_training, history, selected)
-        if src:
-            lines += [f"![training curves]({src})", ""]
-        if not has_val:
-            lines += ["No validation split (`--val-fraction 0`): no validation curve, and the last epoch is the "
-                      "selected one.", ""]
-        val_key = "recall@1"
-        header = ["epoch", "train loss"] + (["val R@1", "val MAP@R"] if has_val else [])
-        has_kappa = any("mean_image_kappa" in r.get("train", {}) for r in history)
-        header += ["mean image κ"] if has_kappa else []
-        table_rows = []
-        for r in history:
-            row = [str(r.get("epoch", "")) + (" ★" if r.get("epoch") == selected and has_val else ""),
-                   _fmt(r.get("train", {}).get("loss"))]
-            if has_val:
-                val = r.get("val", {})
-                row += [_fmt(val.get(val_key)), _fmt(val.get("map@r"))]
-            if has_kappa:
-                row.append(_kappa_fmt(r.get("train", {}).get("mean_image_kappa")))
-            table_rows.append(row)
-        lines += ["<details><summary>per-epoch values</summary>", ""]
-        lines += _table(header, table_rows)
-        lines += ["", "</details>", ""]
-    else:
-        lines += ["No epoch recorded (`history.jsonl` is empty or missing).", ""]
-
-    # --- uncertainty ---------------------------------------------------------------------------------
-    lines += ["## Uncertainty: the embedding norm κ = ‖e‖", ""]
-    if uncertainty is None:
-        loss = f"`{config['loss']}`" if config and "loss" in config else "this run's loss"
-        lines += [f"Not evaluated: {loss} does not model the embedding norm as a vMF concentration (only the "
-                  "vMF-based losses `el_nivmf`, `el_nivmf_paper`, `el_vmf`, `ppk_vmf` and `kl_vmf` do), so κ is "
-                  "no uncertainty here and the κ figures are left out.", ""]
-    else:
-        u = uncertainty
-        lines += _table(["", "value"], [
-            ["AUROC of κ for “1-NN correct”", _fmt(u.get("auroc_kappa"))],
-            ["Spearman ρ(κ, AP@R)", _fmt(u.get("spearman_kappa_ap"))],
-            ["mean κ ± std (all test images)",
-             f"{_kappa_fmt(u.get('mean_kappa'))} ± {_kappa_fmt(u.get('std_kappa'))}"],
-            ["mean κ, 1-NN correct / wrong", f"{_kappa_fmt(u.get('mean_kappa_correct'))} / "
-                                             f"{_kappa_fmt(u.get('mean_kappa_wrong'))}"],
-            ["queries (1-NN correct)", f"{u.get('num_queries', '–')} ({u.get('num_correct', '–')})"],
-        ])
-        lines += ["", "AUROC 0.5: κ says nothing about whether the nearest neighbour is right; 1: every correct query "
-                  "is more confident than every wrong one (–: undefined, all queries correct or all wrong). "
-                  "Queries: test images with at least one other image of their class.", ""]
-        if per_query is not None:
-            src = figure("kappa_histogram.png", _plot_histogram, u, per_query)
-            if src:
-                lines += [f"![kappa histogram]({src})", ""]
-        else:
-            lines += ["(No per-query values given: no κ histogram and no image grid.)", ""]
-
-        curve = u.get("rejection_curve") or []
-        if curve:
-            lines += ["### Accuracy–rejection curve", ""]
-            lines += _table(["queries rejected", *(f"{100 * f:.0f}%" for f, _ in curve)],
-                            [["R@1 of the rest", *(_fmt(v, 3) for _, v in curve)]])
-            lines.append("")
-            src = figure("rejection_curve.png", _plot_rejection, u)
-            if src:
-                lines += [f"![accuracy-rejection curve]({src})", ""]
-            lines += ["The least confident (lowest κ) queries are rejected first; a useful κ makes the curve rise "
-                      "(random rejection keeps it flat; the oracle rejects the wrong queries first).", ""]
-
-        degradation = u.get("degradation")
-        lines += ["### Degradation test", ""]
-        if degradation:
-            levels = degradation["levels"]
-            header = ["", *(f"s = {s:g}" for s in levels), "ρ(s, κ)", "mean per-image ρ"]
-            drows = []
-            for kind, r in degradation["kinds"].items():
-                text = _PARAMETER_TEXT.get(r["parameter"], lambda v: f"{v:g}")
-                cells = [f"{_kappa_fmt(m)} ({text(p)})" for m, p in zip(r["mean_kappa"], r["parameter_values"])]
-                drows.append([_KIND_LABELS.get(kind, kind), *cells, _fmt(r["spearman"], 3),
-                              _fmt(r["mean_image_spearman"], 3)])
-            drows.append(["mean over kinds", *(_kappa_fmt(m) for m in degradation["mean_kappa"]),
-                          _fmt(degradation["mean_spearman"], 3), _fmt(degradation["mean_image_spearman"], 3)])
-            lines += _table(header, drows)
-            lines += ["", f"Mean κ of {degradation['num_images']} test images (seed {degradation.get('seed', 0)}) at "
-                      "every strength s. ρ(s, κ): Spearman over all (image, strength) pairs; per-image ρ: Spearman "
-                      "across the strengths of one image, averaged. The paper's claim — degraded, ambiguous images "
-                      "get a lower κ — predicts negative values.", ""]
-            src = figure("kappa_vs_degradation.png", _plot_degradation, degradation)
-            if src:
-                lines += [f"![kappa vs degradation]({src})", ""]
-            if test_split is not None and len(test_split):
-                example = 0
-                if per_query is not None and per_query.kappa.numel():
-                    example = int(torch.argsort(per_query.kappa.double(), stable=True)[per_query.kappa.numel() // 2])
-                src = figure("degradation_examples.png", _plot_examples, _eval_image(test_split.paths[example],
-                                                                                     resolution), degradation)
-                if src:
-                    lines += [f"![degradation examples]({src})", ""]
-        else:
-            lines += ["Not run (no test images were used for it).", ""]
-
-        if per_query is not None and test_split is not None and len(test_split) >= 2:
-            lines += ["### Most and least confident test images", ""]
-            src = figure("confident_images.png", _plot_confident, per_query, test_split, resolution)
-            if src:
-                lines += [f"![most and least confident test images]({src})", ""]
-
-    lines += ["---", "", "References: M. Kirchhof, K. Roth, Z. Akata, E. Kasneci, *A Non-isotropic Probabilistic Take "
-              "on Proxy-based Deep Metric Learning*, ECCV 2022 (κ = ‖e‖ as certainty); M. S. A. Nadeem, "
-              "J.-D. Zucker, B. Hanczar, *Accuracy-Rejection Curves (ARCs) for Comparing Classification Methods "
-              "with a Reject Option*, MLSB 2009; K. Musgrave, S. Belongie, S.-N. Lim, *A Metric Learning Reality "
-              "Check*, ECCV 2020 (MAP@R). Written by `dml.report`.", ""]
-
-    for name in PLOT_NAMES:  # figures of an earlier report that this one does not draw
-        if name not in written:
-            (fig_dir / name).unlink(missing_ok=True)
+    figure = _Figures(fig_dir)
+    lines = (_heading_section(out_dir.name, inputs, figure.enabled) + _metrics_section(inputs)
+             + _training_section(inputs, figure) + _uncertainty_section(inputs, figure) + _references_section())
+    figure.remove_stale()
     path = out_dir / "report.md"
     atomic_write_text(path, "\n".join(lines))
     return path

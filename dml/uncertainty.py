@@ -7,7 +7,7 @@ families of tests check whether κ behaves like that on held-out classes:
 
 * **Retrieval** (`uncertainty_metrics`): every test image with at least one other image of its class
   is a query; its nearest neighbour by cosine similarity among all other test images (leave-one-out,
-  as in `dml.evaluation`) is *correct* if it has the query's class. A useful κ is larger for the
+  as in `dml.metrics`) is *correct* if it has the query's class. A useful κ is larger for the
   correct queries (AUROC of κ for correctness), grows with the query's average precision (Spearman
   correlation), and rejecting the least confident queries raises the Recall@1 of the rest (the
   accuracy–rejection curve).
@@ -18,7 +18,7 @@ families of tests check whether κ behaves like that on held-out classes:
 `evaluate_uncertainty` runs both for a trained model; `dml.report` turns the results into plots.
 
 Everything is computed with torch on the embeddings' / images' device; the retrieval part needs a
-few host synchronisations to size the computation (as `dml.evaluation`) and one at the end.
+few host synchronisations to size the computation (as `dml.metrics`) and one at the end.
 
 References:
     * M. Kirchhof, K. Roth, Z. Akata, E. Kasneci, "A Non-isotropic Probabilistic Take on Proxy-based
@@ -39,18 +39,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dml.evaluation import _accumulator_dtype, _average_precision_at_r, _queries, _ranked_chunks
+from dml.data.degradations import DEGRADATIONS, degradation_parameter, degrade
+from dml.data.degradations import check_images as _check_images
+from dml.data.degradations import check_strength as _check_strength
+from dml.metrics import accumulator_dtype, average_precision_at_r, ranked_chunks, retrieval_queries
 
 __all__ = [
     "DEFAULT_REJECTION_FRACTIONS",
     "DEFAULT_LEVELS",
-    "DEGRADATIONS",
     "UncertaintyDetails",
     "average_ranks",
     "auroc",
@@ -58,11 +60,6 @@ __all__ = [
     "kappa_is_concentration",
     "per_query_uncertainty",
     "uncertainty_metrics",
-    "blur",
-    "downsample",
-    "occlude",
-    "degrade",
-    "degradation_parameter",
     "degradation_test",
     "evaluate_uncertainty",
 ]
@@ -71,12 +68,6 @@ __all__ = [
 DEFAULT_REJECTION_FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 #: degradation strengths of `degradation_test`
 DEFAULT_LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0)
-#: blur: σ at strength 1, as a fraction of the image's shorter side (7 px at 224 px)
-BLUR_MAX_SIGMA_FRACTION = 1 / 32
-#: downsample: the down-scaling factor at strength 1
-DOWNSAMPLE_MAX_FACTOR = 8.0
-#: occlude: the grey value of the occluder
-OCCLUDE_FILL = 0.5
 
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
@@ -107,7 +98,7 @@ def average_ranks(x: torch.Tensor) -> torch.Tensor:
     """
     if x.dim() != 1:
         raise ValueError(f"average_ranks expects a 1-D tensor, got shape {tuple(x.shape)}")
-    acc = _accumulator_dtype(x.device)
+    acc = accumulator_dtype(x.device)
     if x.numel() == 0:
         return torch.zeros(0, dtype=acc, device=x.device)
     sorted_x, order = torch.sort(x, stable=True)
@@ -121,7 +112,7 @@ def average_ranks(x: torch.Tensor) -> torch.Tensor:
 
 def _auroc_tensor(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
     """AUROC as a 0-dim tensor (NaN when one class is empty); no host synchronisation."""
-    acc = _accumulator_dtype(scores.device)
+    acc = accumulator_dtype(scores.device)
     ranks = average_ranks(scores)
     pos = positive.to(acc)
     n_pos = pos.sum()
@@ -299,15 +290,15 @@ def _check_fractions(fractions: object) -> tuple[float, ...]:
 def _per_query_tensors(x: torch.Tensor, y: torch.Tensor, chunk_size: int) -> dict[str, torch.Tensor]:
     """κ of all items; query indices, 1-NN correctness, 1-NN index and AP@R per query (on the device).
 
-    The leave-one-out cosine retrieval of `dml.evaluation` (same queries, ranking and AP@R), kept per query.
+    The leave-one-out cosine retrieval of `dml.metrics` (same queries, ranking and AP@R), kept per query.
     """
-    acc = _accumulator_dtype(x.device)
-    r_all, queries = _queries(y)
+    acc = accumulator_dtype(x.device)
+    r_all, queries = retrieval_queries(y)
     top = min(int(r_all.max()), x.shape[0] - 1)  # host sync (sizes topk); ≥ 1
     unit = F.normalize(x, dim=1)
     correct, nearest_all, ap = [], [], []
-    for q, nearest, rel in _ranked_chunks(lambda q: unit[q] @ unit.T, y, queries, top, chunk_size):
-        ap.append(_average_precision_at_r(rel, r_all[q], acc))
+    for q, nearest, rel in ranked_chunks(lambda q: unit[q] @ unit.T, y, queries, top, chunk_size):
+        ap.append(average_precision_at_r(rel, r_all[q], acc))
         correct.append(rel[:, 0])
         nearest_all.append(nearest[:, 0])
     return {
@@ -325,7 +316,7 @@ def per_query_uncertainty(
     r"""κ of every item and, per query, its 1-NN correctness and average precision at R (on the CPU).
 
     Queries are the items with $R \ge 1$ other items of their class; each is ranked against the other
-    $N - 1$ items by cosine similarity, in chunks of ``chunk_size`` queries (as `dml.evaluation`). The
+    $N - 1$ items by cosine similarity, in chunks of ``chunk_size`` queries (as `dml.metrics`). The
     query's AP@R is $\frac{1}{R}\sum_{i=1}^{R} P(i)\,\mathrm{rel}(i)$ with $P(i)$ the precision at
     rank $i$, whose mean over the queries is MAP@R.
 
@@ -358,7 +349,7 @@ def _uncertainty(
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     t = _per_query_tensors(x, y, chunk_size)
-    acc = _accumulator_dtype(x.device)
+    acc = accumulator_dtype(x.device)
     kappa_all = t["kappa"]
     kappa_q = kappa_all[t["query_index"]]
     correct = t["correct"]
@@ -417,7 +408,7 @@ def uncertainty_metrics(
     r"""How well κ = ‖e‖ predicts retrieval success on a labelled embedding set.
 
     Every item $q$ with $R_q \ge 1$ other items of its class is a query (leave-one-out, cosine
-    similarity of the L2-normalised embeddings, as `dml.evaluation.retrieval_metrics`). With
+    similarity of the L2-normalised embeddings, as `dml.metrics.retrieval_metrics`). With
     $c_q = \mathbb{1}[\text{the nearest neighbour of } q \text{ has its class}]$ and
     $\mathrm{AP@R}_q = \frac{1}{R_q}\sum_{i=1}^{R_q} P_q(i)\,\mathrm{rel}_q(i)$ (the MAP@R summand):
 
@@ -434,7 +425,7 @@ def uncertainty_metrics(
     * ``mean_kappa``, ``std_kappa`` — mean and (population) standard deviation of κ over all N items.
     * ``mean_kappa_correct``, ``mean_kappa_wrong`` — mean κ of the correct and of the wrong queries
       (None where there are none), ``recall@1`` — the fraction of correct queries (equal to
-      `dml.evaluation`'s up to how ties in similarity are broken), ``num_queries``, ``num_correct``.
+      `dml.metrics`'s up to how ties in similarity are broken), ``num_queries``, ``num_correct``.
 
     Memory is bounded by ranking ``chunk_size`` queries at a time (a ``chunk_size × N`` block, then
     `torch.topk` with $k = \max_q R_q$); nothing of size $N \times N$ exists for $N >$ ``chunk_size``.
@@ -465,193 +456,9 @@ def uncertainty_metrics(
     return metrics
 
 
-# --------------------------------------------------------------------------------------------------
-# degradations
-
-
-def _check_images(images: object, name: str = "images") -> torch.Tensor:
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"{name} must be a [B, 3, H, W] torch.Tensor, got "
-                         f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
-    if not images.is_floating_point():
-        raise ValueError(f"{name} must be floating-point in [0, 1], got dtype {images.dtype}")
-    return images
-
-
-def _check_strength(strength: object) -> float:
-    if isinstance(strength, bool) or not isinstance(strength, (int, float, np.floating, np.integer)):
-        raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
-    s = float(strength)
-    if not 0 <= s <= 1:
-        raise ValueError(f"strength must be in [0, 1], got {strength!r}")
-    return s
-
-
-def degradation_parameter(kind: str, strength: float, height: int, width: int) -> float:
-    r"""The physical parameter of a degradation of an ``height × width`` image at ``strength``.
-
-    * ``blur``: the Gaussian σ in pixels, $\sigma = s \cdot \min(H, W) / 32$ (0 … 7 px at 224 px).
-    * ``downsample``: the down-scaling factor $8^s$ (1, 1.68, 2.83, 4.76, 8 at the default levels;
-      224 px → 28 px at $s = 1$).
-    * ``occlude``: the occluded fraction of the area, $s$ itself (1: the whole image is grey).
-
-    Args:
-        kind: ``"blur"``, ``"downsample"`` or ``"occlude"``.
-        strength: $s \in [0, 1]$.
-        height: image height in pixels.
-        width: image width in pixels.
-
-    Returns:
-        σ in pixels, the factor, or the area fraction.
-
-    Raises:
-        ValueError: for an unknown kind or a strength outside $[0, 1]$.
-    """
-    s = _check_strength(strength)
-    if kind == "blur":
-        return s * min(height, width) * BLUR_MAX_SIGMA_FRACTION
-    if kind == "downsample":
-        return DOWNSAMPLE_MAX_FACTOR**s
-    if kind == "occlude":
-        return s
-    raise ValueError(f"unknown degradation {kind!r}; valid: {', '.join(DEGRADATIONS)}")
-
-
-def _gaussian_kernel(sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    radius = max(1, math.ceil(3 * sigma))
-    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    return (k / k.sum()).to(dtype=dtype, device=device)
-
-
-def blur(images: torch.Tensor, strength: float) -> torch.Tensor:
-    r"""Gaussian blur with $\sigma = s \cdot \min(H, W)/32$ pixels (`degradation_parameter`).
-
-    A separable Gaussian kernel truncated at $\lceil 3\sigma \rceil$ pixels and normalised to sum 1,
-    with replicated borders; its frequency response $\approx e^{-\sigma^2\omega^2/2}$ removes ever
-    more of the high frequencies as $s$ grows. Strength 0 returns an unchanged copy. Deterministic.
-
-    Args:
-        images: ``[B, 3, H, W]`` float images in $[0, 1]$ (any device).
-        strength: $s \in [0, 1]$.
-
-    Returns:
-        The blurred images, same shape, dtype and device, in $[0, 1]$.
-
-    Raises:
-        ValueError: if ``images`` is not ``[B, 3, H, W]`` floating point or ``strength`` not in $[0, 1]$.
-    """
-    images = _check_images(images)
-    s = _check_strength(strength)
-    b, c, h, w = images.shape
-    sigma = degradation_parameter("blur", s, h, w)
-    if sigma == 0 or images.numel() == 0:
-        return images.clone()
-    k = _gaussian_kernel(sigma, images.dtype, images.device)
-    r = (k.numel() - 1) // 2
-    x = images.reshape(b * c, 1, h, w)
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
-    x = F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
-    return x.reshape(b, c, h, w).clamp_(0, 1)
-
-
-def downsample(images: torch.Tensor, strength: float) -> torch.Tensor:
-    r"""Lose resolution: resize down by the factor $8^s$ (bilinear, antialiased), then back up (bilinear).
-
-    The intermediate size is $\max(1, \mathrm{round}(H / 8^s)) \times \max(1, \mathrm{round}(W / 8^s))$
-    (`degradation_parameter`). Strength 0 returns an unchanged copy. Deterministic.
-
-    Args:
-        images: ``[B, 3, H, W]`` float images in $[0, 1]$ (any device).
-        strength: $s \in [0, 1]$.
-
-    Returns:
-        The degraded images, same shape, dtype and device, in $[0, 1]$.
-
-    Raises:
-        ValueError: if ``images`` is not ``[B, 3, H, W]`` floating point or ``strength`` not in $[0, 1]$.
-    """
-    images = _check_images(images)
-    s = _check_strength(strength)
-    b, c, h, w = images.shape
-    factor = degradation_parameter("downsample", s, h, w)
-    small = (max(1, round(h / factor)), max(1, round(w / factor)))
-    if small == (h, w) or images.numel() == 0:
-        return images.clone()
-    x = F.interpolate(images, size=small, mode="bilinear", antialias=True, align_corners=False)
-    x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=False, align_corners=False)
-    return x.clamp_(0, 1)
-
-
-def occlude(images: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    r"""Cover a fraction $s$ of every image with a grey (0.5) patch at a random position.
-
-    The patch has the image's aspect ratio — a square for the square crops that the evaluation uses —
-    of size $\mathrm{round}(\sqrt{s}\,H) \times \mathrm{round}(\sqrt{s}\,W)$, so it covers (up to
-    rounding) the fraction $s$ of the area; $s = 1$ turns the whole image grey. Its top-left corner is
-    uniform over the positions that keep it inside the image, drawn independently per image as
-    $\lfloor u\,(H - h + 1) \rfloor$ with $u \sim U[0, 1)$ from ``generator``: the same generator state
-    gives the same relative positions at every strength. Strength 0 returns an unchanged copy.
-
-    Args:
-        images: ``[B, 3, H, W]`` float images in $[0, 1]$ (any device).
-        strength: $s \in [0, 1]$, the occluded fraction of the area.
-        generator: a CPU `torch.Generator` for the positions (None: torch's global RNG). Deterministic
-            for a given generator state.
-
-    Returns:
-        The occluded images, same shape, dtype and device, in $[0, 1]$.
-
-    Raises:
-        ValueError: if ``images`` is not ``[B, 3, H, W]`` floating point or ``strength`` not in $[0, 1]$.
-    """
-    images = _check_images(images)
-    s = _check_strength(strength)
-    b, _, h, w = images.shape
-    u = torch.rand(b, 2, generator=generator, dtype=torch.float64)  # drawn even at s = 0: same stream
-    if s == 0 or images.numel() == 0:
-        return images.clone()
-    ph = min(h, max(1, round(math.sqrt(s) * h)))
-    pw = min(w, max(1, round(math.sqrt(s) * w)))
-    top = (u[:, 0] * (h - ph + 1)).floor().long().clamp_(max=h - ph).to(images.device)
-    left = (u[:, 1] * (w - pw + 1)).floor().long().clamp_(max=w - pw).to(images.device)
-    rows = torch.arange(h, device=images.device)
-    cols = torch.arange(w, device=images.device)
-    in_rows = (rows >= top[:, None]) & (rows < top[:, None] + ph)  # [B, H]
-    in_cols = (cols >= left[:, None]) & (cols < left[:, None] + pw)  # [B, W]
-    mask = (in_rows[:, :, None] & in_cols[:, None, :]).unsqueeze(1)  # [B, 1, H, W]
-    return torch.where(mask, torch.full((), OCCLUDE_FILL, dtype=images.dtype, device=images.device), images)
-
-
-#: name → degradation function (``occlude`` also takes a generator)
-DEGRADATIONS: dict[str, Callable[..., torch.Tensor]] = {"blur": blur, "downsample": downsample, "occlude": occlude}
-
-
-def degrade(kind: str, images: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Apply the degradation ``kind`` (`blur`, `downsample` or `occlude`) at ``strength``.
-
-    Args:
-        kind: a name of `DEGRADATIONS`.
-        images: ``[B, 3, H, W]`` float images in $[0, 1]$.
-        strength: $s \\in [0, 1]$.
-        generator: for ``occlude`` (ignored by the deterministic ones).
-
-    Returns:
-        The degraded images.
-
-    Raises:
-        ValueError: for an unknown kind, or as the degradation.
-    """
-    if kind not in DEGRADATIONS:
-        raise ValueError(f"unknown degradation {kind!r}; valid: {', '.join(DEGRADATIONS)}")
-    if kind == "occlude":
-        return occlude(images, strength, generator)
-    return DEGRADATIONS[kind](images, strength)
-
-
 def _columnwise_average_ranks(x: torch.Tensor) -> torch.Tensor:
     """Average ranks along dim 0 of an ``[L, M]`` tensor (exact ties), by pairwise comparison (small L)."""
-    acc = _accumulator_dtype(x.device)
+    acc = accumulator_dtype(x.device)
     less = (x.unsqueeze(1) < x.unsqueeze(0)).to(acc).sum(dim=1)  # [L, M]: #{j: x_j < x_i}
     equal = (x.unsqueeze(1) == x.unsqueeze(0)).to(acc).sum(dim=1)  # includes i itself
     return less + (equal + 1) / 2
@@ -691,20 +498,16 @@ def degradation_test(
 
     Returns:
         ``{"levels", "num_images", "seed", "kinds": {kind: {...}}, "mean_spearman",
-        "mean_image_spearman", "mean_kappa"}`` where every ``kinds[kind]`` holds
-
-        * ``parameter`` (``"sigma_px"``, ``"factor"`` or ``"area_fraction"``) and ``parameter_values``
-          (its value at every level, for these images' size),
-        * ``mean_kappa`` and ``std_kappa`` — mean and population standard deviation of κ over the
-          images, per level,
-        * ``spearman`` — Spearman's ρ between strength and κ over all N·L (image, level) pairs (average
-          ranks; None if undefined),
-        * ``mean_image_spearman`` — the mean over images of the Spearman ρ between strength and that
-          image's κ across the levels (free of the differences between images; images with constant κ
-          are left out; None if none is left);
-
-        and at the top level ``mean_spearman`` / ``mean_image_spearman`` (the means of those over the
-        kinds, None-valued kinds left out) and ``mean_kappa`` (per level, the mean over kinds).
+        "mean_image_spearman", "mean_kappa"}``. Every ``kinds[kind]`` holds ``parameter``
+        (``"sigma_px"``, ``"factor"`` or ``"area_fraction"``) and ``parameter_values`` (its value at
+        every level, for these images' size); ``mean_kappa`` and ``std_kappa`` (mean and population
+        standard deviation of κ over the images, per level); ``spearman`` (Spearman's ρ between strength
+        and κ over all N·L (image, level) pairs, average ranks; None if undefined); and
+        ``mean_image_spearman`` (the mean over images of the Spearman ρ between strength and that image's
+        κ across the levels — free of the differences between images; images with constant κ are left
+        out; None if none is left). At the top level ``mean_spearman`` / ``mean_image_spearman`` are the
+        means of those over the kinds (None-valued kinds left out) and ``mean_kappa`` is, per level, the
+        mean over kinds.
         All JSON-serialisable. With ``return_kappa``, a tuple ``(result, {kind: [L, N] κ on the CPU})``.
 
     Raises:
@@ -743,12 +546,12 @@ def degradation_test(
         return torch.cat(out)
 
     clean = kappas(None, 0.0) if 0.0 in levels else None
-    acc = _accumulator_dtype(images.device)
+    acc = accumulator_dtype(images.device)
     per_kind: dict[str, torch.Tensor] = {}
     stats = []
     strengths = torch.tensor(levels, dtype=acc, device=images.device)
     for kind in kinds:
-        k = torch.stack([clean if s == 0.0 else kappas(kind, s) for s in levels])  # [L, N]
+        k = torch.stack([clean if s == 0.0 and clean is not None else kappas(kind, s) for s in levels])  # [L, N]
         per_kind[kind] = k
         kd = k.to(acc)
         pooled = _spearman_tensor(strengths.repeat_interleave(n), kd.reshape(-1)) if len(levels) > 1 else \
@@ -872,8 +675,9 @@ def evaluate_uncertainty(
     model.eval()
     try:
         with torch.no_grad():
-            degradation, kappa = degradation_test(lambda x: model(x).float(), images, levels=levels, kinds=kinds,
-                                                  batch_size=batch_size, seed=seed, return_kappa=True)
+            both = degradation_test(lambda x: model(x).float(), images, levels=levels, kinds=kinds,
+                                    batch_size=batch_size, seed=seed, return_kappa=True)
+            degradation, kappa = cast(tuple[dict[str, Any], dict[str, torch.Tensor]], both)
     finally:
         model.train(was_training)
     metrics["degradation"] = degradation

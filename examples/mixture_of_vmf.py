@@ -75,7 +75,7 @@ def _kmeans(x: torch.Tensor, k: int, *, iterations: int, seed: int) -> tuple[tor
 
 def nmi(a: torch.Tensor, b: torch.Tensor) -> float:
     """Normalised mutual information (arithmetic normalisation)."""
-    from dml.evaluation import normalized_mutual_info  # the project's own, checked against sklearn
+    from dml.metrics import normalized_mutual_info  # the project's own, checked against sklearn
 
     return normalized_mutual_info(a, b)
 

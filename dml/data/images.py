@@ -24,7 +24,8 @@ def decode_image(path: str | Path, *, max_side: int | None = None) -> torch.Tens
     """Decode an image file to a uint8 RGB tensor.
 
     Transparency (RGBA, LA, PA, or a palette / RGB / L image with a transparent colour) is
-    composited onto white; grayscale and palette images become three channels.
+    composited onto white; grayscale and palette images become three channels; 16-bit and float
+    grayscale images are scaled to 8 bits (not clipped).
 
     Args:
         path: Image file.
@@ -62,11 +63,29 @@ def decode_image(path: str | Path, *, max_side: int | None = None) -> torch.Tens
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode.startswith("I") or im.mode == "F":
+        im = _to_8bit(im)
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
         rgba = im.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """A 16-bit (``I;16``), 32-bit integer (``I``) or float (``F``) grayscale image as 8-bit ``L``.
+
+    ``convert("RGB")`` would clip every value above 255 to white; the values are scaled instead:
+    16-bit (and ``I`` images whose values exceed 255, as 16-bit PNGs may decode) by 255/65535, floats
+    in [0, 1] by 255.
+    """
+    values = np.asarray(im, dtype=np.float64)
+    if im.mode == "F":
+        top = 1.0 if values.size == 0 or values.max() <= 1.0 else 255.0
+    else:
+        top = 65535.0 if im.mode.startswith("I;16") or (values.size and values.max() > 255) else 255.0
+    scaled = np.clip(np.round(values * (255.0 / top)), 0, 255).astype(np.uint8)
+    return Image.fromarray(scaled)  # uint8, 2-D: mode L
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -15,7 +15,7 @@ temperature) with their learning-rate multipliers.
 | ``el_vmf`` | `ELVMFLoss` | tempered expected likelihood, vMF images × vMF proxies |
 | ``ppk_vmf`` | `PPKVMFLoss` | log probability product kernel / T, vMF × vMF |
 | ``kl_vmf`` | `KLVMFLoss` | −KL(image ‖ proxy) / T, vMF × vMF |
-| ``el_nivmf`` | `ELNivMFLoss` | tempered expected likelihood, vMF images × nivMF proxies (Monte Carlo) + ProxyAnchor (the default) |
+| ``el_nivmf`` | `ELNivMFLoss` | tempered expected likelihood, vMF images × nivMF proxies (Monte Carlo) + ProxyAnchor |
 | ``el_nivmf_paper`` | `ELNivMFPaperLoss` | the paper's released objective, in closed form |
 """
 

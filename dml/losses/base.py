@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -125,7 +125,7 @@ def accuracy(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 class ProxyLoss(torch.nn.Module):
     r"""Base class of the proxy losses: one call signature, input checks, precision, optimiser groups.
 
-    Subclasses define ``name``, ``uses_norm``, the keyword options of their constructor, and
+    Subclasses define ``name``, the keyword options of their constructor, and
     ``_loss`` (the computation, on checked inputs of the working dtype) and ``_lr_groups``.
 
     Args:
@@ -138,8 +138,6 @@ class ProxyLoss(torch.nn.Module):
 
     Attributes:
         name: the registry name (`dml.losses.LOSSES`).
-        uses_norm: whether the embedding norm carries meaning (the image concentration of the vMF
-            losses, or a Euclidean distance); the trainer then evaluates Euclidean retrieval too.
         initial_norm_per_dim: where the embedding norm is a vMF concentration, the trainer starts it at
             this many times the dimension $D$ (a fixed output scale of the head, see
             `dml.models.EmbeddingModel.calibrate_head`); 0 leaves the head as initialised. At
@@ -151,7 +149,6 @@ class ProxyLoss(torch.nn.Module):
     """
 
     name: ClassVar[str]
-    uses_norm: ClassVar[bool]
     initial_norm_per_dim: ClassVar[float] = 0.0
 
     def __init__(self, num_classes: int, embed_dim: int, *, min_embed_dim: int = 1) -> None:
@@ -224,8 +221,9 @@ class ProxyLoss(torch.nn.Module):
         Raises:
             RuntimeError: if a subclass's groups miss or repeat a parameter (a bug in the subclass).
         """
-        groups = [
-            {"params": list(params), "lr": lr * mult, "name": name} for name, params, mult in self._lr_groups() if params
+        groups: list[dict[str, Any]] = [
+            {"params": list(params), "lr": lr * mult, "name": name}
+            for name, params, mult in self._lr_groups() if params
         ]
         listed = [id(p) for g in groups for p in g["params"]]
         if len(listed) != len(set(listed)) or set(listed) != {id(p) for p in self.parameters()}:

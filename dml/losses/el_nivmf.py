@@ -13,13 +13,13 @@ import torch.nn.functional as F
 
 from dml.losses.base import LossStats, check_nonnegative, check_positive
 from dml.losses.proxy_anchor import proxy_anchor_loss
-from dml.losses.vmf import _VMFProxyLoss, image_distributions
+from dml.losses.vmf import VMFProxyLoss, image_distributions
 from vmf_dists import NonIsotropicVMF, pairwise_log_expected_likelihood
 
 __all__ = ["ELNivMFLoss"]
 
 
-class ELNivMFLoss(_VMFProxyLoss):
+class ELNivMFLoss(VMFProxyLoss):
     r"""Softmax over tempered expected likelihoods of vMF images under nivMF proxies, plus ProxyAnchor.
 
     Image $i$ is $\mathrm{vMF}(\mu_i, \kappa_i)$ with $\mu_i = e_i/\|e_i\|$, $\kappa_i = \|e_i\|$;
@@ -28,7 +28,8 @@ class ELNivMFLoss(_VMFProxyLoss):
     The logits are Monte-Carlo estimates of the tempered expected likelihood,
 
     $$
-    \ell_{ic} = \log \frac1S \sum_{s=1}^S \exp\big(\log q_c(x_{is})/T\big), \qquad x_{is} \sim \mathrm{vMF}(\mu_i, \kappa_i),
+    \ell_{ic} = \log \frac1S \sum_{s=1}^S \exp\big(\log q_c(x_{is})/T\big), \qquad
+    x_{is} \sim \mathrm{vMF}(\mu_i, \kappa_i),
     $$
 
     (`vmf_dists.pairwise_log_expected_likelihood`, reparameterised samples shared by all classes, a
@@ -73,7 +74,6 @@ class ELNivMFLoss(_VMFProxyLoss):
     """
 
     name = "el_nivmf"
-    uses_norm = True
 
     def __init__(
         self,
@@ -117,7 +117,8 @@ class ELNivMFLoss(_VMFProxyLoss):
             ``NonIsotropicVMF(normalize(proxies), exp(log_concentration))``, batch shape ``[C]``, event
             shape ``[p]``, without argument validation.
         """
-        directions, log_k = self.proxies, self.log_concentration
+        directions: torch.Tensor = self.proxies
+        log_k: torch.Tensor = self.log_concentration
         if like is not None:
             directions, log_k = self._param(directions, like), self._param(log_k, like)
         return NonIsotropicVMF(F.normalize(directions, dim=-1), log_k.exp(), validate_args=False)

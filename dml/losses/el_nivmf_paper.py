@@ -74,7 +74,8 @@ class ELNivMFPaperLoss(ProxyLoss):
     $$
     \ell_{ic} = \frac{b_c}{T} + \log C_p(\kappa_i) - \log C_p(r_{ic}), \qquad
     r_{ic}^2 = \kappa_i^2 + \frac{\|\theta_c\|^2}{T^2} + \frac{2\kappa_i\,\mu_i^\top\theta_c}{T}
-            = \Big(\kappa_i - \frac{\|\theta_c\|}{T}\Big)^2 + \frac{2\kappa_i\|\theta_c\|}{T}(1 + \mu_i^\top\hat\theta_c),
+            = \Big(\kappa_i - \frac{\|\theta_c\|}{T}\Big)^2
+              + \frac{2\kappa_i\|\theta_c\|}{T}(1 + \mu_i^\top\hat\theta_c),
     $$
 
     the second form (clamped at 0) from one ``[B, p] × [p, C]`` product; the logits and the
@@ -132,7 +133,6 @@ class ELNivMFPaperLoss(ProxyLoss):
     """
 
     name = "el_nivmf_paper"
-    uses_norm = True
     initial_norm_per_dim = 2.5
 
     def __init__(
@@ -211,7 +211,8 @@ class ELNivMFPaperLoss(ProxyLoss):
         positive = r_sq > 0
         r = torch.where(positive, torch.sqrt(torch.where(positive, r_sq, 1.0)), 0.0)  # finite gradient at 0
         log_c_image = vmf_log_normalizer(dim, kappa, validate_args=False)
-        return self.class_bias() / temperature + log_c_image.unsqueeze(1) - vmf_log_normalizer(dim, r, validate_args=False)
+        log_c_joint = vmf_log_normalizer(dim, r, validate_args=False)
+        return self.class_bias() / temperature + log_c_image.unsqueeze(1) - log_c_joint
 
     def _logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         return self._logits64(embeddings).to(embeddings.dtype)

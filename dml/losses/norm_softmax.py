@@ -37,7 +37,6 @@ class NormSoftmaxLoss(ProxyLoss):
     """
 
     name = "norm_softmax"
-    uses_norm = False
 
     def __init__(
         self, num_classes: int, embed_dim: int, *, temperature: float = 0.05, proxy_lr_mult: float = 100.0

@@ -66,7 +66,6 @@ class L2ProxyLoss(_LearnableTemperature):
     """
 
     name = "l2"
-    uses_norm = True
 
     def __init__(
         self,
@@ -121,7 +120,6 @@ class CosineProxyLoss(_LearnableTemperature):
     """
 
     name = "cosine"
-    uses_norm = False
 
     def __init__(
         self,

@@ -16,7 +16,8 @@ def _log1p_sum_exp(z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(torch.cat([torch.zeros_like(z[:1]), masked], dim=0), dim=0)
 
 
-def proxy_anchor_loss(cos_sim: torch.Tensor, labels: torch.Tensor, alpha: float = 32.0, delta: float = 0.1) -> torch.Tensor:
+def proxy_anchor_loss(cos_sim: torch.Tensor, labels: torch.Tensor, alpha: float = 32.0,
+                      delta: float = 0.1) -> torch.Tensor:
     r"""The ProxyAnchor loss of a batch from its cosine similarities to the proxies.
 
     With $s_{ic}$ the cosine similarity of image $i$ and proxy $c$, $P^+$ the classes present in the
@@ -78,7 +79,6 @@ class ProxyAnchorLoss(ProxyLoss):
     """
 
     name = "proxy_anchor"
-    uses_norm = False
 
     def __init__(
         self, num_classes: int, embed_dim: int, *, alpha: float = 32.0, delta: float = 0.1, proxy_lr_mult: float = 100.0

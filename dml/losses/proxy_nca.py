@@ -1,4 +1,5 @@
-r"""ProxyNCA++ (Teh, DeVries, Taylor, "ProxyNCA++: Revisiting and Revitalizing Proxy Neighborhood Component Analysis", ECCV 2020)."""
+r"""ProxyNCA++ (Teh, DeVries, Taylor, "ProxyNCA++: Revisiting and Revitalizing Proxy Neighborhood Component
+Analysis", ECCV 2020)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,6 @@ class ProxyNCALoss(ProxyLoss):
     """
 
     name = "proxy_nca"
-    uses_norm = False
 
     def __init__(
         self, num_classes: int, embed_dim: int, *, temperature: float = 1.0 / 9.0, proxy_lr_mult: float = 100.0

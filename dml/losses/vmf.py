@@ -46,11 +46,10 @@ def image_distributions(embeddings: torch.Tensor) -> VonMisesFisher:
     return VonMisesFisher(F.normalize(embeddings, dim=-1), kappa, validate_args=False)
 
 
-class _VMFProxyLoss(ProxyLoss):
+class VMFProxyLoss(ProxyLoss):
     """Shared parts: vMF proxies (direction, log κ [C] or per dimension [C, p]), a log temperature, the
     cross-entropy and stats."""
 
-    uses_norm = True
     initial_norm_per_dim = 2.5
 
     def __init__(
@@ -93,7 +92,8 @@ class _VMFProxyLoss(ProxyLoss):
         Returns:
             ``VonMisesFisher(normalize(proxies), exp(log_concentration))`` without argument validation.
         """
-        directions, log_kappa = self.proxies, self.log_concentration
+        directions: torch.Tensor = self.proxies
+        log_kappa: torch.Tensor = self.log_concentration
         if like is not None:
             directions, log_kappa = self._param(directions, like), self._param(log_kappa, like)
         return VonMisesFisher(F.normalize(directions, dim=-1), log_kappa.exp(), validate_args=False)
@@ -115,7 +115,7 @@ class _VMFProxyLoss(ProxyLoss):
         ]
 
 
-class ELVMFLoss(_VMFProxyLoss):
+class ELVMFLoss(VMFProxyLoss):
     r"""Softmax over tempered expected likelihoods of vMF images under vMF proxies.
 
     $$
@@ -174,7 +174,7 @@ class ELVMFLoss(_VMFProxyLoss):
         )
 
 
-class PPKVMFLoss(_VMFProxyLoss):
+class PPKVMFLoss(VMFProxyLoss):
     r"""Softmax over log probability product kernels of vMF images and vMF proxies, over a temperature.
 
     $$
@@ -237,7 +237,7 @@ class PPKVMFLoss(_VMFProxyLoss):
         return log_ppk / self._param(self.log_temperature, embeddings).exp()
 
 
-class KLVMFLoss(_VMFProxyLoss):
+class KLVMFLoss(VMFProxyLoss):
     r"""Softmax over negative KL divergences from vMF images to vMF proxies, over a temperature.
 
     $$

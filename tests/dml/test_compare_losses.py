@@ -29,7 +29,7 @@ def compare():
 
 def _argv(data_root, out, docs):
     return ["--losses", *LOSSES, "--seeds", *map(str, SEEDS), "--dataset", "folder", "--data-root", str(data_root),
-            "--output-dir", str(out), "--epochs", "1", "--write-docs", "--docs", str(docs),
+            "--output-dir", str(out), "--epochs", "1", "--write-docs", "--docs", str(docs), "--trunk", "frozen",
             # passed on to dml.train
             "--backbone", "tiny", "--weights", "none", "--embed-dim", "16", "--batch-size", "8",
             "--eval-batch-size", "16", "--val-fraction", "0.25", "--device", "cpu"]

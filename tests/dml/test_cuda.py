@@ -44,7 +44,7 @@ def _count_syncs(fn) -> int:
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_loss_step_on_cuda_has_no_host_sync_in_backward(name):
-    from dml.train import _validation
+    from dml.runtime import distribution_validation as _validation
 
     # el_nivmf's rejection sampler checks "all rows accepted?" once, and again after each block of masked
     # rounds if some rows were rejected; every other loss is closed-form

@@ -606,3 +606,20 @@ def test_sampler_validation():
         ClassBalancedBatchSampler([0, 1], 8, 2, num_replicas=2, rank=-1)
     with pytest.raises(ValueError, match="epoch"):
         ClassBalancedBatchSampler([0, 1], 8, 2).set_epoch(-1)
+
+
+def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    """A 16-bit PNG (PIL mode I;16) used to decode to an all-white image: convert("RGB") clips at 255 (issue #13)."""
+    ramp = (np.arange(32 * 32, dtype=np.uint32).reshape(32, 32) * 64).astype(np.uint16)  # 0 … 65472
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode.startswith("I")
+    x = decode_image(tmp_path / "g16.png")
+    assert x.shape == (3, 32, 32) and (x[0] == x[1]).all() and (x[1] == x[2]).all()
+    expected = torch.from_numpy(np.round(ramp / 257.0).astype(np.uint8))
+    assert (x[0].int() - expected.int()).abs().max() <= 1
+    assert x.float().std() > 50  # a ramp, not a white square
+    floats = Image.fromarray(np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4), "F")
+    floats.save(tmp_path / "f.tiff")
+    y = decode_image(tmp_path / "f.tiff")
+    assert y[0, 0, 0] == 0 and y[0, 3, 3] == 255

@@ -24,13 +24,14 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from dml import train as train_module
+from dml import trainer as train_module
 from dml.checkpoint import load_checkpoint
 from dml.config import parse_config
 from dml.distributed import DistContext, init_from_env
 from dml.pipeline import local_part
-from dml.train import Trainer, main
-from tests.dml.tiny_runs import make_folder_dataset, tiny_args
+from dml.train import main
+from dml.trainer import Trainer
+from tests.dml.tiny_runs import make_folder_dataset, tiny_args, tiny_trainer
 
 REPO = Path(__file__).resolve().parents[2]
 WORLD = 2
@@ -115,7 +116,7 @@ def _equivalence_worker(rank, port, data_root, out):
         results = {}
         for loss, trunk in CASES:
             config = parse_config(_args(data_root, Path(out) / f"{loss}-{trunk}", "--loss", loss, *_trunk_flags(trunk)))
-            trainer = Trainer(config, quiet=True, dist=dist)
+            trainer = tiny_trainer(config, dist=dist)
             metrics = trainer.evaluate("test")  # gathered embeddings, identical weights on both sides
             value = _one_step(trainer)
             results[(loss, trunk)] = _snapshot(trainer, value, metrics)
@@ -171,7 +172,7 @@ def test_one_ddp_step_equals_one_single_process_step(data_root, tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     for loss, trunk in CASES:
         config = parse_config(_args(data_root, tmp_path / "single", "--loss", loss, *_trunk_flags(trunk)))
-        single = Trainer(config, quiet=True)
+        single = tiny_trainer(config)
         initial = {k: v.clone() for k, v in single.model.state_dict().items()}
         metrics = single.evaluate("test")
         value = _one_step(single)

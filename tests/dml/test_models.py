@@ -60,7 +60,8 @@ def test_resnet50_has_torchvision_layout():
     for key in ("conv1.weight", "bn1.running_mean", "layer1.0.downsample.0.weight", "layer1.0.downsample.1.bias",
                 "layer3.5.conv2.weight", "layer4.2.bn3.num_batches_tracked", "fc.weight", "fc.bias"):
         assert key in keys
-    assert all(re.fullmatch(r"(conv1|bn1|fc|layer[1-4]\.\d\.(conv[123]|bn[123]|downsample\.[01]))\.\w+", k) for k in keys)
+    pattern = r"(conv1|bn1|fc|layer[1-4]\.\d\.(conv[123]|bn[123]|downsample\.[01]))\.\w+"
+    assert all(re.fullmatch(pattern, k) for k in keys)
     assert net(torch.randn(1, 3, 64, 64)).shape == (1, 2048, 2, 2)
 
 

@@ -12,7 +12,8 @@ from PIL import Image
 
 from dml import evaluate as evaluate_module
 from dml.data import Split
-from dml.report import PLOT_NAMES, write_report
+from dml.final_eval import UncertaintyResult
+from dml.report import PLOT_NAMES, ReportInputs, metric_rows, write_report
 from dml.train import main as train_main
 from dml.uncertainty import degradation_test, per_query_uncertainty, uncertainty_metrics
 from tests.dml.tiny_runs import make_folder_dataset
@@ -64,9 +65,17 @@ def fake_run(tmp_path):
             "history": history, "final": final}
 
 
+def _report(out, *, history, final_metrics, uncertainty, test_split, per_query, resolution, config=None):
+    """write_report from the pieces a run has (final_metrics.json as a dict, uncertainty as its JSON)."""
+    return write_report(out, ReportInputs(
+        rows=metric_rows(final_metrics, history), history=history, selected_epoch=final_metrics.get("selected_epoch"),
+        uncertainty=None if uncertainty is None else UncertaintyResult.from_dict(uncertainty), details=per_query,
+        test_split=test_split, resolution=resolution, config=config, device=final_metrics.get("device")))
+
+
 def test_write_report_full(fake_run):
     out = fake_run["dir"]
-    path = write_report(out, history=fake_run["history"], final_metrics=fake_run["final"],
+    path = _report(out, history=fake_run["history"], final_metrics=fake_run["final"],
                         uncertainty=fake_run["uncertainty"], test_split=fake_run["split"],
                         per_query=fake_run["details"], resolution=32,
                         config={"dataset": "folder", "loss": "el_nivmf", "backbone": "tiny"})
@@ -87,12 +96,12 @@ def test_write_report_full(fake_run):
 def test_write_report_without_validation_or_uncertainty(fake_run):
     out = fake_run["dir"]
     # first a full report, then one without uncertainty in the same directory: stale κ figures go away
-    write_report(out, history=fake_run["history"], final_metrics=fake_run["final"],
+    _report(out, history=fake_run["history"], final_metrics=fake_run["final"],
                  uncertainty=fake_run["uncertainty"], test_split=fake_run["split"], per_query=fake_run["details"],
                  resolution=32)
     history = [{k: v for k, v in r.items() if k != "val"} for r in fake_run["history"]]
     final = {**fake_run["final"], "selection": "last epoch (no validation split)", "selected_epoch": 3}
-    path = write_report(out, history=history, final_metrics=final, uncertainty=None, test_split=fake_run["split"],
+    path = _report(out, history=history, final_metrics=final, uncertainty=None, test_split=fake_run["split"],
                         per_query=None, resolution=32, config={"loss": "proxy_anchor"})
     text = path.read_text()
     _assert_png(out / "report" / "training_curves.png")
@@ -102,14 +111,14 @@ def test_write_report_without_validation_or_uncertainty(fake_run):
     assert "No validation split" in text
     assert "Not evaluated: `proxy_anchor` does not model the embedding norm" in text
     # and with nothing at all: no crash
-    bare = write_report(out / "bare", history=[], final_metrics={}, uncertainty=None, test_split=None,
+    bare = _report(out / "bare", history=[], final_metrics={}, uncertainty=None, test_split=None,
                         per_query=None, resolution=32)
     assert "No test metrics recorded yet" in bare.read_text()
 
 
 def test_write_report_uncertainty_without_per_query(fake_run):
     out = fake_run["dir"]
-    text = write_report(out, history=fake_run["history"], final_metrics=fake_run["final"],
+    text = _report(out, history=fake_run["history"], final_metrics=fake_run["final"],
                         uncertainty=fake_run["uncertainty"], test_split=fake_run["split"], per_query=None,
                         resolution=32).read_text()
     for name in ("rejection_curve.png", "kappa_vs_degradation.png", "degradation_examples.png"):
@@ -137,7 +146,7 @@ def vmf_run(data_root, tmp_path_factory):
 
 def test_evaluate_end_to_end(vmf_run, capsys):
     before = json.loads((vmf_run / "final_metrics.json").read_text())
-    code = evaluate_module.main(["--run", str(vmf_run), "--device", "cpu", "--degradation-images", "10"])
+    code = evaluate_module.main(["--run", str(vmf_run), "--device", "cpu"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "AUROC" in captured.out
@@ -150,7 +159,7 @@ def test_evaluate_end_to_end(vmf_run, capsys):
     for key in ("recall@1", "recall@4", "map@r", "r_precision"):
         assert ev[key] == pytest.approx(before[key], abs=1e-6), key
     unc = ev["uncertainty"]
-    assert unc["degradation"]["num_images"] == 10
+    assert unc == before["uncertainty"]  # one evaluation, one meaning of every option: the same numbers
     assert unc["num_queries"] == before["num_queries"]
     assert len(unc["rejection_curve"]) == 10
     text = (vmf_run / "report.md").read_text()
@@ -193,5 +202,5 @@ def test_evaluate_one_line_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no checkpoint best.pt" in err and err.count("\n") == 1
     (run / "config.json").write_text(json.dumps({"no_such_key": 1}))
-    assert evaluate_module.main(["--run", str(run)]) == 2
+    assert evaluate_module.main(["--run", str(run), "--device", "cpu"]) == 2
     assert "unknown config key" in capsys.readouterr().err

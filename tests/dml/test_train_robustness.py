@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dml import train as train_module
+from dml import trainer as train_module
 from dml.checkpoint import load_checkpoint
 from dml.config import parse_config
 from dml.data import load_splits
@@ -207,13 +207,13 @@ def test_main_releases_the_trainer_before_leaving_the_process_group(data_root, t
 
     seen = {}
 
-    def fit(self):
+    def fit(self, has_val):
         seen["trainer"] = weakref.ref(self)
         if ending == "interrupt":
             raise KeyboardInterrupt
         if ending == "uncaught error":
             raise RuntimeError("boom")
-        return {}
+        self._save_best()  # the final evaluation reads best.pt
 
     def close(self, clean=True):
         gc.collect()  # what the real close does first under DDP
@@ -239,7 +239,7 @@ def test_main_releases_the_trainer_before_leaving_the_process_group(data_root, t
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_loss_forward_has_no_host_sync_under_default_settings(name, monkeypatch):
-    from dml.train import _validation
+    from dml.runtime import distribution_validation as _validation
 
     loss = build_loss(name, num_classes=4, embed_dim=8)
     emb, labels = torch.randn(8, 8, requires_grad=True), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
@@ -257,7 +257,7 @@ def test_loss_forward_has_no_host_sync_under_default_settings(name, monkeypatch)
     monkeypatch.setattr(torch.Tensor, "__bool__", counting_bool)
     monkeypatch.setattr(torch.Tensor, "item", counting_item)
     # torch's argument validation (on by default) is a host sync by design; the trainer switches it off
-    # around the training loop (dml.train._validation), and then a step must not synchronise.
+    # around the training loop (dml.runtime.distribution_validation), and then a step must not synchronise.
     with _validation(False):
         loss(emb, labels).backward()
     # el_nivmf samples: its rejection sampler asks once whether every row was accepted (and, if not, where

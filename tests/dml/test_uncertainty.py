@@ -14,19 +14,17 @@ from scipy.stats import rankdata, spearmanr
 from sklearn.metrics import roc_auc_score
 
 from dml.data import load_splits
-from dml.evaluation import retrieval_metrics
+from dml.data.degradations import blur, degradation_parameter, downsample, occlude
+from dml.metrics import retrieval_metrics
 from dml.models import build_model
+from dml.pipeline import evaluation_embeddings
 from dml.uncertainty import (
     DEFAULT_LEVELS,
     auroc,
     average_ranks,
-    blur,
-    degradation_parameter,
     degradation_test,
-    downsample,
     evaluate_uncertainty,
     kappa_is_concentration,
-    occlude,
     per_query_uncertainty,
     spearman,
     uncertainty_metrics,
@@ -335,9 +333,8 @@ def test_evaluate_uncertainty_on_a_tiny_model(tiny_splits):
     torch.manual_seed(0)
     model = build_model("tiny", 8, weights=None)
     test = tiny_splits.test
-    from dml.evaluate import embed_split
-
-    embeddings, labels = embed_split(model, test, 32, torch.device("cpu"), 5)
+    embeddings, labels = evaluation_embeddings(model, test, frozen=False, resolution=32, device=torch.device("cpu"),
+                                               batch_size=5)
     model.train()
     metrics, details = evaluate_uncertainty(model, test, embeddings, labels, resolution=32, device="cpu",
                                             batch_size=5, seed=1, degradation_images=7)

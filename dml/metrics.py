@@ -47,6 +47,10 @@ __all__ = [
     "normalized_mutual_info",
     "kmeans",
     "evaluate_embeddings",
+    "accumulator_dtype",
+    "retrieval_queries",
+    "ranked_chunks",
+    "average_precision_at_r",
 ]
 
 #: the number of elements of the per-chunk point × centre distance matrix in `kmeans`
@@ -105,12 +109,26 @@ def _check_ks(ks: object) -> tuple[int, ...]:
 # retrieval
 
 
-def _accumulator_dtype(device: torch.device) -> torch.dtype:
+def accumulator_dtype(device: torch.device) -> torch.dtype:
+    """The dtype that sums of per-query values use on ``device``: float64, float32 on MPS (no float64).
+
+    Args:
+        device: where the sums are computed.
+
+    Returns:
+        The dtype.
+    """
     return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
 
 
-def _queries(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def retrieval_queries(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """R per item (the number of other items of its class) and the indices of the queries (R ≥ 1).
+
+    Args:
+        y: ``[N]`` int64 labels.
+
+    Returns:
+        ``(r_all [N], queries [Q])``.
 
     Raises:
         ValueError: if no item has R ≥ 1.
@@ -123,7 +141,7 @@ def _queries(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return r_all, queries
 
 
-def _ranked_chunks(
+def ranked_chunks(
     scores_of: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor, queries: torch.Tensor, top: int, chunk_size: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Leave-one-out retrieval of the queries in chunks: ``(q, nearest, rel)`` per chunk.
@@ -131,6 +149,16 @@ def _ranked_chunks(
     ``scores_of(q)`` gives the ``[c, N]`` similarities of queries ``q`` to every item (higher is nearer);
     ``nearest`` is the ``[c, top]`` indices of the ``top`` nearest other items in order, ``rel`` whether
     each has the query's class. Never more than ``chunk_size × N`` scores at once.
+
+    Args:
+        scores_of: the similarity function.
+        y: ``[N]`` labels.
+        queries: ``[Q]`` query indices (`retrieval_queries`).
+        top: how many neighbours to rank.
+        chunk_size: queries per chunk.
+
+    Yields:
+        ``(q, nearest, rel)`` per chunk of queries.
     """
     for start in range(0, queries.numel(), chunk_size):
         q = queries[start : start + chunk_size]
@@ -141,8 +169,17 @@ def _ranked_chunks(
         yield q, nearest, y[nearest] == y[q].unsqueeze(1)
 
 
-def _average_precision_at_r(rel: torch.Tensor, rq: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    r"""AP@R per query: $\frac1R\sum_{i \le R} P(i)\,\mathrm{rel}(i)$ from ``rel`` [c, top] (ranks in order)."""
+def average_precision_at_r(rel: torch.Tensor, rq: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    r"""AP@R per query: $\frac1R\sum_{i \le R} P(i)\,\mathrm{rel}(i)$ from ``rel`` [c, top] (ranks in order).
+
+    Args:
+        rel: ``[c, top]`` bool, whether the neighbour at each rank has the query's class.
+        rq: ``[c]`` R of each query.
+        acc: the accumulator dtype (`accumulator_dtype`).
+
+    Returns:
+        ``[c]`` AP@R values.
+    """
     ranks = torch.arange(1, rel.shape[1] + 1, device=rel.device)
     rel_f = rel.to(acc)
     precision_at = rel_f.cumsum(dim=1) / ranks.to(acc)
@@ -159,9 +196,9 @@ def _retrieval(
     y = _check_labels(labels, n, x.device)
     ks = _check_ks(ks)
     chunk_size = _check_positive_int(chunk_size, "chunk_size")
-    device, acc = x.device, _accumulator_dtype(x.device)
+    device, acc = x.device, accumulator_dtype(x.device)
 
-    r_all, queries = _queries(y)
+    r_all, queries = retrieval_queries(y)
     num_queries = int(queries.numel())
     r_max = int(r_all.max())  # host sync (sizes topk)
     top = min(max(max(ks), r_max), n - 1)  # ≥ every R; never more than the N − 1 other items
@@ -181,11 +218,11 @@ def _retrieval(
     totals = {}
     for suffix, scores_of in score_fns.items():  # one [c, N] block at a time
         total = torch.zeros(len(ks) + 2, dtype=acc, device=device)
-        for q, _, rel in _ranked_chunks(scores_of, y, queries, top, chunk_size):
+        for q, _, rel in ranked_chunks(scores_of, y, queries, top, chunk_size):
             rq = r_all[q]
             recalls = [rel[:, :k].any(dim=1).to(acc).sum() for k in ks]
             hits_in_r = (rel.to(acc) * (ranks.unsqueeze(0) <= rq.unsqueeze(1))).sum(dim=1)
-            map_r = _average_precision_at_r(rel, rq, acc)
+            map_r = average_precision_at_r(rel, rq, acc)
             r_precision = hits_in_r / rq.to(acc)
             total += torch.stack([*recalls, map_r.sum(), r_precision.sum()])
         totals[suffix] = total
@@ -334,8 +371,8 @@ def kmeans(x: torch.Tensor, k: int, *, seed: int = 0, num_init: int = 3, max_ite
     greedy k-means++ (the first uniformly; for each next one, $2 + \lfloor \log k \rfloor$ candidates
     are drawn with probability proportional to the squared distance to the nearest centre chosen so far,
     and the one giving the lowest inertia is kept, as in scikit-learn) from a `torch.Generator` seeded
-    with ``seed`` on ``x``'s device, then refined by at most ``max_iter`` Lloyd iterations (assign every point to its nearest
-    centre, move every centre to the mean of its points) until the assignment no longer changes. A
+    with ``seed`` on ``x``'s device, then refined by at most ``max_iter`` Lloyd iterations (assign every
+    point to its nearest centre, move every centre to the mean of its points) until the assignment no longer changes. A
     cluster left empty is re-seeded at the point farthest from its centre. The run of lowest inertia is
     kept (the first one on ties).
 
@@ -382,6 +419,7 @@ def kmeans(x: torch.Tensor, k: int, *, seed: int = 0, num_init: int = 3, max_ite
         assign, inertia = _lloyd(points, sq_norm, centres, max_iter)
         if inertia < best_inertia or best_assign is None:
             best_assign, best_inertia = assign, inertia
+    assert best_assign is not None  # num_init >= 1
     return best_assign
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from sklearn.metrics import normalized_mutual_info_score
 
-from dml.evaluation import evaluate_embeddings, kmeans, nmi, normalized_mutual_info, retrieval_metrics
+from dml.metrics import evaluate_embeddings, kmeans, nmi, normalized_mutual_info, retrieval_metrics
 
 # --------------------------------------------------------------------------------------------------
 # brute-force reference: full distance matrix, argsort, one query at a time
