@@ -30,13 +30,18 @@ print(faults() - start)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_allocator_settings_stop_the_page_faults():
     """Without the settings every 64 MiB block is a fresh mmap that faults in all its 16384 pages; with
-    them the block is reused from the heap."""
+    them the block is reused from the heap. The fewest faults of three runs per mode: the kernel may
+    reclaim an idle heap page now and then (this VM runs DAMON-based reclaim, kdamond), which faults it
+    in again in about one run in four."""
     counts = {}
     for mode in ("off", "on"):
-        result = subprocess.run([sys.executable, "-c", _FAULTS, mode], cwd=REPO, capture_output=True, text=True,
-                                timeout=120, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
-        assert result.returncode == 0, result.stderr
-        counts[mode] = int(result.stdout.split()[-1])
+        runs = []
+        for _ in range(3):
+            result = subprocess.run([sys.executable, "-c", _FAULTS, mode], cwd=REPO, capture_output=True, text=True,
+                                    timeout=120, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+            assert result.returncode == 0, result.stderr
+            runs.append(int(result.stdout.split()[-1]))
+        counts[mode] = min(runs)
     assert counts["off"] > 20 * 16000  # every block faulted in again
     assert counts["on"] < counts["off"] / 20, counts
 
