@@ -79,6 +79,7 @@ OTHER = VonMisesFisher(_unit((6,), 3), torch.tensor(4.0, dtype=F64))
 DISTRIBUTION = {
     "log_prob": lambda k: VonMisesFisher(MU, k).log_prob(X),
     "entropy": lambda k: VonMisesFisher(MU, k).entropy(),
+    "mean": lambda k: VonMisesFisher(MU, k).mean.sum(-1),
     "kl_vmf_uniform": lambda k: kl_divergence(VonMisesFisher(MU, k), HypersphericalUniform(6, dtype=F64)),
     "kl_uniform_vmf": lambda k: kl_divergence(HypersphericalUniform(6, dtype=F64), VonMisesFisher(MU, k)),
     "kl_vmf_vmf": lambda k: kl_divergence(VonMisesFisher(MU, k), OTHER),
@@ -111,3 +112,13 @@ def test_log_prob_gradients_in_loc_and_value_under_grad_and_jvp():
     direction = _unit((3, 6), 9)
     _, tangent = jvp(lambda m: log_prob(m, X), (MU,), (direction,))
     torch.testing.assert_close(tangent, (g_mu * direction).sum(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dim", [3, 5])
+def test_sampling_inside_a_transform_raises_a_clear_error(dim):
+    """rsample cannot run under torch.func (eager implicit gradient, host-side rejection loop): it says so."""
+    loc = _unit((dim,), 4)
+    with pytest.raises(NotImplementedError, match="outside the transform"):
+        grad(lambda k: VonMisesFisher(loc, k).rsample()[0])(torch.tensor(3.0, dtype=F64))
+    with pytest.raises(NotImplementedError, match="torch.func"):
+        vmap(lambda k: VonMisesFisher(loc, k).sample(), randomness="different")(KAPPA)

@@ -354,12 +354,18 @@ class VonMisesFisher(TorchDistribution):
             RuntimeError: on a second derivative in ``concentration`` through the samples (not
                 implemented), or if the rejection sampler has not finished after 64 rounds (its
                 acceptance rate is at least 0.65 per proposal, so in practice never).
+            NotImplementedError: inside a ``torch.func`` transform (sample outside it).
 
         References:
             * A. T. A. Wood, "Simulation of the von Mises Fisher distribution", *Commun. Stat. Simul.
               Comput.* 23 (1994).
             * M. Figurnov, S. Mohamed, A. Mnih, "Implicit reparameterization gradients", NeurIPS 2018.
         """
+        if torch._C._are_functorch_transforms_active():
+            raise NotImplementedError(
+                "VonMisesFisher.rsample/sample is not supported inside torch.func transforms (grad, vmap, jacrev, "
+                "jvp): its implicit gradient needs eager autograd and its rejection loop host control flow; draw "
+                "the samples outside the transform and pass them in")
         shape = torch.Size(sample_shape) + self.batch_shape
         kappa = self.concentration.expand(shape)
         parts = self._parts() if kappa.requires_grad else None
