@@ -82,8 +82,11 @@ def _evaluate_normalised(table: OrderTable, eta: torch.Tensor) -> torch.Tensor:
     s = eta * m
     index = s.to(torch.int64).clamp(0, m - 1)  # also keeps NaN input (validation off) in range
     u = s - index  # ∈ [0, 1] within the interval
-    powers = torch.pow(u.unsqueeze(-1), table.exponents)  # [..., DEGREE + 1]: u⁰ … u^DEGREE
-    return (table.coefficients[index] * powers.unsqueeze(-2)).sum(-1)
+    # [..., DEGREE + 1]: u⁰ … u^DEGREE by a running product (a tensor-exponent pow is ~10× slower per element)
+    powers = torch.nn.functional.pad(u.unsqueeze(-1).expand(*u.shape, DEGREE).cumprod(-1), (1, 0), value=1.0)
+    # index_select is several times faster than advanced indexing for the usual 1-D batch
+    coefficients = table.coefficients.index_select(0, index) if index.dim() == 1 else table.coefficients[index]
+    return (coefficients * powers.unsqueeze(-2)).sum(-1)
 
 
 def _chebyshev_nodes() -> torch.Tensor:
