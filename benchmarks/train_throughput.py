@@ -281,9 +281,11 @@ def run_cell(model, images_u8, labels, loss_name, num_classes, dim, args, clock,
     else:
         model.output_scale.fill_(1.0)
     optimizer = make_optimizer(model, loss)
-    holder = {}
+    holder: dict[str, torch.Tensor] = {}
 
-    def step():
+    # loss, optimizer and holder are bound as defaults (not closed over): the `del` below then drops the
+    # functions and with them the last references, so free_memory can release the cell's memory
+    def step(loss=loss, optimizer=optimizer, holder=holder):
         with amp():
             embeddings = model(to_float())
             value = loss(embeddings, labels)
@@ -304,7 +306,7 @@ def run_cell(model, images_u8, labels, loss_name, num_classes, dim, args, clock,
     with torch.no_grad(), amp():
         emb = model(to_float()).detach()
 
-    def loss_only():
+    def loss_only(loss=loss):
         e = emb.detach().requires_grad_(True)
         with amp():
             value = loss(e, labels)
@@ -318,7 +320,7 @@ def run_cell(model, images_u8, labels, loss_name, num_classes, dim, args, clock,
         loss_only()
     loss_ms = clock.times(loss_only, args.steps)
     loss_peak = clock.peak()
-    del optimizer, loss, holder
+    del step, loss_only, optimizer, loss, holder
     free_memory(device)
     step_med, loss_med = median(step_ms), median(loss_ms)
     return {
@@ -341,7 +343,7 @@ def run_paper_loop(emb, labels, num_classes, dim, args, clock) -> dict:
         loss = PaperLoopLoss(num_classes, dim, samples=args.samples).to(device)
         sub_emb, sub_labels = emb[:n].detach(), labels[:n]
 
-        def call():
+        def call(loss=loss, sub_emb=sub_emb, sub_labels=sub_labels):  # bound now: `del` below frees the loss
             e = sub_emb.detach().requires_grad_(True)
             value = loss(e, sub_labels)
             loss.zero_grad(set_to_none=True)
@@ -354,13 +356,13 @@ def run_paper_loop(emb, labels, num_classes, dim, args, clock) -> dict:
             peak = clock.peak()
             break
         except torch.cuda.OutOfMemoryError:
-            del loss
+            del call, loss
             if n == 1:
                 raise
             n = max(1, n // 2)
             print(f"(paper loop at p={dim}, C={num_classes}: out of memory; retrying on {n} images, scaled)",
                   file=sys.stderr, flush=True)
-    del loss
+    del call, loss
     free_memory(device)
     scale = batch / n
     return {
