@@ -52,7 +52,6 @@ from vmf_dists import (
     vmf_log_normalizer,
 )
 
-
 # --------------------------------------------------------------------------------------------------
 # the variants; all take (img_loc [B, p], img_kappa [B], proxy_loc [C, p], proxy_conc [C, p], S)
 # and return the [B, C] matrix of log-mean-exp estimates

@@ -33,7 +33,6 @@ import torch
 
 from vmf_dists import VonMisesFisher, mean_resultant_length
 
-
 # --------------------------------------------------------------------------------------------------
 # the anchor: s-vae-pytorch's sampler, vectorised as in its code (do not use outside benchmarks)
 
@@ -124,7 +123,7 @@ def main() -> None:
         loc = torch.randn(dim, dtype=dtype, device=device)
         loc = loc / loc.norm()
         for kappa in args.kappas:
-            def floor():
+            def floor(dim=dim):
                 g = torch.randn(args.n, dim, dtype=dtype, device=device)
                 return g / torch.linalg.vector_norm(g, dim=-1, keepdim=True)
 
@@ -132,13 +131,13 @@ def main() -> None:
             loc_g = loc.clone().requires_grad_(True)
             kappa_g = torch.tensor(kappa, dtype=dtype, device=device, requires_grad=True)
 
-            def ours_grad():
+            def ours_grad(loc_g=loc_g, kappa_g=kappa_g):
                 return VonMisesFisher(loc_g, kappa_g, validate_args=False).rsample((args.n,))
 
             t_floor, _ = timed(floor, args.repeats, sync)
-            t_ours, x_ours = timed(lambda: dist.rsample((args.n,)), args.repeats, sync)
+            t_ours, x_ours = timed(lambda dist=dist: dist.rsample((args.n,)), args.repeats, sync)
             t_grad, _ = timed(ours_grad, args.repeats, sync)
-            t_svae, x_svae = timed(lambda: svae_sample(loc, kappa, args.n), args.repeats, sync)
+            t_svae, x_svae = timed(lambda loc=loc, kappa=kappa: svae_sample(loc, kappa, args.n), args.repeats, sync)
             if args.no_scipy:
                 t_scipy, z_scipy = math.nan, math.nan
             else:

@@ -94,7 +94,7 @@ def main() -> None:
     print("| p | scipy ive (f64) value+grad | ours f64 fwd+bwd | ours f32 fwd+bwd | scipy / ours f64 | scipy non-finite |")
     print("|---|---|---|---|---|---|")
     for dim in args.dims:
-        t_scipy = best_time(lambda: scipy_log_normalizer_and_grad(dim, kappa), args.repeats)
+        t_scipy = best_time(lambda dim=dim: scipy_log_normalizer_and_grad(dim, kappa), args.repeats)
         value, grad = scipy_log_normalizer_and_grad(dim, kappa)
         nonfinite = float(np.mean(~(np.isfinite(value) & np.isfinite(grad))))
         t64 = time_ours(dim, kappa, torch.float64, args.device, args.repeats)

@@ -16,14 +16,14 @@ from __future__ import annotations
 import math
 import warnings
 
-import pytest
-import torch
-from torch.distributions import biject_to, kl_divergence, transform_to
-
 import pyro
 import pyro.distributions as dist
+import pytest
+import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import Adam
+from torch.distributions import biject_to, kl_divergence, transform_to
+
 from vmf_dists import (
     HypersphericalUniform,
     NonIsotropicVMF,

@@ -510,7 +510,7 @@ def test_variance_gradient_along_axis_aligned_mean_direction():
             with mp.workdps(80):
                 half = mp.mpf(p) / 2
 
-                def a_prime(t):
+                def a_prime(t, half=half, p=p):
                     a = mp.besseli(half, t) / mp.besseli(half - 1, t)
                     return 1 - a * a - (p - 1) * a / t
 

@@ -534,7 +534,7 @@ def test_kernel_gradcheck(p):
         return VonMisesFisher(m, k, validate_args=False)
 
     for rho in (1.0, 0.5, 2.0):
-        assert _gradcheck(lambda a, b, c, d: log_probability_product_kernel(vmf(a, b), vmf(c, d), rho), mu1, k1, mu2, k2)
+        assert _gradcheck(lambda a, b, c, d, rho=rho: log_probability_product_kernel(vmf(a, b), vmf(c, d), rho), mu1, k1, mu2, k2)
     mu3 = unit_vectors((3,), p, 3).requires_grad_()
     k3 = torch.tensor([0.1, 5.0, 50.0], dtype=torch.float64, requires_grad=True)
     assert _gradcheck(lambda a, b, c, d: pairwise_log_expected_likelihood(vmf(a, b), vmf(c, d)), mu1, k1, mu3, k3)

@@ -17,15 +17,15 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pyro
 import pytest
 import torch
 from mpmath import mp
+from pyro import poutine
+from pyro.distributions import constraints
 from torch.autograd import gradcheck
 from torch.distributions import kl_divergence as torch_kl
 
-import pyro
-from pyro import poutine
-from pyro.distributions import constraints
 from tests.conftest import (
     WORK_DPS,
     mp_entropy,
@@ -43,9 +43,9 @@ from vmf_dists import (
     NonIsotropicVMF,
     VonMisesFisher,
     log_expected_likelihood,
+    monte_carlo,
     pairwise_log_expected_likelihood,
 )
-from vmf_dists import monte_carlo
 
 Z_MAX = 5.0  # statistical tolerance: 5 standard errors
 
@@ -321,7 +321,7 @@ def test_isotropic_concentration_equals_vmf(p):
         niv = NonIsotropicVMF(loc, torch.full((p,), c, dtype=torch.float64))
         x = torch.cat([vmf.sample((20,)), unit_vectors((20,), p, 9 + p)])
         got, ref = niv.log_prob(x), vmf.log_prob(x)
-        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12, msg=lambda m: f"c = {c}: {m}")
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12, msg=lambda m, c=c: f"c = {c}: {m}")
 
 
 def test_isotropic_concentration_equals_vmf_batched():

@@ -4,15 +4,15 @@ AutoDelta on a sphere site, and the documented failure of AutoNormal on a sphere
 
 from __future__ import annotations
 
+import pyro
 import pytest
 import torch
-
-import pyro
 from pyro import poutine
 from pyro.distributions import constraints
 from pyro.distributions.kl import kl_divergence as pyro_kl
 from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoDelta, AutoNormal
+
 from tests.conftest import unit_vectors
 from vmf_dists import HypersphericalUniform, VonMisesFisher
 

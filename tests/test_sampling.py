@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from functools import lru_cache
+from functools import cache
 
 import mpmath
 import numpy as np
@@ -64,7 +64,7 @@ def _dim_params(dims=DIMS):
 # references
 
 
-@lru_cache(maxsize=None)
+@cache
 def _mp_one_minus_a(p: int, kappa: float) -> float:
     """1 − A_p(κ) with mpmath (no cancellation at large κ)."""
     if kappa == 0.0:
@@ -75,7 +75,7 @@ def _mp_one_minus_a(p: int, kappa: float) -> float:
         return float(1 - mpmath.besseli(nu + 1, k) / mpmath.besseli(nu, k))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _mp_a_prime(p: int, kappa: float) -> float:
     """A_p'(κ) = 1 − A² − (p−1)A/κ with mpmath (1/p at κ = 0)."""
     if kappa == 0.0:
@@ -155,7 +155,7 @@ class _AngleLaw:
         return self._mean_y
 
 
-@lru_cache(maxsize=None)
+@cache
 def _angle_law(p: int, kappa: float) -> _AngleLaw:
     return _AngleLaw(p, kappa)
 
@@ -164,7 +164,7 @@ _BREAK_QUANTILES = (1e-12, 1e-9, 1e-6, 1e-4, 0.01, 0.05, 0.2, 0.4, 0.5, 0.6, 0.8
                     1 - 1e-6, 1 - 1e-9, 1 - 1e-12)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _y_breakpoints(p: int, kappa: float) -> tuple:
     """Points that cut [0, 2] into pieces on which the y-density is smooth and of moderate range."""
     law = _angle_law(p, kappa)
@@ -387,7 +387,7 @@ def test_finite_difference_reference_on_p3(kappa):
     with mpmath.workdps(40):
         def y_of(u, k):
             return -mpmath.log1p(mpmath.mpf(u) * mpmath.expm1(-2 * k)) / k
-        exact = [float(mpmath.diff(lambda k: y_of(u, k), mpmath.mpf(kappa))) for u in us]
+        exact = [float(mpmath.diff(lambda k, u=u: y_of(u, k), mpmath.mpf(kappa))) for u in us]
         ys = [float(y_of(u, mpmath.mpf(kappa))) for u in us]
     np.testing.assert_allclose(_mp_dy_dkappa(3, kappa, ys), exact, rtol=1e-9)
 
@@ -640,7 +640,7 @@ def test_implicit_gradient_matches_cdf_finite_differences(p, kappa):
     ref = _mp_dy_dkappa(p, kappa, ys)
     rows = [(q, y, lib, r, abs(lib - r) / abs(r)) for q, y, lib, r in zip(IMPLICIT_QUANTILES, ys, got.tolist(), ref)]
     bad = [r for r in rows if not r[4] <= 1e-6]
-    assert not bad, "p={} κ={:g}: (quantile, y, library dy/dκ, reference, rel. error): {}".format(p, kappa, bad)
+    assert not bad, f"p={p} κ={kappa:g}: (quantile, y, library dy/dκ, reference, rel. error): {bad}"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -35,14 +35,13 @@ float64); √(1−w²) = √(y(2−y)).
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import torch
 
-from vmf_dists._function import Refuse, RefuseWithoutJvp, apply, untraced
 from vmf_dists._bessel_table import bessel_parts
-
+from vmf_dists._function import Refuse, RefuseWithoutJvp, apply, untraced
 
 
 def first_round_proposals(n: int) -> int:
@@ -173,7 +172,7 @@ def sample_one_minus_w(dim: int, kappa: torch.Tensor) -> torch.Tensor:
 # implicit reparameterisation: dy/dκ
 
 
-@lru_cache(maxsize=None)
+@cache
 def _gauss_legendre(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """n-point Gauss-Legendre nodes and weights on [0, 1] (float64), cached per device: the training
     step's backward then never copies them from the host (a copy that would wait for the GPU)."""

@@ -30,7 +30,12 @@ import torch
 from torch.distributions import Distribution
 
 from vmf_dists._checks import check_same_sphere
-from vmf_dists.special import _validation_enabled, in_gap_series_region, log_normalizer_plus_kappa, uniform_log_normalizer_gap
+from vmf_dists.special import (
+    _validation_enabled,
+    in_gap_series_region,
+    log_normalizer_plus_kappa,
+    uniform_log_normalizer_gap,
+)
 from vmf_dists.uniform import HypersphericalUniform, log_sphere_area
 from vmf_dists.von_mises_fisher import VonMisesFisher
 

@@ -31,9 +31,9 @@ from torch.distributions.kl import register_kl
 
 from vmf_dists._checks import check_same_sphere
 from vmf_dists.special import (
+    _RATIO,
     _evaluate,
     _nu,
-    _RATIO,
     in_gap_series_region,
     log_normalizer_plus_kappa,
     mean_resultant_length_complement,

@@ -8,7 +8,6 @@ from torch.distributions.utils import lazy_property
 
 from vmf_dists._bessel import BesselParts
 from vmf_dists._bessel_table import bessel_parts
-from vmf_dists._function import apply, without_jvp
 from vmf_dists._checks import (
     check_sample_on_sphere,
     check_unit_and_nonnegative,
@@ -16,6 +15,7 @@ from vmf_dists._checks import (
     check_values,
     finite_nonnegative,
 )
+from vmf_dists._function import apply, without_jvp
 from vmf_dists._sampling import rsample_vmf
 from vmf_dists.special import (
     _LOG_2PI,
@@ -408,7 +408,7 @@ class VonMisesFisher(TorchDistribution):
     # ---------------------------------------------------------------------------------------------
 
     @classmethod
-    def fit(cls, x: torch.Tensor, weights: torch.Tensor | None = None, validate_args: bool | None = None) -> "VonMisesFisher":
+    def fit(cls, x: torch.Tensor, weights: torch.Tensor | None = None, validate_args: bool | None = None) -> VonMisesFisher:
         r"""Maximum-likelihood vMF for unit vectors ``x`` (optionally weighted).
 
         $\hat\mu = \sum_i w_i x_i / \|\sum_i w_i x_i\|$ and $\hat\kappa = A_p^{-1}(\bar r)$ with
