@@ -52,7 +52,9 @@ def svae_sample(loc: torch.Tensor, kappa: float, n: int, proposals: int = 20) ->
 
     w = torch.zeros(n, dtype=dtype, device=device)
     pending = torch.ones(n, dtype=torch.bool, device=device)
-    beta = torch.distributions.Beta(torch.tensor((m - 1) / 2, dtype=torch.float64), torch.tensor((m - 1) / 2, dtype=torch.float64))
+    beta = torch.distributions.Beta(
+        torch.tensor((m - 1) / 2, dtype=torch.float64), torch.tensor((m - 1) / 2, dtype=torch.float64)
+    )
     while bool(pending.any()):  # one host sync per round, as in the original
         e = beta.sample((n, proposals)).to(device=device, dtype=dtype)
         u = torch.empty(n, proposals, dtype=dtype, device=device).uniform_(1e-20, 1 - 1e-20)
@@ -113,10 +115,15 @@ def main() -> None:
     if device.type == "cpu":
         torch.set_num_threads(1)  # scipy is single-threaded: compare like with like
     sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {os.cpu_count()} cores, 1 thread"
-    print(f"device: {name}; torch {torch.__version__}, scipy {scipy.__version__}; n = {args.n}, {args.dtype}, best of {args.repeats}")
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{platform.machine()} CPU, {os.cpu_count()} cores, 1 thread"
+    print(f"device: {name}; torch {torch.__version__}, scipy {scipy.__version__}; n = {args.n}, {args.dtype}, "
+          f"best of {args.repeats}")
     print()
-    print("| p | κ | floor | ours | ours/floor | ours, grad | grad/floor | scipy | scipy/ours | s-vae | s-vae/ours | bias z: ours | scipy | s-vae |")
+    print("| p | κ | floor | ours | ours/floor | ours, grad | grad/floor | scipy | scipy/ours | s-vae | s-vae/ours | "
+          "bias z: ours | scipy | s-vae |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     torch.manual_seed(0)
     for dim in args.dims:

@@ -91,7 +91,8 @@ def main() -> None:
           f"scipy {scipy.__version__}; device {args.device}; n = {args.n:.0e}, κ log-uniform in [1e-2, 1e4], "
           f"best of {args.repeats}{', 1 torch thread' if args.device == 'cpu' else ''}")
     print()
-    print("| p | scipy ive (f64) value+grad | ours f64 fwd+bwd | ours f32 fwd+bwd | scipy / ours f64 | scipy non-finite |")
+    print("| p | scipy ive (f64) value+grad | ours f64 fwd+bwd | ours f32 fwd+bwd | scipy / ours f64 | "
+          "scipy non-finite |")
     print("|---|---|---|---|---|---|")
     for dim in args.dims:
         t_scipy = best_time(lambda dim=dim: scipy_log_normalizer_and_grad(dim, kappa), args.repeats)

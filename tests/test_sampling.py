@@ -119,7 +119,9 @@ class _AngleLaw:
         if f(left_edge) >= 0 or mode <= left_edge:
             a = left_edge
         else:  # the cut can be at θ ~ e^{−80/(p−2)}: bracket in log θ
-            a = math.exp(scipy.optimize.brentq(lambda u: f(math.exp(u)), math.log(left_edge), math.log(mode), xtol=1e-6))
+            a = math.exp(
+                scipy.optimize.brentq(lambda u: f(math.exp(u)), math.log(left_edge), math.log(mode), xtol=1e-6)
+            )
         b = right_edge if f(right_edge) >= 0 else scipy.optimize.brentq(f, mode, right_edge, xtol=1e-14)
         self.a, self.b, self.panels = a, b, panels
         self.h = (b - a) / panels
@@ -300,7 +302,9 @@ def _check_sample(x: torch.Tensor, mu: torch.Tensor, p: int, kappa: float, recor
     # (a) mean of w = 1 − y against A_p(κ): z of w is minus z of y.
     z_w = -_mean_z(y, _mp_one_minus_a(p, kappa))
     if not abs(z_w) < Z_MAX:
-        failures.append(f"{tag} mean w: z = {z_w:.2f} (mean 1−w = {y.mean():.6e}, 1−A = {_mp_one_minus_a(p, kappa):.6e})")
+        failures.append(
+            f"{tag} mean w: z = {z_w:.2f} (mean 1−w = {y.mean():.6e}, 1−A = {_mp_one_minus_a(p, kappa):.6e})"
+        )
 
     # (b) KS of θ against its exact CDF.
     ks = scipy.stats.kstest(_angle_law(p, kappa).cdf(theta_np), "uniform")
@@ -569,7 +573,9 @@ def test_kappa_gradient_after_sampling_under_inference_mode():
     sampling._gauss_legendre.cache_clear()
     mu = _loc(16, "random")
     with torch.inference_mode():
-        sampling.d_one_minus_w_d_kappa(16, torch.tensor([10.0], dtype=torch.float64), torch.tensor([0.3], dtype=torch.float64))
+        sampling.d_one_minus_w_d_kappa(
+            16, torch.tensor([10.0], dtype=torch.float64), torch.tensor([0.3], dtype=torch.float64)
+        )
     conc = torch.tensor(10.0, dtype=torch.float64, requires_grad=True)
     (VonMisesFisher(mu, conc).rsample((64,)) @ mu).sum().backward()
     kappa = conc.detach().clone().requires_grad_()  # a direct caller differentiating the quadrature itself
@@ -578,7 +584,9 @@ def test_kappa_gradient_after_sampling_under_inference_mode():
 
 
 @pytest.mark.parametrize(
-    "p,kappa", [(2, 1.0), (3, 0.0), (3, 0.1), (3, 10.0), (4, 1.0), (4, 20.0), (4, 1e3), (16, 0.5), (16, 20.0), (16, 1e4), (128, 300.0)]
+    "p,kappa",
+    [(2, 1.0), (3, 0.0), (3, 0.1), (3, 10.0), (4, 1.0), (4, 20.0), (4, 1e3), (16, 0.5), (16, 20.0), (16, 1e4),
+     (128, 300.0)],
 )
 def test_loc_gradient_unbiased(p, kappa):
     """MC mean of ∇_loc (aᵀx) equals A_p(κ)(I − μμᵀ)a, per coordinate within 5 s.e."""
@@ -599,7 +607,9 @@ def test_loc_gradient_unbiased(p, kappa):
     se = g.std(0, ddof=1) / math.sqrt(n)
     z = (g.mean(0) - expected) / np.maximum(se, 1e-300)
     bad = np.abs(g.mean(0) - expected) > Z_MAX * se + 1e-12
-    assert not bad.any(), f"coordinates {np.nonzero(bad)[0].tolist()}: z = {z[bad]}, mean/expected = {g.mean(0)[bad] / expected[bad]}"
+    assert not bad.any(), (
+        f"coordinates {np.nonzero(bad)[0].tolist()}: z = {z[bad]}, mean/expected = {g.mean(0)[bad] / expected[bad]}"
+    )
 
 
 @pytest.mark.parametrize("p,kappa", [(3, 10.0), (4, 20.0), (16, 20.0)])
@@ -621,7 +631,9 @@ def test_loc_gradient_unbiased_shared_loc(p, kappa):
     se = g.std(0, ddof=1) / math.sqrt(reps)
     bad = np.abs(g.mean(0) - expected) > Z_MAX * se + 1e-12
     z = (g.mean(0) - expected) / np.maximum(se, 1e-300)
-    assert not bad.any(), f"coordinates {np.nonzero(bad)[0].tolist()}: z = {z[bad]}, mean/expected = {g.mean(0)[bad] / expected[bad]}"
+    assert not bad.any(), (
+        f"coordinates {np.nonzero(bad)[0].tolist()}: z = {z[bad]}, mean/expected = {g.mean(0)[bad] / expected[bad]}"
+    )
 
 
 IMPLICIT_CASES = [
@@ -636,7 +648,9 @@ def test_implicit_gradient_matches_cdf_finite_differences(p, kappa):
     """Per sample: `d_one_minus_w_d_kappa` = −(∂G/∂κ)/g(y) at y = quantiles of y = 1 − w, relative 1e-6."""
     law = _angle_law(p, kappa)
     ys = [2.0 * math.sin(0.5 * law.quantile(q)) ** 2 for q in IMPLICIT_QUANTILES]
-    got = d_one_minus_w_d_kappa(p, torch.tensor([kappa] * len(ys), dtype=torch.float64), torch.tensor(ys, dtype=torch.float64))
+    got = d_one_minus_w_d_kappa(
+        p, torch.tensor([kappa] * len(ys), dtype=torch.float64), torch.tensor(ys, dtype=torch.float64)
+    )
     ref = _mp_dy_dkappa(p, kappa, ys)
     rows = [(q, y, lib, r, abs(lib - r) / abs(r)) for q, y, lib, r in zip(IMPLICIT_QUANTILES, ys, got.tolist(), ref)]
     bad = [r for r in rows if not r[4] <= 1e-6]
@@ -669,7 +683,9 @@ def test_batched_parameters(p, broadcast):
     failures = []
     for i in range(3):
         for j in range(2):
-            failures += _check_sample(x[:, i, j], locs[i, j], p, float(kappas[i, j]), tag=f"batch[{i},{j}] κ={float(kappas[i, j]):g}:")
+            failures += _check_sample(
+                x[:, i, j], locs[i, j], p, float(kappas[i, j]), tag=f"batch[{i},{j}] κ={float(kappas[i, j]):g}:"
+            )
     assert not failures, "\n".join(failures)
 
 

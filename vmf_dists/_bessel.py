@@ -221,7 +221,9 @@ def _debye_parts(order, nu, x: torch.Tensor, want: BesselParts, clamp: bool, log
     return BesselParts(log_scaled, ratio, complement, derivative, log_series)
 
 
-def _debye_log_series(order, nu, x: torch.Tensor, r: torch.Tensor, su: torch.Tensor, log_scaled, log_at_zero) -> torch.Tensor:
+def _debye_log_series(
+    order, nu, x: torch.Tensor, r: torch.Tensor, su: torch.Tensor, log_scaled, log_at_zero
+) -> torch.Tensor:
     """G = log 0F1(;ν+1;x²/4) where r ≥ R₀.
 
     For ν ≥ R₀, G = L + x + ν log 2 + log Γ(ν+1) would subtract numbers of size ν log ν from each other;
@@ -247,7 +249,9 @@ def _series_sums(q: torch.Tensor, ratios: torch.Tensor) -> torch.Tensor:
     return torch.cumprod(q.unsqueeze(-1).unsqueeze(-1) * ratios, dim=-1).sum(-1)
 
 
-def _series_parts(order, nu, x: torch.Tensor, q: torch.Tensor, ratios: torch.Tensor, want: BesselParts, log_at_zero) -> BesselParts:
+def _series_parts(
+    order, nu, x: torch.Tensor, q: torch.Tensor, ratios: torch.Tensor, want: BesselParts, log_at_zero
+) -> BesselParts:
     rows = ratios.shape[-2]
     sums = _series_sums(q, ratios)
     s1 = sums[..., 0]
@@ -327,7 +331,9 @@ def expansion_parts(
     inf_x = torch.isinf(x)
     x = torch.where(inf_x, 0.0, x)
 
-    debye_want = main._replace(log_scaled=True if log_series else main.log_scaled, log_series=True if log_series else None)
+    debye_want = main._replace(
+        log_scaled=True if log_series else main.log_scaled, log_series=True if log_series else None
+    )
     debye = _debye_parts(spec, nu, x, debye_want, clamp=has_small, log_at_zero=log_at_zero)
     # q capped where the series is not used, so that the discarded terms stay finite
     q = torch.minimum(x, torch.as_tensor(gap_x, dtype=x.dtype, device=x.device)).square().mul_(0.25)

@@ -19,7 +19,8 @@ at first use per (order, device) we tabulate it once:
   G = L + x + ν log 2 + log Γ(ν+1), where G ≳ 7c makes the cancellation harmless.
 
 An evaluation is then: η, the interval index and u (a few operations), one gather of the coefficients,
-the powers of u (one ``pow``), one product and sum for all five, and the de-normalisations. The table is built from `expansion_parts` at the Chebyshev nodes and checked against
+the powers of u (one ``pow``), one product and sum for all five, and the de-normalisations. The table
+is built from `expansion_parts` at the Chebyshev nodes and checked against
 it at points between the nodes (the interval count doubles until the check passes): it agrees with the
 expansions to a few ulps (log I and R), and to the expansions' own accuracy near their seam for
 1 − R and R'; see docs/numerics.md for the measurements against mpmath.
@@ -169,7 +170,9 @@ def order_table(nu: float, device: torch.device) -> OrderTable:
             table = _TABLES[key] = _build(nu, device)
     if torch.jit.is_tracing():  # a cached tensor used by two traced Functions breaks the tracer: copies
         with untraced():
-            table = dataclasses.replace(table, coefficients=table.coefficients.clone(), exponents=table.exponents.clone())
+            table = dataclasses.replace(
+                table, coefficients=table.coefficients.clone(), exponents=table.exponents.clone()
+            )
     return table
 
 

@@ -182,7 +182,9 @@ def _gauss_legendre(n: int, device: torch.device) -> tuple[torch.Tensor, torch.T
                 torch.as_tensor(weights / 2.0, dtype=torch.float64, device=device))
 
 
-def d_one_minus_w_d_kappa(dim: int, kappa: torch.Tensor, y: torch.Tensor, one_minus_a: torch.Tensor | None = None) -> torch.Tensor:
+def d_one_minus_w_d_kappa(
+    dim: int, kappa: torch.Tensor, y: torch.Tensor, one_minus_a: torch.Tensor | None = None
+) -> torch.Tensor:
     """dy/dκ at fixed CDF value, for y = 1 − w, by quadrature of the implicit-function formula (float64).
 
     With the angle θ = arccos w and m = p − 2, ∂F/∂κ = ∫_{−1}^{w} (t − A) f(t) dt = −∫_w^1 (t − A) f(t) dt,
@@ -284,7 +286,9 @@ class SampleMap(torch.autograd.Function):
         rho = torch.sqrt(y * (2.0 - y)).to(mu.dtype)
         grad_mu_dot = (grad * mu).sum(-1)  # Gᵀμ
         grad_dir_dot = (grad * direction).sum(-1)  # Gᵀt or Gᵀg
-        grad_v_dot = (grad_dir_dot if ctx.projected else torch.addcmul(grad_dir_dot, s, grad_mu_dot, value=-1.0)) / tangent_norm
+        grad_v_dot = (
+            grad_dir_dot if ctx.projected else torch.addcmul(grad_dir_dot, s, grad_mu_dot, value=-1.0)
+        ) / tangent_norm
         grad_kappa = grad_mu_nu = None
         if need_kappa:
             dy = SampleMap._dy_dkappa(ctx, kappa, y, one_minus_a, uniform).to(mu.dtype)
@@ -317,7 +321,9 @@ class SampleMap(torch.autograd.Function):
         y_leaf = y.detach().to(mu.dtype).requires_grad_(need_kappa)
         tangent = g - (g * mu).sum(-1, keepdim=True) * mu
         rho = torch.sqrt(y_leaf * (2.0 - y_leaf))
-        x = (1.0 - y_leaf).unsqueeze(-1) * mu + (rho / torch.linalg.vector_norm(tangent, dim=-1)).unsqueeze(-1) * tangent
+        x = (1.0 - y_leaf).unsqueeze(-1) * mu + (
+            (rho / torch.linalg.vector_norm(tangent, dim=-1)).unsqueeze(-1) * tangent
+        )
         inputs = [t for t, needed in ((mu, need_mu), (y_leaf, need_kappa)) if needed]
         grads = list(torch.autograd.grad(x, inputs, grad, create_graph=True))
         grad_mu = grads.pop(0) if need_mu else None

@@ -7,11 +7,13 @@ coefficient. For two von Mises–Fisher distributions the moment generating func
 $\mathbb{E}[e^{a^\top x}] = C_p(\kappa)/C_p(\|\kappa\mu + a\|)$ gives the closed form
 
 $$
-\log \mathrm{PPK}_\rho = \rho[\log C_p(\kappa_1) + \log C_p(\kappa_2)] - \log C_p(\rho\,\|\kappa_1\mu_1 + \kappa_2\mu_2\|),
+\log \mathrm{PPK}_\rho = \rho[\log C_p(\kappa_1) + \log C_p(\kappa_2)] -
+\log C_p(\rho\,\|\kappa_1\mu_1 + \kappa_2\mu_2\|),
 $$
 
 evaluated here with $\tilde C(\kappa) = \log C_p(\kappa) + \kappa$ as
-$\rho[\tilde C(\kappa_1) + \tilde C(\kappa_2)] - \tilde C(r) - \rho\,\frac{\kappa_1\kappa_2\|\mu_1-\mu_2\|^2}{\kappa_1+\kappa_2+\|\kappa_1\mu_1+\kappa_2\mu_2\|}$
+$\rho[\tilde C(\kappa_1) + \tilde C(\kappa_2)] - \tilde C(r) -
+\rho\,\frac{\kappa_1\kappa_2\|\mu_1-\mu_2\|^2}{\kappa_1+\kappa_2+\|\kappa_1\mu_1+\kappa_2\mu_2\|}$
 with $r = \rho\|\kappa_1\mu_1 + \kappa_2\mu_2\|$, so nothing of size κ cancels (the last term uses
 $(\kappa_1+\kappa_2)^2 - \|\kappa_1\mu_1+\kappa_2\mu_2\|^2 = \kappa_1\kappa_2\|\mu_1-\mu_2\|^2$).
 `HypersphericalUniform` arguments are treated as vMFs with κ = 0.
@@ -119,14 +121,17 @@ def _log_ppk_closed_form(dim: int, k1, k2, sq_dist, rho: float) -> torch.Tensor:
     return torch.where(small, anchored, large)
 
 
-def log_probability_product_kernel(p: Distribution, q: Distribution, rho: float, *, num_samples: int | None = None) -> torch.Tensor:
+def log_probability_product_kernel(
+    p: Distribution, q: Distribution, rho: float, *, num_samples: int | None = None
+) -> torch.Tensor:
     r"""$\log \int p(x)^\rho q(x)^\rho\,dx$ for two distributions on the same sphere (closed form for vMFs).
 
     For $p = \mathrm{vMF}(\mu_1, \kappa_1)$ and $q = \mathrm{vMF}(\mu_2, \kappa_2)$ the moment generating
     function gives
 
     $$
-    \log \mathrm{PPK}_\rho(p, q) = \rho[\log C_p(\kappa_1) + \log C_p(\kappa_2)] - \log C_p(\rho\,\|\kappa_1\mu_1 + \kappa_2\mu_2\|),
+    \log \mathrm{PPK}_\rho(p, q) = \rho[\log C_p(\kappa_1) + \log C_p(\kappa_2)] -
+    \log C_p(\rho\,\|\kappa_1\mu_1 + \kappa_2\mu_2\|),
     $$
 
     evaluated in float64 without cancellation (see the module docstring); a `HypersphericalUniform`
@@ -166,7 +171,9 @@ def _check_temperature(temperature: float | torch.Tensor) -> float | torch.Tenso
     """
     if isinstance(temperature, torch.Tensor):
         if temperature.dim() != 0 or not temperature.is_floating_point():
-            raise ValueError(f"temperature must be a float or a 0-dim floating tensor, got shape {tuple(temperature.shape)}")
+            raise ValueError(
+                f"temperature must be a float or a 0-dim floating tensor, got shape {tuple(temperature.shape)}"
+            )
         if _validation_enabled(None) and not bool(temperature.detach() > 0):
             raise ValueError(f"temperature must be positive, got {temperature.item()}")
         return temperature
@@ -276,9 +283,11 @@ def log_expected_likelihood(
 
 
 def log_bhattacharyya_coefficient(p: Distribution, q: Distribution, *, num_samples: int | None = None) -> torch.Tensor:
-    r"""$\log \int \sqrt{p\,q}$, the log Bhattacharyya coefficient (probability product kernel, ρ = ½); ≤ 0, = 0 iff p = q.
+    r"""$\log \int \sqrt{p\,q}$, the log Bhattacharyya coefficient (probability product kernel, ρ = ½); ≤ 0,
+    = 0 iff p = q.
 
-    For two vMFs, $\tfrac12[\log C_p(\kappa_1) + \log C_p(\kappa_2)] - \log C_p(\tfrac12\|\kappa_1\mu_1 + \kappa_2\mu_2\|)$;
+    For two vMFs,
+    $\tfrac12[\log C_p(\kappa_1) + \log C_p(\kappa_2)] - \log C_p(\tfrac12\|\kappa_1\mu_1 + \kappa_2\mu_2\|)$;
     see `log_probability_product_kernel`.
 
     Args:
@@ -301,7 +310,9 @@ def log_bhattacharyya_coefficient(p: Distribution, q: Distribution, *, num_sampl
     return log_probability_product_kernel(p, q, 0.5, num_samples=num_samples)
 
 
-def pairwise_log_probability_product_kernel(p: Distribution, q: Distribution, rho: float, *, num_samples: int | None = None) -> torch.Tensor:
+def pairwise_log_probability_product_kernel(
+    p: Distribution, q: Distribution, rho: float, *, num_samples: int | None = None
+) -> torch.Tensor:
     r"""All pairs: $\log\mathrm{PPK}_\rho(p_b, q_c)$ for ``p`` with batch shape ``[B]`` and ``q`` with batch ``[C]``.
 
     Uses $\|\kappa_b\mu_b + \kappa_c\mu_c\|^2 = (\kappa_b+\kappa_c)^2 - \kappa_b\kappa_c\|\mu_b-\mu_c\|^2$ with
@@ -342,7 +353,8 @@ def pairwise_log_expected_likelihood(
       parameters, the two data-dependent quantities of $\log q_c(x)$ are
       $\theta_c^\top K_c x = x \cdot (k_c^2 \odot \mu_c)$ and $\|K_c x\|^2 = (x \odot x)\cdot k_c^2$: two
       ``[S·B, p] × [p, C]`` products in the parameters' dtype (float32 on a GPU is fine), then
-      $\log q_c(x) = [\log C_p(\|\theta_c\|) + \|\theta_c\|] - \|\theta_c\|(1 - \cos) + \sum_d \log k_{c,d} - \tfrac p2\log\|K_cx\|^2$
+      $\log q_c(x) = [\log C_p(\|\theta_c\|) + \|\theta_c\|] - \|\theta_c\|(1 - \cos) + \sum_d \log k_{c,d} -
+      \tfrac p2\log\|K_cx\|^2$
       with $\cos = \theta_c^\top K_c x / (\|\theta_c\|\,\|K_c x\|)$ and a log-mean-exp over $S$. No
       ``[S, B, C, p]`` tensor is formed. Jensen bias as in `log_expected_likelihood`.
 
@@ -409,4 +421,6 @@ def pairwise_log_expected_likelihood(
 
 def _check_pairwise_shapes(p, q) -> None:
     if len(p.batch_shape) != 1 or len(q.batch_shape) != 1:
-        raise ValueError(f"pairwise kernels need batch shapes [B] and [C], got {tuple(p.batch_shape)} and {tuple(q.batch_shape)}")
+        raise ValueError(
+            f"pairwise kernels need batch shapes [B] and [C], got {tuple(p.batch_shape)} and {tuple(q.batch_shape)}"
+        )

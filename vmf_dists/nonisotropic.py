@@ -122,7 +122,9 @@ class NonIsotropicVMF(TorchDistribution):
         """
         return torch.Size(torch.broadcast_shapes(tuple(loc[:-1]), tuple(concentration[:-1]))), torch.Size(loc[-1:])
 
-    def expand(self, batch_shape: torch.Size | tuple[int, ...], _instance: NonIsotropicVMF | None = None) -> NonIsotropicVMF:
+    def expand(
+        self, batch_shape: torch.Size | tuple[int, ...], _instance: NonIsotropicVMF | None = None
+    ) -> NonIsotropicVMF:
         """The same distribution with its batch shape expanded (what Pyro's ``plate`` calls).
 
         Args:
@@ -161,7 +163,8 @@ class NonIsotropicVMF(TorchDistribution):
 
     @lazy_property
     def base_vmf(self) -> VonMisesFisher:
-        r"""The vMF that is pushed forward: $\mathrm{vMF}(\theta/\|\theta\|, \|\theta\|)$, batch shape ``batch_shape``."""
+        r"""The vMF that is pushed forward: $\mathrm{vMF}(\theta/\|\theta\|, \|\theta\|)$, batch shape
+        ``batch_shape``."""
         norm = torch.linalg.vector_norm(self._theta64, dim=-1)
         direction = self._theta64 / norm.unsqueeze(-1)
         return VonMisesFisher(direction.to(self.loc.dtype), norm.to(self.loc.dtype), validate_args=False)
@@ -236,7 +239,8 @@ class NonIsotropicVMF(TorchDistribution):
     @property
     def mode(self) -> torch.Tensor:
         """Not available in closed form: raises `NotImplementedError`."""
-        raise NotImplementedError(_NO_CLOSED_FORM.format(what="mode", how="locate it numerically, e.g. by maximising log_prob over the sphere"))
+        how = "locate it numerically, e.g. by maximising log_prob over the sphere"
+        raise NotImplementedError(_NO_CLOSED_FORM.format(what="mode", how=how))
 
     @property
     def variance(self) -> torch.Tensor:

@@ -212,7 +212,9 @@ class _SpecialFunction(torch.autograd.Function):
         if parts is None or (with_derivative and kernel.lacks_derivative_parts(parts)):
             parts = kernel.parts(arg, x64, with_derivative)
         value = _output(kernel.value(arg, x64, parts), x.dtype, kernel.passes_through)
-        derivative = _output(kernel.derivative(arg, x64, parts), x.dtype, kernel.passes_through) if with_derivative else None
+        derivative = (
+            _output(kernel.derivative(arg, x64, parts), x.dtype, kernel.passes_through) if with_derivative else None
+        )
         return value, derivative
 
     @staticmethod
@@ -366,7 +368,9 @@ def log_sphere_area(dim: int) -> float:
 def _kl_uniform_value(dim, k64, parts):
     # κA − G near κ = 0 (relative precision, ≈ κ²/(2p)); [log C + κ] + log|S| − κ(1 − A) beyond.
     near_zero = (k64 * parts.ratio).sub_(parts.log_series)
-    large = torch.addcmul((-0.5 * dim * _LOG_2PI + log_sphere_area(dim)) - parts.log_scaled, k64, parts.complement, value=-1.0)
+    large = torch.addcmul(
+        (-0.5 * dim * _LOG_2PI + log_sphere_area(dim)) - parts.log_scaled, k64, parts.complement, value=-1.0
+    )
     return torch.where(k64 <= math.sqrt(32.0 * dim), near_zero, large).clamp(min=0.0)
 
 
@@ -411,7 +415,9 @@ def vmf_parts(dim: int, kappa64: torch.Tensor, with_derivative: bool) -> BesselP
 # public functions
 
 
-def log_bessel_iv(v: float | torch.Tensor, x: float | torch.Tensor, *, validate_args: bool | None = None) -> torch.Tensor:
+def log_bessel_iv(
+    v: float | torch.Tensor, x: float | torch.Tensor, *, validate_args: bool | None = None
+) -> torch.Tensor:
     r"""Logarithm of the modified Bessel function of the first kind, $\log I_v(x)$.
 
     Exact in float64 for every real order $v \ge 0$ and every $x \ge 0$ up to the largest float (no
@@ -457,7 +463,9 @@ def log_bessel_iv(v: float | torch.Tensor, x: float | torch.Tensor, *, validate_
     return _evaluate(_LOG_BESSEL, _broadcast_with_order(x, order), _order_on(order, x)).to(dtype)
 
 
-def bessel_iv_ratio(v: float | torch.Tensor, x: float | torch.Tensor, *, validate_args: bool | None = None) -> torch.Tensor:
+def bessel_iv_ratio(
+    v: float | torch.Tensor, x: float | torch.Tensor, *, validate_args: bool | None = None
+) -> torch.Tensor:
     r"""The ratio $R_v(x) = I_{v+1}(x) / I_v(x) \in [0, 1)$, stable for all $x \ge 0$.
 
     Limits: $R_v(x) \approx x/(2v+2)$ as $x \to 0$ and $R_v(x) \to 1$ as $x \to \infty$; it satisfies
@@ -572,7 +580,9 @@ def mean_resultant_length(dim: int, kappa: float | torch.Tensor, *, validate_arg
     return _evaluate(_RATIO, kappa, _nu(dim)).to(dtype)
 
 
-def inverse_mean_resultant_length(dim: int, r: float | torch.Tensor, *, validate_args: bool | None = None) -> torch.Tensor:
+def inverse_mean_resultant_length(
+    dim: int, r: float | torch.Tensor, *, validate_args: bool | None = None
+) -> torch.Tensor:
     r"""The concentration $\kappa$ with $A_p(\kappa) = r$, for $r \in [0, 1)$ (the vMF MLE of $\kappa$).
 
     Given the mean resultant length $\bar r = \|\sum_i x_i\| / n$ of unit vectors, the maximum

@@ -91,7 +91,9 @@ class HypersphericalUniform(TorchDistribution):
         """The device on which samples, the entropy and the moments are created."""
         return self._device
 
-    def expand(self, batch_shape: torch.Size | tuple[int, ...], _instance: HypersphericalUniform | None = None) -> HypersphericalUniform:
+    def expand(
+        self, batch_shape: torch.Size | tuple[int, ...], _instance: HypersphericalUniform | None = None
+    ) -> HypersphericalUniform:
         """The same distribution with its batch shape expanded (what Pyro's ``plate`` calls).
 
         Args:
@@ -175,7 +177,8 @@ class HypersphericalUniform(TorchDistribution):
 
     @property
     def variance(self) -> torch.Tensor:
-        r"""Per-coordinate variances $1/p$ (the diagonal of $\operatorname{Cov}[x] = I/p$), shape ``batch_shape + [p]``."""
+        r"""Per-coordinate variances $1/p$ (the diagonal of $\operatorname{Cov}[x] = I/p$), shape
+        ``batch_shape + [p]``."""
         return torch.full(self._extended_shape(), 1.0 / self.dim, dtype=self._dtype, device=self._device)
 
     def __repr__(self) -> str:

@@ -121,7 +121,10 @@ class _LogDensity(torch.autograd.Function):
         tangent = None
         if value_tangent is not None or loc_tangent is not None:
             mu_tangent = None if loc_tangent is None else _tangent_part(loc_tangent, loc, norm)
-            moved = value_tangent if mu_tangent is None else (-mu_tangent if value_tangent is None else value_tangent - mu_tangent)
+            if mu_tangent is None:
+                moved = value_tangent
+            else:
+                moved = -mu_tangent if value_tangent is None else value_tangent - mu_tangent
             tangent = -kappa * (diff * moved).sum(-1)
         if kappa_tangent is not None:
             slope = torch.add(mean_resultant_length_complement(ctx.dim, kappa), diff.square().sum(-1), alpha=-0.5)
@@ -251,7 +254,9 @@ class VonMisesFisher(TorchDistribution):
         """
         return torch.Size(torch.broadcast_shapes(tuple(loc[:-1]), tuple(concentration))), torch.Size(loc[-1:])
 
-    def expand(self, batch_shape: torch.Size | tuple[int, ...], _instance: VonMisesFisher | None = None) -> VonMisesFisher:
+    def expand(
+        self, batch_shape: torch.Size | tuple[int, ...], _instance: VonMisesFisher | None = None
+    ) -> VonMisesFisher:
         """The same distribution with its batch shape expanded (what Pyro's ``plate`` calls).
 
         The parameters are expanded views, not copies, and the validation setting is kept.
@@ -380,18 +385,21 @@ class VonMisesFisher(TorchDistribution):
 
     @property
     def mean(self) -> torch.Tensor:
-        r"""The mean $\mathbb{E}[x] = A_p(\kappa)\mu$ (inside the ball: its norm is $A_p(\kappa) < 1$), shape ``batch_shape + [p]``."""
+        r"""The mean $\mathbb{E}[x] = A_p(\kappa)\mu$ (inside the ball: its norm is $A_p(\kappa) < 1$), shape
+        ``batch_shape + [p]``."""
         a = mean_resultant_length(self.dim, self.concentration, validate_args=False)
         return a.unsqueeze(-1) * self._unit_loc
 
     @property
     def mode(self) -> torch.Tensor:
-        """The mode, the mean direction μ, shape ``batch_shape + [p]`` (for κ = 0 every point is a mode; μ is returned)."""
+        """The mode, the mean direction μ, shape ``batch_shape + [p]`` (for κ = 0 every point is a mode; μ is
+        returned)."""
         return self._unit_loc
 
     @property
     def variance(self) -> torch.Tensor:
-        r"""Per-coordinate variances: the diagonal of $\operatorname{Cov}[x] = \rho I + (A_p'(\kappa) - \rho)\mu\mu^\top$.
+        r"""Per-coordinate variances: the diagonal of
+        $\operatorname{Cov}[x] = \rho I + (A_p'(\kappa) - \rho)\mu\mu^\top$.
 
         Here $\rho = A_p(\kappa)/\kappa$ ($1/p$ at $\kappa = 0$); shape ``batch_shape + [p]``, computed
         in float64 as $\rho(1 - \mu_d^2) + A_p'(\kappa)\mu_d^2$ (no cancellation along μ).
@@ -408,7 +416,9 @@ class VonMisesFisher(TorchDistribution):
     # ---------------------------------------------------------------------------------------------
 
     @classmethod
-    def fit(cls, x: torch.Tensor, weights: torch.Tensor | None = None, validate_args: bool | None = None) -> VonMisesFisher:
+    def fit(
+        cls, x: torch.Tensor, weights: torch.Tensor | None = None, validate_args: bool | None = None
+    ) -> VonMisesFisher:
         r"""Maximum-likelihood vMF for unit vectors ``x`` (optionally weighted).
 
         $\hat\mu = \sum_i w_i x_i / \|\sum_i w_i x_i\|$ and $\hat\kappa = A_p^{-1}(\bar r)$ with
