@@ -56,7 +56,7 @@ def _multiply(a: Poly, b: Poly) -> Poly:
 
 def _add(a: Poly, b: Poly) -> Poly:
     n = max(len(a), len(b))
-    return tuple((a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0) for i in range(n))
+    return tuple((a[i] if i < len(a) else Fraction(0)) + (b[i] if i < len(b) else Fraction(0)) for i in range(n))
 
 
 def _integral(c: Poly) -> Poly:
@@ -167,7 +167,7 @@ def radial_table(order: float, num_terms: int) -> list[tuple[float, float, float
             weight = order**d
             for c in range(4):
                 table[k + d - 1][c] += coeffs[c] * weight
-    return [tuple(r) for r in table]
+    return [(u, tdu, w, tdw) for u, tdu, w, tdw in table]
 
 
 def order_table(order: float, num_terms: int) -> list[tuple[float, float, float, float]]:
@@ -182,4 +182,4 @@ def order_table(order: float, num_terms: int) -> list[tuple[float, float, float,
         for d, coeffs in enumerate(row):
             for c in range(4):
                 table[k + d - 1][c] += coeffs[c] * weight
-    return [tuple(r) for r in table]
+    return [(u, tdu, w, tdw) for u, tdu, w, tdw in table]

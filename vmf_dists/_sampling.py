@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from functools import cache
+from typing import Any
 
 import numpy as np
 import torch
@@ -83,7 +84,9 @@ def _d_inverse_cdf_p3(kappa: torch.Tensor, uniform: torch.Tensor, y: torch.Tenso
     return torch.where(small, series, closed)
 
 
-def _wood_accept(dim: int, kappa: torch.Tensor, big: torch.Tensor, small: torch.Tensor):
+def _wood_accept(
+    dim: int, kappa: torch.Tensor, big: torch.Tensor, small: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Wood's proposal y from a Beta variate z = big/(big+small) (given as its two parts) and the test.
 
     With m = p − 1, h = √(4κ² + m²) (a hypot: no overflow up to κ ~ 1e307), b = m/(2κ + h),
@@ -204,6 +207,7 @@ def d_one_minus_w_d_kappa(
     m = float(dim - 2)
     if one_minus_a is None:  # 1 − A keeps its digits at large κ
         one_minus_a = bessel_parts(dim / 2.0 - 1.0, kappa, complement=True).complement
+        assert one_minus_a is not None
     else:
         one_minus_a = one_minus_a.to(torch.float64)
     # in half-angles ψ = φ/2 ∈ [0, π/2], where 1 − cos φ = 2 sin²ψ and sin φ = 2 sin ψ cos ψ
@@ -264,20 +268,31 @@ class SampleMap(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(mu, kappa, direction, s, tangent_norm, y, dim: int, projected: bool, one_minus_a, uniform):
+    def forward(
+        mu: torch.Tensor,
+        kappa: torch.Tensor,
+        direction: torch.Tensor,
+        s: torch.Tensor,
+        tangent_norm: torch.Tensor,
+        y: torch.Tensor,
+        dim: int,
+        projected: bool,
+        one_minus_a: torch.Tensor | None,
+        uniform: torch.Tensor | None,
+    ) -> torch.Tensor:
         w = (1.0 - y).to(mu.dtype)
         c = torch.sqrt(y * (2.0 - y)).to(mu.dtype) / tangent_norm
         shift = w if projected else torch.addcmul(w, c, s, value=-1.0)  # x = c g + (w − c s) μ
         return torch.addcmul(shift.unsqueeze(-1) * mu, c.unsqueeze(-1), direction)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
         mu, kappa, direction, s, tangent_norm, y, dim, projected, one_minus_a, uniform = inputs
         ctx.save_for_backward(mu, kappa, direction, s, tangent_norm, y, one_minus_a, uniform)
         ctx.dim, ctx.projected = dim, projected
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         mu, kappa, direction, s, tangent_norm, y, one_minus_a, uniform = ctx.saved_tensors
         need_mu, need_kappa = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if torch.is_grad_enabled():  # create_graph: exact in μ and G, refused in κ (see _graph_gradients)
@@ -305,14 +320,18 @@ class SampleMap(torch.autograd.Function):
         return grad_mu_nu, grad_kappa, None, None, None, None, None, None, None, None
 
     @staticmethod
-    def _dy_dkappa(ctx, kappa, y, one_minus_a, uniform) -> torch.Tensor:
+    def _dy_dkappa(
+        ctx: Any, kappa: torch.Tensor, y: torch.Tensor, one_minus_a: torch.Tensor | None, uniform: torch.Tensor | None
+    ) -> torch.Tensor:
         kappa64 = kappa.detach().to(torch.float64)
         if uniform is not None:
             return _d_inverse_cdf_p3(kappa64, uniform, y)
         return d_one_minus_w_d_kappa(ctx.dim, kappa64, y, one_minus_a)
 
     @staticmethod
-    def _graph_gradients(ctx, grad, need_mu: bool, need_kappa: bool):
+    def _graph_gradients(
+        ctx: Any, grad: torch.Tensor, need_mu: bool, need_kappa: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(∂L/∂μ, ∂L/∂κ) as differentiable functions of μ and G: x is rebuilt from its noise with y as a
         leaf; ∂L/∂κ = (∂L/∂y)(dy/dκ) with dy/dκ held fixed, so a further derivative in κ (which would
         need d²y/dκ²) raises, lazily, instead of being silently incomplete."""
@@ -405,8 +424,9 @@ def rsample_vmf(loc: torch.Tensor, kappa: torch.Tensor, exact_tangent_norm: bool
     if not in_place:
         mu_full = loc.expand(shape + (dim,))
         direction = tangent if tangent is not None else g
-        return apply(SampleMap, mu_full, kappa, direction, s, tangent_norm, y, dim, tangent is not None,
-                     complement, uniform if kappa.requires_grad else None)
+        sample: torch.Tensor = apply(SampleMap, mu_full, kappa, direction, s, tangent_norm, y, dim,
+                                     tangent is not None, complement, uniform if kappa.requires_grad else None)
+        return sample
     w = (1.0 - y).to(dtype)
     c = torch.sqrt(y * (2.0 - y)).to(dtype) / tangent_norm
     if tangent is not None:

@@ -50,18 +50,21 @@ __all__ = [
 ]
 
 
-def _as_vmf_parameters(d, other) -> tuple[torch.Tensor, torch.Tensor]:
+def _as_vmf_parameters(d: Distribution, other: Distribution) -> tuple[torch.Tensor, torch.Tensor]:
     """(unit loc [..., p], κ [...]) in float64 for a vMF, or for a uniform (κ = 0, any loc), the latter
     on the device of the ``other`` argument when that is a vMF (a uniform's own device is irrelevant)."""
     if isinstance(d, VonMisesFisher):
         return d._unit_loc64, d.concentration.to(torch.float64)
+    assert isinstance(d, HypersphericalUniform)  # the other closed-form family (`_check_pair`)
     device = other.loc.device if isinstance(other, VonMisesFisher) else d.device
     loc = torch.zeros(d.batch_shape + d.event_shape, dtype=torch.float64, device=device)
     loc[..., 0] = 1.0
     return loc, torch.zeros(d.batch_shape, dtype=torch.float64, device=device)
 
 
-def _closed_form_inputs(p, q, *, pairwise: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _closed_form_inputs(
+    p: Distribution, q: Distribution, *, pairwise: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(κ₁, κ₂, ‖μ₁ − μ₂‖²) in float64: broadcast for single pairs, or [B, 1], [1, C], [B, C] for all pairs."""
     mu1, k1 = _as_vmf_parameters(p, q)
     mu2, k2 = _as_vmf_parameters(q, p)
@@ -74,14 +77,17 @@ def _closed_form_inputs(p, q, *, pairwise: bool) -> tuple[torch.Tensor, torch.Te
     return k1.unsqueeze(-1), k2.unsqueeze(0), sq_dist
 
 
-def _result_dtype(p, q) -> torch.dtype:
-    def dtype(d) -> torch.dtype:
-        return d.loc.dtype if isinstance(d, VonMisesFisher) else d.dtype
+def _result_dtype(p: Distribution, q: Distribution) -> torch.dtype:
+    def dtype(d: Distribution) -> torch.dtype:
+        if isinstance(d, VonMisesFisher):
+            return d.loc.dtype
+        assert isinstance(d, HypersphericalUniform)  # the other closed-form family (`_check_pair`)
+        return d.dtype
 
     return torch.promote_types(dtype(p), dtype(q))
 
 
-def _check_pair(p, q, rho: float) -> int:
+def _check_pair(p: Distribution, q: Distribution, rho: float) -> int:
     for d in (p, q):
         if not isinstance(d, (VonMisesFisher, HypersphericalUniform)):
             raise NotImplementedError(
@@ -94,7 +100,9 @@ def _check_pair(p, q, rho: float) -> int:
     return p.event_shape[0]
 
 
-def _log_ppk_closed_form(dim: int, k1, k2, sq_dist, rho: float) -> torch.Tensor:
+def _log_ppk_closed_form(
+    dim: int, k1: torch.Tensor, k2: torch.Tensor, sq_dist: torch.Tensor, rho: float
+) -> torch.Tensor:
     """The closed form from κ₁, κ₂ and ‖μ₁ − μ₂‖² (broadcast), float64.
 
     Large κ: ρ[C̃(κ₁) + C̃(κ₂)] − C̃(r) − ρ κ₁κ₂‖μ₁−μ₂‖²/(κ₁+κ₂+‖κ₁μ₁+κ₂μ₂‖), with C̃ = log C + κ.
@@ -159,7 +167,7 @@ def log_probability_product_kernel(
     return _log_ppk_closed_form(dim, k1, k2, sq_dist, float(rho)).to(_result_dtype(p, q))
 
 
-def _closed_form_pair(p, q) -> bool:
+def _closed_form_pair(p: Distribution, q: Distribution) -> bool:
     closed = (VonMisesFisher, HypersphericalUniform)
     return isinstance(p, closed) and isinstance(q, closed)
 
@@ -187,7 +195,7 @@ def _is_one(temperature: float | torch.Tensor) -> bool:
     return not isinstance(temperature, torch.Tensor) and temperature == 1.0
 
 
-def _check_num_samples(num_samples) -> int:
+def _check_num_samples(num_samples: int | None) -> int:
     if num_samples is None:
         raise ValueError("num_samples is required: this pair has no closed form and is estimated by Monte Carlo")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
@@ -195,7 +203,9 @@ def _check_num_samples(num_samples) -> int:
     return num_samples
 
 
-def _log_tempered_closed_form(dim: int, kp, kq, sq_dist, temperature) -> torch.Tensor:
+def _log_tempered_closed_form(
+    dim: int, kp: torch.Tensor, kq: torch.Tensor, sq_dist: torch.Tensor, temperature: float | torch.Tensor
+) -> torch.Tensor:
     """log E_{x~vMF(μp,κp)}[exp(log vMF(x; μq, κq)/T)] = C̃(κq)/T − κq/T + log C(κp) − log C(‖κpμp + (κq/T)μq‖).
 
     Written with C̃ = log C + κ as C̃(κq)/T + C̃(κp) − C̃(r) − κp a ‖μp − μq‖²/(κp + a + r), a = κq/T.
@@ -205,12 +215,13 @@ def _log_tempered_closed_form(dim: int, kp, kq, sq_dist, temperature) -> torch.T
     positive = norm_sq > 0
     r = torch.where(positive, torch.sqrt(torch.where(positive, norm_sq, 1.0)), 0.0)
     denom = (kp + a + r).clamp(min=torch.finfo(torch.float64).tiny)
-    return (
+    log_el: torch.Tensor = (
         log_normalizer_plus_kappa(dim, kq) / temperature
         + log_normalizer_plus_kappa(dim, kp)
         - log_normalizer_plus_kappa(dim, r)
         - kp * a * sq_dist / denom
     )
+    return log_el
 
 
 def _log_mean_exp(values: torch.Tensor) -> torch.Tensor:
@@ -419,7 +430,7 @@ def pairwise_log_expected_likelihood(
     return _log_mean_exp(log_q.reshape(samples, -1, log_q.shape[-1]) / temperature)
 
 
-def _check_pairwise_shapes(p, q) -> None:
+def _check_pairwise_shapes(p: Distribution, q: Distribution) -> None:
     if len(p.batch_shape) != 1 or len(q.batch_shape) != 1:
         raise ValueError(
             f"pairwise kernels need batch shapes [B] and [C], got {tuple(p.batch_shape)} and {tuple(q.batch_shape)}"

@@ -29,8 +29,18 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
 import torch
-from torch.distributions.kl import register_kl
+from torch.distributions import Distribution
+
+if TYPE_CHECKING:  # torch's register_kl is unannotated; it returns the function it registers unchanged
+    _KL = TypeVar("_KL", bound=Callable[..., torch.Tensor])
+
+    def register_kl(type_p: type[Distribution], type_q: type[Distribution]) -> Callable[[_KL], _KL]: ...
+else:
+    from torch.distributions.kl import register_kl
 
 from vmf_dists._checks import check_same_sphere
 from vmf_dists.special import (
@@ -49,9 +59,10 @@ from vmf_dists.von_mises_fisher import VonMisesFisher
 __all__ = ["kl_vmf_vmf", "kl_vmf_uniform", "kl_uniform_vmf", "kl_uniform_uniform"]
 
 
-def _broadcast_batch_shapes(p, q) -> torch.Size:
+def _broadcast_batch_shapes(p: Distribution, q: Distribution) -> torch.Size:
     try:
-        return torch.broadcast_shapes(p.batch_shape, q.batch_shape)
+        shape: torch.Size = torch.broadcast_shapes(p.batch_shape, q.batch_shape)
+        return shape
     except RuntimeError:
         raise ValueError(f"batch shapes {tuple(p.batch_shape)} and {tuple(q.batch_shape)} do not broadcast") from None
 

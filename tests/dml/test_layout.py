@@ -101,7 +101,7 @@ def test_setup_metadata_is_current(pyproject):
 def test_ruff_and_mypy_are_configured_and_run_by_ci(pyproject):
     tool = pyproject["tool"]
     assert "I" in tool["ruff"]["lint"]["select"] and "F" in tool["ruff"]["lint"]["select"]
-    assert tool["mypy"]["files"] == ["dml"]
+    assert tool["mypy"]["files"] == ["dml", "vmf_dists"]
     assert any(o["module"] == ["vmf_dists.*"] and o["disallow_untyped_defs"] for o in tool["mypy"]["overrides"])
     dev = " ".join(pyproject["project"]["optional-dependencies"]["dev"])
     assert "ruff" in dev and "mypy" in dev
