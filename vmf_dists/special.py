@@ -43,7 +43,7 @@ import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 
@@ -76,8 +76,18 @@ def _validation_enabled(validate_args: bool | None) -> bool:
     return bool(validate_args)
 
 
+def _is_real_number(value: object) -> TypeGuard[float]:
+    """A Python or NumPy real number (`numbers.Real`) other than a bool (typed as the float it acts as)."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Real)
+
+
+def _is_integer(value: object) -> TypeGuard[int]:
+    """A Python or NumPy integer (`numbers.Integral`) other than a bool."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral)
+
+
 def _as_float_tensor(
-    value: float | torch.Tensor, name: str, check: Callable[[torch.Tensor], None]
+    value: object, name: str, check: Callable[[torch.Tensor], None]
 ) -> tuple[torch.Tensor, torch.dtype]:
     """(a floating tensor for ``value``, the dtype of the result), after ``check`` (a validator taking a
     tensor). A Python number becomes a float64 tensor, so that it is checked and computed from its exact
@@ -89,24 +99,24 @@ def _as_float_tensor(
         value = value if value.is_floating_point() else value.to(torch.get_default_dtype())
         check(value)
         return value, value.dtype
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not _is_real_number(value):
         raise ValueError(f"{name} must be a real number or a tensor, got {type(value).__name__}")
     value = torch.tensor(float(value), dtype=torch.float64)
     check(value)
     return value, torch.get_default_dtype()
 
 
-def _check_dim(dim: int | torch.Tensor) -> int:
+def _check_dim(dim: object) -> int:
     if isinstance(dim, torch.Tensor) and dim.dim() == 0 and not dim.is_floating_point() and dim.dtype != torch.bool:
         dim = int(dim)  # a traced size (torch.jit.trace turns shapes into tensors)
-    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+    if not _is_integer(dim):
         raise ValueError(f"dim must be an integer ≥ 2 (the ambient dimension p), got {dim!r}")
     if dim < 2:
         raise ValueError(f"dim must be an integer ≥ 2 (the ambient dimension p), got {dim}")
     return int(dim)
 
 
-def _check_order(v: float | torch.Tensor, validate: bool) -> float | torch.Tensor:
+def _check_order(v: object, validate: bool) -> float | torch.Tensor:
     """Return the order as a Python float or a float64 tensor, after checking v ≥ 0."""
     if isinstance(v, torch.Tensor):
         if v.requires_grad:
@@ -114,7 +124,7 @@ def _check_order(v: float | torch.Tensor, validate: bool) -> float | torch.Tenso
         if validate and not bool(((v >= 0) & torch.isfinite(v)).all()):
             raise ValueError("v must be a finite non-negative order")
         return v.to(torch.float64)
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+    if not _is_real_number(v):
         raise ValueError(f"v must be a real number or a tensor, got {type(v).__name__}")
     if not v >= 0 or math.isinf(v):
         raise ValueError(f"v must be a finite non-negative order, got {v}")

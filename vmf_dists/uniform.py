@@ -54,7 +54,7 @@ class HypersphericalUniform(TorchDistribution):
         2.531
     """
 
-    arg_constraints: dict = {}
+    arg_constraints: dict[str, constraints.Constraint] = {}
     support = constraints.sphere
     has_rsample = True
 
