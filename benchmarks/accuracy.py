@@ -29,7 +29,6 @@ import mpmath as mp
 import torch
 
 from vmf_dists._bessel_table import bessel_parts
-
 from vmf_dists.special import mean_resultant_length, vmf_log_normalizer
 
 DIMS = [2, 3, 4, 5, 7, 8, 16, 31, 64, 100, 128, 255, 256, 512, 1000, 1024, 2048, 4096, 8192]

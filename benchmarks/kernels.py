@@ -28,7 +28,8 @@ the peak resident set size (VmHWM in /proc/self/status, reset through /proc/self
 RSS before the call, after ``gc.collect()`` and glibc ``malloc_trim(0)``; it counts every page touched by
 tensors, autograd buffers and the allocator, so it is an upper bound on tensor memory (resolution a few
 MB). Timings are the best of --repeats after one warm-up (fewer when one call takes more than
---budget-s; a warm-up slower than --budget-s is the only call); ratios compare runs in the same process on the same inputs.
+--budget-s; a warm-up slower than --budget-s is the only call); ratios compare runs in the same process
+on the same inputs.
 """
 
 from __future__ import annotations
@@ -51,7 +52,6 @@ from vmf_dists import (
     pairwise_log_expected_likelihood,
     vmf_log_normalizer,
 )
-
 
 # --------------------------------------------------------------------------------------------------
 # the variants; all take (img_loc [B, p], img_kappa [B], proxy_loc [C, p], proxy_conc [C, p], S)
@@ -100,7 +100,10 @@ def _paper_style_image_kernel(x, proxy_loc, proxy_conc) -> torch.Tensor:
     thetas = ks * mus
     kx = ks * xs
     kx_norm = kx.norm(dim=-1)
-    logp = vmf_log_normalizer(dim, thetas.norm(dim=-1)) + (thetas * kx).sum(-1) / kx_norm + ks.log().sum(-1) - dim * kx_norm.log()
+    logp = (
+        vmf_log_normalizer(dim, thetas.norm(dim=-1)) + (thetas * kx).sum(-1) / kx_norm + ks.log().sum(-1)
+        - dim * kx_norm.log()
+    )
     return torch.logsumexp(logp.view(samples, classes), dim=0) - math.log(samples)
 
 
@@ -140,7 +143,8 @@ def jensen_bias_check(dim: int, samples: int, device: torch.device, repeats: int
             + log_expected_likelihood(p_one, VonMisesFisher(mu_q, torch.tensor(2 * c, dtype=f64, device=device))).item()
         )
         rel_var = math.expm1(log_e_q2 - 2 * exact)
-        s1_bias = vmf_log_normalizer(dim, torch.tensor(c, dtype=f64)).item() + c * a_p * cos - exact  # E[log q] − log E[q]
+        # E[log q] − log E[q]
+        s1_bias = vmf_log_normalizer(dim, torch.tensor(c, dtype=f64)).item() + c * a_p * cos - exact
         predicted = -rel_var / (2 * samples)
         p_many = VonMisesFisher(mu_p.expand(repeats, dim), torch.full((repeats,), kappa_p, dtype=f64, device=device))
         q = NonIsotropicVMF(mu_q[None], torch.full((1, dim), c, dtype=f64, device=device))
@@ -149,7 +153,8 @@ def jensen_bias_check(dim: int, samples: int, device: torch.device, repeats: int
         err = est - exact
         rows.append(
             f"| {kappa_p:g} | {c:g} | {cos:g} | {exact:.3f} | {rel_var:.3g} | {predicted:+.3g} | "
-            f"{err.mean().item():+.4f} ± {err.std().item() / math.sqrt(repeats):.4f} | {s1_bias:+.3f} | {err.std().item():.3f} |"
+            f"{err.mean().item():+.4f} ± {err.std().item() / math.sqrt(repeats):.4f} | {s1_bias:+.3f} | "
+            f"{err.std().item():.3f} |"
         )
     return rows
 
@@ -255,9 +260,12 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budget-s", type=float, default=4.0, help="stop repeating a variant after this much time")
-    parser.add_argument("--max-naive-gb", type=float, default=4.0, help="skip naive when its [S,B,C,p] tensor is larger")
-    parser.add_argument("--loop-images", type=int, default=16, help="images the per-image loop runs on (then scaled to B)")
-    parser.add_argument("--max-loop-gb", type=float, default=2.0, help="fewer loop images when ~8 [S·C,p] tensors per image exceed this")
+    parser.add_argument("--max-naive-gb", type=float, default=4.0,
+                        help="skip naive when its [S,B,C,p] tensor is larger")
+    parser.add_argument("--loop-images", type=int, default=16,
+                        help="images the per-image loop runs on (then scaled to B)")
+    parser.add_argument("--max-loop-gb", type=float, default=2.0,
+                        help="fewer loop images when ~8 [S·C,p] tensors per image exceed this")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--no-bias-check", action="store_true", help="skip the Jensen-bias table")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: leave as set)")
@@ -276,10 +284,13 @@ def main() -> None:
         name = f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s)"
         mem_note = "peak memory: peak RSS (VmHWM) above the RSS before the call, after gc + malloc_trim"
     B, S = args.batch, args.samples
-    print(f"device: {name}; torch {torch.__version__}; B = {B} images, S = {S} samples, {args.dtype}; forward + backward")
-    print(f"best of {args.repeats} after a warm-up (fewer when a call takes > {args.budget_s:g} s, a single call when the warm-up does); {mem_note}")
+    print(f"device: {name}; torch {torch.__version__}; B = {B} images, S = {S} samples, {args.dtype}; "
+          "forward + backward")
+    print(f"best of {args.repeats} after a warm-up (fewer when a call takes > {args.budget_s:g} s, a single call "
+          f"when the warm-up does); {mem_note}")
     print()
-    print("| p | C | ours | ours mem | floor | ours/floor | naive | naive mem | naive/ours | loop (n imgs) | loop mem | loop/ours |")
+    print("| p | C | ours | ours mem | floor | ours/floor | naive | naive mem | naive/ours | loop (n imgs) | "
+          "loop mem | loop/ours |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     checks = []
     for dim in args.dims:
@@ -287,7 +298,8 @@ def main() -> None:
             gen = torch.Generator().manual_seed(1000 * dim + classes)
             img_loc = torch.randn(B, dim, generator=gen, dtype=torch.float64)
             img_loc = (img_loc / img_loc.norm(dim=-1, keepdim=True)).to(device, dtype).requires_grad_(True)
-            img_kappa = (20 + 180 * torch.rand(B, generator=gen, dtype=torch.float64)).to(device, dtype).requires_grad_(True)
+            img_kappa = (20 + 180 * torch.rand(B, generator=gen, dtype=torch.float64)).to(device, dtype)
+            img_kappa = img_kappa.requires_grad_(True)
             proxy_loc = torch.randn(classes, dim, generator=gen, dtype=torch.float64)
             proxy_loc = (proxy_loc / proxy_loc.norm(dim=-1, keepdim=True)).to(device, dtype).requires_grad_(True)
             proxy_conc = torch.exp(math.log(5.0) + 0.5 * torch.randn(classes, dim, generator=gen, dtype=torch.float64))
@@ -303,7 +315,9 @@ def main() -> None:
                 naive_cells = [f"skipped ({naive_bytes / 1e9:.0f} GB)", "–", "–"]
             else:
                 try:
-                    t_naive, m_naive = timed_with_memory(fwd_bwd(naive, leaves, S), args.repeats, args.budget_s, meter, sync)
+                    t_naive, m_naive = timed_with_memory(
+                        fwd_bwd(naive, leaves, S), args.repeats, args.budget_s, meter, sync
+                    )
                 except torch.cuda.OutOfMemoryError:  # its peak is ~4× the [S,B,C,p] tensor
                     naive_cells = [f"out of memory ({naive_bytes / 1e9:.0f} GB tensor)", "–", "–"]
                     torch.cuda.empty_cache()
@@ -318,13 +332,19 @@ def main() -> None:
 
             per_image = 8 * S * classes * dim * elem  # ~8 [S·C, p] tensors per image live until backward
             n_loop = max(1, min(B, args.loop_images, int(args.max_loop_gb * 1e9 // per_image)))
-            sub = [img_loc[:n_loop].detach().requires_grad_(True), img_kappa[:n_loop].detach().requires_grad_(True), proxy_loc, proxy_conc]
-            t_loop, m_loop = timed_with_memory(fwd_bwd(per_image_loop, sub, S), args.repeats, args.budget_s, meter, sync)
+            sub = [
+                img_loc[:n_loop].detach().requires_grad_(True), img_kappa[:n_loop].detach().requires_grad_(True),
+                proxy_loc, proxy_conc,
+            ]
+            t_loop, m_loop = timed_with_memory(
+                fwd_bwd(per_image_loop, sub, S), args.repeats, args.budget_s, meter, sync
+            )
             scale = B / n_loop
             t_loop, m_loop = t_loop * scale, m_loop * scale
             loop_label = f"{fmt_time(t_loop)} ({n_loop})" if n_loop < B else f"{fmt_time(t_loop)} (all)"
             print(
-                f"| {dim} | {classes} | {fmt_time(t_ours)} | {fmt_bytes(m_ours)} | {fmt_time(t_floor)} | {t_ours / t_floor:.2f} | "
+                f"| {dim} | {classes} | {fmt_time(t_ours)} | {fmt_bytes(m_ours)} | {fmt_time(t_floor)} | "
+                f"{t_ours / t_floor:.2f} | "
                 + " | ".join(naive_cells)
                 + f" | {loop_label} | {fmt_bytes(m_loop)} | {t_loop / t_ours:.0f}× |",
                 flush=True,
@@ -337,11 +357,15 @@ def main() -> None:
     if not args.no_bias_check:
         dim = args.dims[0]
         print()
-        print(f"Jensen bias of the S = {S} estimate, p = {dim}, float64, 20000 estimates per row; proxies k = c·1 (= vMF(μ_q, c)),")
-        print("rel. var = Var[q(x)]/E[q(x)]², predicted = −rel. var/(2S) (delta method), measured = mean(estimate − exact) ± s.e.,")
-        print("S = 1 bias = E[log q(x)] − log E[q(x)] (the bias of a single sample; the mean estimate rises with S from it to 0)")
+        print(f"Jensen bias of the S = {S} estimate, p = {dim}, float64, 20000 estimates per row; "
+              "proxies k = c·1 (= vMF(μ_q, c)),")
+        print("rel. var = Var[q(x)]/E[q(x)]², predicted = −rel. var/(2S) (delta method), "
+              "measured = mean(estimate − exact) ± s.e.,")
+        print("S = 1 bias = E[log q(x)] − log E[q(x)] (the bias of a single sample; "
+              "the mean estimate rises with S from it to 0)")
         print()
-        print("| κ image | c proxy | μ_pᵀμ_q | exact log EL | rel. var | predicted bias | measured bias | S = 1 bias | sd of estimate |")
+        print("| κ image | c proxy | μ_pᵀμ_q | exact log EL | rel. var | predicted bias | measured bias | S = 1 bias | "
+              "sd of estimate |")
         print("|---|---|---|---|---|---|---|---|---|")
         for row in jensen_bias_check(dim, S, device):
             print(row, flush=True)

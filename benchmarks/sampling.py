@@ -82,17 +82,22 @@ def main() -> None:
     if device.type == "cpu":
         torch.set_num_threads(1)  # scipy is single-threaded: compare like with like
     sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {os.cpu_count()} cores, 1 thread"
-    print(f"device: {name}; torch {torch.__version__}, scipy {scipy.__version__}; n = {args.n}, {args.dtype}, best of {args.repeats}")
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{platform.machine()} CPU, {os.cpu_count()} cores, 1 thread"
+    print(f"device: {name}; torch {torch.__version__}, scipy {scipy.__version__}; n = {args.n}, {args.dtype}, "
+          f"best of {args.repeats}")
     print()
-    print("| p | κ | floor | ours | ours/floor | ours, grad | grad/floor | scipy | scipy/ours | s-vae | s-vae/ours | bias z: ours | scipy | s-vae |")
+    print("| p | κ | floor | ours | ours/floor | ours, grad | grad/floor | scipy | scipy/ours | s-vae | s-vae/ours | "
+          "bias z: ours | scipy | s-vae |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     torch.manual_seed(0)
     for dim in args.dims:
         loc = torch.randn(dim, dtype=dtype, device=device)
         loc = loc / loc.norm()
         for kappa in args.kappas:
-            def floor():
+            def floor(dim=dim):
                 g = torch.randn(args.n, dim, dtype=dtype, device=device)
                 return g / torch.linalg.vector_norm(g, dim=-1, keepdim=True)
 
@@ -100,13 +105,13 @@ def main() -> None:
             loc_g = loc.clone().requires_grad_(True)
             kappa_g = torch.tensor(kappa, dtype=dtype, device=device, requires_grad=True)
 
-            def ours_grad():
+            def ours_grad(loc_g=loc_g, kappa_g=kappa_g):
                 return VonMisesFisher(loc_g, kappa_g, validate_args=False).rsample((args.n,))
 
             t_floor, _ = timed(floor, args.repeats, sync)
-            t_ours, x_ours = timed(lambda: dist.rsample((args.n,)), args.repeats, sync)
+            t_ours, x_ours = timed(lambda dist=dist: dist.rsample((args.n,)), args.repeats, sync)
             t_grad, _ = timed(ours_grad, args.repeats, sync)
-            t_svae, x_svae = timed(lambda: svae_sample(loc, kappa, args.n), args.repeats, sync)
+            t_svae, x_svae = timed(lambda loc=loc, kappa=kappa: svae_sample(loc, kappa, args.n), args.repeats, sync)
             if args.no_scipy:
                 t_scipy, z_scipy = math.nan, math.nan
             else:

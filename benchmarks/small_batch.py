@@ -141,9 +141,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     dtype = getattr(torch, args.dtype)
-    ps = f", power-spherical {power_spherical.__version__}" if power_spherical is not None and hasattr(power_spherical, "__version__") else ""
-    print(f"machine: {platform.machine()} CPU, {os.cpu_count()} cores, 1 thread; torch {torch.__version__}{ps}; {args.dtype}; "
-          f"median of {args.rounds} rounds")
+    ps = ""
+    if power_spherical is not None and hasattr(power_spherical, "__version__"):
+        ps = f", power-spherical {power_spherical.__version__}"
+    print(f"machine: {platform.machine()} CPU, {os.cpu_count()} cores, 1 thread; torch {torch.__version__}{ps}; "
+          f"{args.dtype}; median of {args.rounds} rounds")
     print()
     names = None
     for dim in args.dims:
@@ -154,14 +156,18 @@ def main(argv: list[str] | None = None) -> None:
             if names is None:
                 names = list(steps)
                 header = " | ".join(f"{n} | ops" for n in names)
-                ratios = " | ".join(f"vmf_dists/{n}" for n in names if n != "vmf_dists" and n in ("Normal", "PowerSpherical"))
+                ratios = " | ".join(
+                    f"vmf_dists/{n}" for n in names if n != "vmf_dists" and n in ("Normal", "PowerSpherical")
+                )
                 print(f"| p | batch | {header} | {ratios} |")
                 print("|" + "---|" * (2 + 2 * len(names) + len(ratios.split(" | "))))
             ops = {name: ops_per_call(step) for name, step in steps.items()}
             times = time_per_call(steps, args.rounds, args.block_seconds)
             cells = " | ".join(f"{_fmt_ms(times[n])} | {ops[n]}" for n in names)
             ratio_cells = " | ".join(
-                f"{times['vmf_dists'] / times[n]:.2f}" for n in names if n != "vmf_dists" and n in ("Normal", "PowerSpherical")
+                f"{times['vmf_dists'] / times[n]:.2f}"
+                for n in names
+                if n != "vmf_dists" and n in ("Normal", "PowerSpherical")
             )
             print(f"| {dim} | {batch} | {cells} | {ratio_cells} |", flush=True)
 

@@ -91,10 +91,11 @@ def main() -> None:
           f"scipy {scipy.__version__}; device {args.device}; n = {args.n:.0e}, κ log-uniform in [1e-2, 1e4], "
           f"best of {args.repeats}{', 1 torch thread' if args.device == 'cpu' else ''}")
     print()
-    print("| p | scipy ive (f64) value+grad | ours f64 fwd+bwd | ours f32 fwd+bwd | scipy / ours f64 | scipy non-finite |")
+    print("| p | scipy ive (f64) value+grad | ours f64 fwd+bwd | ours f32 fwd+bwd | scipy / ours f64 | "
+          "scipy non-finite |")
     print("|---|---|---|---|---|---|")
     for dim in args.dims:
-        t_scipy = best_time(lambda: scipy_log_normalizer_and_grad(dim, kappa), args.repeats)
+        t_scipy = best_time(lambda dim=dim: scipy_log_normalizer_and_grad(dim, kappa), args.repeats)
         value, grad = scipy_log_normalizer_and_grad(dim, kappa)
         nonfinite = float(np.mean(~(np.isfinite(value) & np.isfinite(grad))))
         t64 = time_ours(dim, kappa, torch.float64, args.device, args.repeats)

@@ -111,7 +111,10 @@ class SvaeVonMisesFisher:
 
     def _log_normalization(self) -> torch.Tensor:
         m, scale = self.m, self.scale
-        out = -((m / 2 - 1) * torch.log(scale) - (m / 2) * math.log(2 * math.pi) - (scale + torch.log(ive(m / 2 - 1, scale))))
+        out = -(
+            (m / 2 - 1) * torch.log(scale) - (m / 2) * math.log(2 * math.pi)
+            - (scale + torch.log(ive(m / 2 - 1, scale)))
+        )
         return out.squeeze(-1)
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:

@@ -102,7 +102,10 @@ def paper_log_ppk_vmf_vec(mu1, kappa1, mu2, kappa2, p, temp, n_samples):
     cos_sim = cos_sim.reshape((n_samples, -1, 1))
     logcp = paper_log_normalizer(p, norm_mu2)  # approx_log_cp(·, p, mode='new')
     detterm = torch.sum(torch.log(kappa2), dim=1) - torch.log(norm_mu2)
-    logl = logcp.unsqueeze(0).unsqueeze(2) + norm_mu2.unsqueeze(0).unsqueeze(2) * cos_sim + detterm.unsqueeze(0).unsqueeze(2)
+    logl = (
+        logcp.unsqueeze(0).unsqueeze(2) + norm_mu2.unsqueeze(0).unsqueeze(2) * cos_sim
+        + detterm.unsqueeze(0).unsqueeze(2)
+    )
     logl = logl / temp
     one_over_n = torch.log(torch.ones(1) * n_samples).to(logl.device)  # a host-to-device copy per image, as there
     logl = logl - one_over_n
@@ -267,7 +270,8 @@ def make_optimizer(model, loss) -> torch.optim.Optimizer:
 
 def run_cell(model, images_u8, labels, loss_name, num_classes, dim, args, clock, amp) -> dict:
     device = images_u8.device
-    loss = build_loss(loss_name, num_classes=num_classes, embed_dim=dim, **loss_options(loss_name, args.samples)).to(device)
+    options = loss_options(loss_name, args.samples)
+    loss = build_loss(loss_name, num_classes=num_classes, embed_dim=dim, **options).to(device)
     loss.train()
 
     def to_float():
@@ -281,9 +285,11 @@ def run_cell(model, images_u8, labels, loss_name, num_classes, dim, args, clock,
     else:
         model.output_scale.fill_(1.0)
     optimizer = make_optimizer(model, loss)
-    holder = {}
+    holder: dict[str, torch.Tensor] = {}
 
-    def step():
+    # loss, optimizer and holder are bound as defaults (not closed over): the `del` below then drops the
+    # functions and with them the last references, so free_memory can release the cell's memory
+    def step(loss=loss, optimizer=optimizer, holder=holder):
         with amp():
             embeddings = model(to_float())
             value = loss(embeddings, labels)
@@ -304,7 +310,7 @@ def run_cell(model, images_u8, labels, loss_name, num_classes, dim, args, clock,
     with torch.no_grad(), amp():
         emb = model(to_float()).detach()
 
-    def loss_only():
+    def loss_only(loss=loss):
         e = emb.detach().requires_grad_(True)
         with amp():
             value = loss(e, labels)
@@ -318,14 +324,15 @@ def run_cell(model, images_u8, labels, loss_name, num_classes, dim, args, clock,
         loss_only()
     loss_ms = clock.times(loss_only, args.steps)
     loss_peak = clock.peak()
-    del optimizer, loss, holder
+    del step, loss_only, optimizer, loss, holder
     free_memory(device)
     step_med, loss_med = median(step_ms), median(loss_ms)
     return {
         "loss": loss_name, "embed_dim": dim, "num_classes": num_classes,
         "step_ms": step_med, "step_ms_mean": statistics.fmean(step_ms), "loss_ms": loss_med,
         "share": loss_med / step_med, "images_per_s": images_u8.shape[0] / (step_med / 1e3),
-        "syncs_per_step": syncs, "peak_bytes": peak, "loss_peak_bytes": None if loss_peak is None else loss_peak - before,
+        "syncs_per_step": syncs, "peak_bytes": peak,
+        "loss_peak_bytes": None if loss_peak is None else loss_peak - before,
         "state_bytes": base, "final_loss": final_value, "finite": math.isfinite(final_value),
     }
 
@@ -341,7 +348,7 @@ def run_paper_loop(emb, labels, num_classes, dim, args, clock) -> dict:
         loss = PaperLoopLoss(num_classes, dim, samples=args.samples).to(device)
         sub_emb, sub_labels = emb[:n].detach(), labels[:n]
 
-        def call():
+        def call(loss=loss, sub_emb=sub_emb, sub_labels=sub_labels):  # bound now: `del` below frees the loss
             e = sub_emb.detach().requires_grad_(True)
             value = loss(e, sub_labels)
             loss.zero_grad(set_to_none=True)
@@ -354,13 +361,13 @@ def run_paper_loop(emb, labels, num_classes, dim, args, clock) -> dict:
             peak = clock.peak()
             break
         except torch.cuda.OutOfMemoryError:
-            del loss
+            del call, loss
             if n == 1:
                 raise
             n = max(1, n // 2)
             print(f"(paper loop at p={dim}, C={num_classes}: out of memory; retrying on {n} images, scaled)",
                   file=sys.stderr, flush=True)
-    del loss
+    del call, loss
     free_memory(device)
     scale = batch / n
     return {
@@ -393,7 +400,8 @@ def table(results: list[dict], anchors: dict, batch: int) -> list[str]:
     for r in results:
         lines.append(
             f"| {r['backbone']} | {r['embed_dim']} | {r['num_classes']} | {r['loss']} | {fmt_ms(r['loss_ms'])} | "
-            f"{fmt_ms(r['step_ms'])} | {100 * r['share']:.1f}% | {r['images_per_s']:.0f} | {fmt_syncs(r['syncs_per_step'])} | "
+            f"{fmt_ms(r['step_ms'])} | {100 * r['share']:.1f}% | {r['images_per_s']:.0f} | "
+            f"{fmt_syncs(r['syncs_per_step'])} | "
             f"{fmt_gb(r['peak_bytes'])} | {fmt_gb(r['loss_peak_bytes'])} |"
         )
         if r.get("anchor_after"):
@@ -455,7 +463,8 @@ def main() -> None:
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
-        name = f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
+        name = (f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, "
+                f"cuDNN {torch.backends.cudnn.version()}")
     else:
         name = f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s)"
 
@@ -468,8 +477,9 @@ def main() -> None:
     B, R = args.batch_size, args.resolution
     print(f"device: {name}; torch {torch.__version__}; Python {platform.python_version()}")
     print(f"batch {B}, {R}×{R} synthetic uint8 images on the device, channels_last, "
-          f"{'bf16 autocast' if amp_dtype else 'float32'}, S = {args.samples}, AdamW (lr {LR:g}, head ×{HEAD_LR_MULT:g}, "
-          f"wd {WEIGHT_DECAY:g}), cudnn.benchmark {device.type == 'cuda' and not args.no_cudnn_benchmark}, tf32 {args.tf32}")
+          f"{'bf16 autocast' if amp_dtype else 'float32'}, S = {args.samples}, "
+          f"AdamW (lr {LR:g}, head ×{HEAD_LR_MULT:g}, wd {WEIGHT_DECAY:g}), "
+          f"cudnn.benchmark {device.type == 'cuda' and not args.no_cudnn_benchmark}, tf32 {args.tf32}")
     print(f"median of {args.steps} steps after {args.warmup} warm-up steps "
           f"({'CUDA events' if device.type == 'cuda' else 'perf_counter'}); paper loop: median of {args.loop_repeats} "
           f"after 1 warm-up", flush=True)
@@ -556,7 +566,8 @@ def main() -> None:
     where = f"on {card}" if official else (f"informational: the target is for an H100/H200, bf16, batch 112, 224 px, "
                                           f"S = 5; this run: {card}")
     if not hit:
-        print(f"target check: not run (needs --backbones resnet50 --dims 512 --classes 11318 --losses el_nivmf; {where})")
+        print("target check: not run (needs --backbones resnet50 --dims 512 --classes 11318 --losses el_nivmf; "
+              f"{where})")
     else:
         r = hit[0]
         verdict = "PASS" if r["share"] <= TARGET["share"] and r["finite"] else "FAIL"

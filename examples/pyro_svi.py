@@ -30,7 +30,9 @@ def guide(data: torch.Tensor, kappa_obs: float) -> None:
     start = torch.zeros(dim, dtype=data.dtype)
     start[0] = 1.0
     loc = pyro.param("q_loc", start, constraint=dist.constraints.sphere)
-    concentration = pyro.param("q_concentration", torch.tensor(1.0, dtype=data.dtype), constraint=dist.constraints.positive)
+    concentration = pyro.param(
+        "q_concentration", torch.tensor(1.0, dtype=data.dtype), constraint=dist.constraints.positive
+    )
     pyro.sample("mu", VonMisesFisher(loc, concentration))
 
 

@@ -44,7 +44,7 @@ def mpf(x) -> mp.mpf:
     return mp.mpf(float(x)) if not isinstance(x, mp.mpf) else x
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mp_log_c(p: int, kappa) -> mp.mpf:
     r"""log C_p(κ) = ν log κ − (p/2) log 2π − log I_ν(κ) (mpmath.besseli, maxterms 1e6); −log|S^{p−1}| at 0."""
     with mp.workdps(WORK_DPS):
@@ -61,7 +61,7 @@ def mp_log_sphere_area(p: int) -> mp.mpf:
         return mp.log(2) + mp.mpf(p) / 2 * mp.log(mp.pi) - mp.loggamma(mp.mpf(p) / 2)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mp_mean_length(p: int, kappa) -> mp.mpf:
     """A_p(κ) = I_{p/2}(κ) / I_{p/2−1}(κ); 0 at κ = 0."""
     with mp.workdps(WORK_DPS):
@@ -72,7 +72,7 @@ def mp_mean_length(p: int, kappa) -> mp.mpf:
         return mp.besseli(half, k, maxterms=MAXTERMS) / mp.besseli(half - 1, k, maxterms=MAXTERMS)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mp_mean_length_deriv(p: int, kappa) -> mp.mpf:
     """A_p'(κ) = 1 − A² − (p−1)A/κ (= Var μᵀx), 1/p at κ = 0; at 60 digits the cancellation is harmless."""
     with mp.workdps(WORK_DPS):

@@ -4,7 +4,7 @@ Everything here is computed with mpmath inside the test run, at `DPS` (≥ 40) s
 no number produced by the library under test is ever used. Inputs are Python floats and are taken
 *exactly* (``mpf(float)``), i.e. the reference is for the same binary64 number the library sees.
 
-Results are memoised per process (``functools.lru_cache``), so a grid can be shared by many tests.
+Results are memoised per process (``functools.cache``), so a grid can be shared by many tests.
 Each function returns a Python float (the correctly-rounded-ish float64 of the mp value) unless its
 name ends in ``_mp``.
 
@@ -19,7 +19,7 @@ Notes on mpmath:
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 from mpmath import mp
 
@@ -49,13 +49,13 @@ def mp_besseli(v: float, x: float, shift: int = 0, dps: int = WORK_DPS):
     return _besseli_cached(float(v), float(x), int(shift), int(dps))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _besseli_cached(v: float, x: float, shift: int, dps: int):
     with mp.workdps(dps):
         return mp.besseli(mp.mpf(v) + shift, mp.mpf(x), maxterms=MAXTERMS)
 
 
-@lru_cache(maxsize=None)
+@cache
 def mp_log_iv_mp(v: float, x: float):
     """log I_v(x) as an mpf (−inf for x = 0 < v, 0 for x = v = 0, +inf for x = inf)."""
     if x == 0.0:
@@ -71,7 +71,7 @@ def mp_log_iv(v: float, x: float) -> float:
     return float(mp_log_iv_mp(float(v), float(x)))
 
 
-@lru_cache(maxsize=None)
+@cache
 def mp_ratio_mp(v: float, x: float):
     """R_v(x) = I_{v+1}(x) / I_v(x) as an mpf (0 at x = 0, 1 at x = inf)."""
     if x == 0.0:
@@ -87,7 +87,7 @@ def mp_ratio(v: float, x: float) -> float:
     return float(mp_ratio_mp(float(v), float(x)))
 
 
-@lru_cache(maxsize=None)
+@cache
 def mp_ratio_deriv_mp(v: float, x: float):
     """R_v'(x) = 1 − R² − (2v+1) R / x (DLMF 10.29.2); 1/(2v+2) at x = 0.
 
@@ -115,7 +115,7 @@ def _order(p: int):
     return mp.mpf(p) / 2 - 1
 
 
-@lru_cache(maxsize=None)
+@cache
 def mp_log_normalizer_mp(p: int, kappa: float):
     """log C_p(κ) = ν log κ − (p/2) log 2π − log I_ν(κ); the closed-form limit at κ = 0."""
     with mp.workdps(WORK_DPS):

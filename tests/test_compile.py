@@ -60,21 +60,26 @@ CLOSED_FORM = {
     "entropy": (lambda mu, k: VonMisesFisher(mu, k).entropy(), (MU, K)),
     "mean": (lambda mu, k: VonMisesFisher(mu, k).mean, (MU, K)),
     "variance": (lambda mu, k: VonMisesFisher(mu, k).variance, (MU, K)),
-    "kl_vmf_vmf": (lambda mu, k, m2, k2: kl_divergence(VonMisesFisher(mu, k), VonMisesFisher(m2, k2)), (MU, K, MU2, K2)),
-    "kl_vmf_uniform": (lambda mu, k: kl_divergence(VonMisesFisher(mu, k), HypersphericalUniform(5, dtype=F64)), (MU, K)),
-    "kl_uniform_vmf": (lambda mu, k: kl_divergence(HypersphericalUniform(5, dtype=F64), VonMisesFisher(mu, k)), (MU, K)),
+    "kl_vmf_vmf": (
+        lambda mu, k, m2, k2: kl_divergence(VonMisesFisher(mu, k), VonMisesFisher(m2, k2)), (MU, K, MU2, K2)),
+    "kl_vmf_uniform": (
+        lambda mu, k: kl_divergence(VonMisesFisher(mu, k), HypersphericalUniform(5, dtype=F64)), (MU, K)),
+    "kl_uniform_vmf": (
+        lambda mu, k: kl_divergence(HypersphericalUniform(5, dtype=F64), VonMisesFisher(mu, k)), (MU, K)),
     "log_expected_likelihood": (
         lambda mu, k, m2, k2: log_expected_likelihood(VonMisesFisher(mu, k), VonMisesFisher(m2, k2)), (MU, K, MU2, K2)),
     "log_probability_product_kernel": (
         lambda mu, k, m2, k2: log_probability_product_kernel(VonMisesFisher(mu, k), VonMisesFisher(m2, k2), 0.7),
         (MU, K, MU2, K2)),
     "log_bhattacharyya_coefficient": (
-        lambda mu, k, m2, k2: log_bhattacharyya_coefficient(VonMisesFisher(mu, k), VonMisesFisher(m2, k2)), (MU, K, MU2, K2)),
+        lambda mu, k, m2, k2: log_bhattacharyya_coefficient(VonMisesFisher(mu, k), VonMisesFisher(m2, k2)),
+        (MU, K, MU2, K2)),
     "pairwise_log_expected_likelihood": (
         lambda mu, k, m2, k2: pairwise_log_expected_likelihood(VonMisesFisher(mu, k), VonMisesFisher(m2, k2)),
         (MU, K, MU2, K2)),
     "pairwise_log_probability_product_kernel": (
-        lambda mu, k, m2, k2: pairwise_log_probability_product_kernel(VonMisesFisher(mu, k), VonMisesFisher(m2, k2), 0.5),
+        lambda mu, k, m2, k2: pairwise_log_probability_product_kernel(
+            VonMisesFisher(mu, k), VonMisesFisher(m2, k2), 0.5),
         (MU, K, MU2, K2)),
     "log_bessel_iv": (lambda k: log_bessel_iv(2.5, k), (K,)),
     "bessel_iv_ratio": (lambda k: bessel_iv_ratio(0.0, k), (K,)),

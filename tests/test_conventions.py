@@ -16,14 +16,14 @@ from __future__ import annotations
 import math
 import warnings
 
-import pytest
-import torch
-from torch.distributions import biject_to, kl_divergence, transform_to
-
 import pyro
 import pyro.distributions as dist
+import pytest
+import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import Adam
+from torch.distributions import biject_to, kl_divergence, transform_to
+
 from vmf_dists import (
     HypersphericalUniform,
     NonIsotropicVMF,
@@ -91,7 +91,8 @@ def test_pyro_param_with_the_concentration_constraint_and_svi():
 
 def test_infer_shapes_matches_the_constructed_distributions():
     cases = [
-        (VonMisesFisher, dict(loc=(4, 1, 5), concentration=(3,)), lambda: VonMisesFisher(_unit((4, 1, 5), 0), torch.ones(3, dtype=F64))),
+        (VonMisesFisher, dict(loc=(4, 1, 5), concentration=(3,)),
+         lambda: VonMisesFisher(_unit((4, 1, 5), 0), torch.ones(3, dtype=F64))),
         (VonMisesFisher, dict(loc=(2, 5)), lambda: VonMisesFisher(_unit((2, 5), 0), 1.0)),
         (NonIsotropicVMF, dict(loc=(2, 1, 5), concentration=(3, 5)),
          lambda: NonIsotropicVMF(_unit((2, 1, 5), 0), torch.ones(3, 5, dtype=F64))),
@@ -125,7 +126,9 @@ def test_jit_trace(method):
 def test_mixed_dtypes_are_checked_each_at_its_own_precision(loc_dtype, kappa_dtype):
     """A float32 unit loc is off the sphere by ~1e-8 in float64 terms; with a float64 κ it used to be
     rejected (checked after promotion, at float64's tolerance)."""
-    loc = torch.nn.functional.normalize(torch.randn(64, 512, generator=torch.Generator().manual_seed(0), dtype=loc_dtype), dim=-1)
+    loc = torch.nn.functional.normalize(
+        torch.randn(64, 512, generator=torch.Generator().manual_seed(0), dtype=loc_dtype), dim=-1
+    )
     kappa = torch.linspace(0.0, 100.0, 64, dtype=kappa_dtype)
     d = VonMisesFisher(loc, kappa, validate_args=True)
     assert d.loc.dtype == d.concentration.dtype == F64
@@ -140,13 +143,17 @@ def test_constraint_errors_summarise_instead_of_printing_the_tensor():
     message = str(excinfo.value)
     assert "loc" in message and "1 of 8 vectors" in message and "(3,)" in message
     assert len(message) < 300 and "\n" not in message
-    with pytest.raises(ValueError, match=r"concentration must be finite and non-negative; 2 of 3 entries, the first -1 at index \(1,\)"):
+    with pytest.raises(
+        ValueError, match=r"concentration must be finite and non-negative; 2 of 3 entries, the first -1 at index \(1,\)"
+    ):
         VonMisesFisher(_unit((3, 4), 0), torch.tensor([1.0, -1.0, math.nan], dtype=F64), validate_args=True)
     d = VonMisesFisher(_unit((3, 512), 0), torch.ones(3, dtype=F64), validate_args=True)
     with pytest.raises(ValueError) as excinfo:
         d.log_prob(2.0 * _unit((3, 512), 1))
     assert "value" in str(excinfo.value) and len(str(excinfo.value)) < 300
-    for other in (NonIsotropicVMF(_unit((3, 512), 0), torch.ones(3, 512, dtype=F64)), HypersphericalUniform(512, (3,), dtype=F64)):
+    for other in (
+        NonIsotropicVMF(_unit((3, 512), 0), torch.ones(3, 512, dtype=F64)), HypersphericalUniform(512, (3,), dtype=F64)
+    ):
         with pytest.raises(ValueError) as excinfo:
             other.log_prob(2.0 * _unit((3, 512), 1))
         assert len(str(excinfo.value)) < 300

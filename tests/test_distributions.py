@@ -425,7 +425,9 @@ def test_log_prob_grid_float64_precision(p, seeded):
         lp = d.log_prob(x)
         for i, k in enumerate(GRID_KAPPAS):
             ref, _ = _mp_log_prob(p, mp_unit(loc[i]), k, x[i])
-            assert abs(lp[i].item() - float(ref)) <= PRECISION_F64 * max(1.0, abs(float(ref))), (k, lp[i].item(), float(ref))
+            assert abs(lp[i].item() - float(ref)) <= PRECISION_F64 * max(1.0, abs(float(ref))), (
+                k, lp[i].item(), float(ref)
+            )
 
 
 @pytest.mark.parametrize("p", [3, 128, 512])
@@ -456,7 +458,8 @@ def test_entropy_and_mean_grid_match_mpmath(p, dtype):
         got_norm = torch.linalg.vector_norm(mean[i].to(torch.float64)).item()
         assert rel_err(got_norm, a) <= RTOL[dtype] + 4 * EPS[dtype] * (a != 0)
         if a != 0:
-            cos = (mean[i].to(torch.float64) @ torch.tensor([float(m) for m in mu], dtype=torch.float64)).item() / got_norm
+            mu64 = torch.tensor([float(m) for m in mu], dtype=torch.float64)
+            cos = (mean[i].to(torch.float64) @ mu64).item() / got_norm
             assert cos >= 1 - 4 * EPS[dtype]
 
 
@@ -510,7 +513,7 @@ def test_variance_gradient_along_axis_aligned_mean_direction():
             with mp.workdps(80):
                 half = mp.mpf(p) / 2
 
-                def a_prime(t):
+                def a_prime(t, half=half, p=p):
                     a = mp.besseli(half, t) / mp.besseli(half - 1, t)
                     return 1 - a * a - (p - 1) * a / t
 

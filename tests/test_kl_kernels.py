@@ -50,7 +50,9 @@ DTYPE_IDS = ["f64", "f32"]
 
 def _vmf(loc, kappa, dtype=None, validate_args=None):
     dtype = dtype or loc.dtype
-    return VonMisesFisher(loc.to(dtype), torch.as_tensor(kappa, dtype=torch.float64).to(dtype), validate_args=validate_args)
+    return VonMisesFisher(
+        loc.to(dtype), torch.as_tensor(kappa, dtype=torch.float64).to(dtype), validate_args=validate_args
+    )
 
 
 def _mp_terms_scale(p, k1, k2):
@@ -131,7 +133,9 @@ def test_kl_vmf_vmf_broadcasts_batch_shapes():
     assert kl.shape == (2, 3)
     for i in range(2):
         for j in range(3):
-            ref = mp_kl_vmf_vmf(p, mp_unit(d1.loc[j]), d1.concentration[j].item(), mp_unit(d2.loc[i, 0]), d2.concentration[i, 0].item())
+            ref = mp_kl_vmf_vmf(
+                p, mp_unit(d1.loc[j]), d1.concentration[j].item(), mp_unit(d2.loc[i, 0]), d2.concentration[i, 0].item()
+            )
             assert rel_err(kl[i, j].item(), ref) <= 1e-12
 
 
@@ -272,8 +276,12 @@ def test_kl_and_kernel_gradcheck_in_kappa_high_dim(p):
     # differences above their rounding noise (the functions are smooth; truncation error ~ eps²)
     kw = dict(eps=1e-3, atol=1e-8, rtol=1e-5)
     assert gradcheck(lambda a, b: kl_divergence(VonMisesFisher(mu1, a), VonMisesFisher(mu2, b)), (ka, kb), **kw)
-    assert gradcheck(lambda a: kl_divergence(VonMisesFisher(mu1, a), u) + kl_divergence(u, VonMisesFisher(mu1, a)), (ka,), **kw)
-    assert gradcheck(lambda a, b: log_probability_product_kernel(VonMisesFisher(mu1, a), VonMisesFisher(mu2, b), 0.5), (ka, kb), **kw)
+    assert gradcheck(
+        lambda a: kl_divergence(VonMisesFisher(mu1, a), u) + kl_divergence(u, VonMisesFisher(mu1, a)), (ka,), **kw
+    )
+    assert gradcheck(
+        lambda a, b: log_probability_product_kernel(VonMisesFisher(mu1, a), VonMisesFisher(mu2, b), 0.5), (ka, kb), **kw
+    )
 
 
 def test_kl_gradients_in_kappa_match_mpmath():
@@ -380,7 +388,8 @@ def test_kernels_are_symmetric_and_bhattacharyya_bounded(seeded):
         d1, d2 = VonMisesFisher(mu1, k1), VonMisesFisher(mu2, k2)
         for rho in RHOS:
             torch.testing.assert_close(
-                log_probability_product_kernel(d1, d2, rho), log_probability_product_kernel(d2, d1, rho), rtol=1e-14, atol=1e-300
+                log_probability_product_kernel(d1, d2, rho), log_probability_product_kernel(d2, d1, rho),
+                rtol=1e-14, atol=1e-300,
             )
         assert (log_bhattacharyya_coefficient(d1, d2) <= 0).all()
         assert (log_bhattacharyya_coefficient(d1, d1) == 0).all()
@@ -397,13 +406,20 @@ def test_uniform_arguments_behave_as_kappa_zero():
         u = HypersphericalUniform(p, (4,), dtype=torch.float64)
         zero = VonMisesFisher(unit_vectors((4,), p, 4), torch.zeros(4, dtype=torch.float64))
         for rho in RHOS:
-            torch.testing.assert_close(log_probability_product_kernel(d, u, rho), log_probability_product_kernel(d, zero, rho), rtol=1e-14, atol=1e-15)
-            torch.testing.assert_close(log_probability_product_kernel(u, d, rho), log_probability_product_kernel(zero, d, rho), rtol=1e-14, atol=1e-15)
+            torch.testing.assert_close(
+                log_probability_product_kernel(d, u, rho), log_probability_product_kernel(d, zero, rho),
+                rtol=1e-14, atol=1e-15,
+            )
+            torch.testing.assert_close(
+                log_probability_product_kernel(u, d, rho), log_probability_product_kernel(zero, d, rho),
+                rtol=1e-14, atol=1e-15,
+            )
         # ∫ p · (1/|S|) = 1/|S|
         el = log_expected_likelihood(d, u)
         for value in el.tolist():
             assert rel_err(value, -mp_log_sphere_area(p)) <= 1e-13
-        assert rel_err(log_expected_likelihood(u, u).item() if log_expected_likelihood(u, u).dim() == 0 else log_expected_likelihood(u, u)[0].item(), -mp_log_sphere_area(p)) <= 1e-13
+        el_uu = log_expected_likelihood(u, u)
+        assert rel_err(el_uu.item() if el_uu.dim() == 0 else el_uu[0].item(), -mp_log_sphere_area(p)) <= 1e-13
 
 
 def test_kernel_dtype_shape_and_errors():
@@ -442,7 +458,9 @@ def test_kernel_with_scalar_event_distribution_raises_clean_error():
 # kernels: Monte Carlo
 
 
-KERNEL_MC_CASES = [(3, 2.0, 5.0, 0.3), (3, 20.0, 15.0, 0.95), (5, 0.5, 0.0, 0.0), (64, 30.0, 40.0, 0.7), (64, 5.0, 1.0, -0.4)]
+KERNEL_MC_CASES = [
+    (3, 2.0, 5.0, 0.3), (3, 20.0, 15.0, 0.95), (5, 0.5, 0.0, 0.0), (64, 30.0, 40.0, 0.7), (64, 5.0, 1.0, -0.4)
+]
 
 
 @pytest.mark.parametrize("p,k1,k2,cos", KERNEL_MC_CASES)
@@ -456,10 +474,15 @@ def test_kernels_match_monte_carlo(p, k1, k2, cos, seeded):
     x = d1.sample((n,))
     log_q, log_p = d2.log_prob(x), d1.log_prob(x)
     # EL = E_p[q(x)]; BC = E_p[sqrt(q(x)/p(x))]; log of the MC mean with a delta-method standard error
-    for values, closed in ((torch.exp(log_q), log_expected_likelihood(d1, d2)), (torch.exp(0.5 * (log_q - log_p)), log_bhattacharyya_coefficient(d1, d2))):
+    for values, closed in (
+        (torch.exp(log_q), log_expected_likelihood(d1, d2)),
+        (torch.exp(0.5 * (log_q - log_p)), log_bhattacharyya_coefficient(d1, d2)),
+    ):
         m = values.mean()
         se_log = (values.std() / math.sqrt(n) / m).item()
-        assert abs(closed.item() - math.log(m.item())) <= 5 * se_log + 1e-12, (closed.item(), math.log(m.item()), se_log)
+        assert abs(closed.item() - math.log(m.item())) <= 5 * se_log + 1e-12, (
+            closed.item(), math.log(m.item()), se_log
+        )
 
 
 # ==================================================================================================
@@ -480,13 +503,17 @@ def test_pairwise_equals_matrix_of_single_pairs_float64(rho):
         assert out.shape == (B, C) and out.dtype == torch.float64
         if rho == 1.0:
             torch.testing.assert_close(out, pairwise_log_expected_likelihood(P, Q), rtol=0, atol=0)
-        single = log_probability_product_kernel(VonMisesFisher(mu_b[:, None], k_b[:, None]), VonMisesFisher(mu_c[None], k_c[None]), rho)
+        single = log_probability_product_kernel(
+            VonMisesFisher(mu_b[:, None], k_b[:, None]), VonMisesFisher(mu_c[None], k_c[None]), rho
+        )
         torch.testing.assert_close(out, single, rtol=1e-12, atol=1e-14)
         # with uniform arguments
         U = HypersphericalUniform(p, (C,), dtype=torch.float64)
         torch.testing.assert_close(
             pairwise_log_probability_product_kernel(P, U, rho),
-            log_probability_product_kernel(VonMisesFisher(mu_b[:, None], k_b[:, None]), HypersphericalUniform(p, (1, C), dtype=torch.float64), rho),
+            log_probability_product_kernel(
+                VonMisesFisher(mu_b[:, None], k_b[:, None]), HypersphericalUniform(p, (1, C), dtype=torch.float64), rho
+            ),
             rtol=1e-12,
             atol=1e-14,
         )
@@ -508,7 +535,9 @@ def test_pairwise_float32_keeps_float32_precision_for_close_directions():
         k_c = torch.tensor([2e4, 3e5, 5e5])
         P, Q = VonMisesFisher(mu_b, k_b), VonMisesFisher(mu_c, k_c)
         out = pairwise_log_expected_likelihood(P, Q)
-        single = log_expected_likelihood(VonMisesFisher(mu_b[:, None], k_b[:, None]), VonMisesFisher(mu_c[None], k_c[None]))
+        single = log_expected_likelihood(
+            VonMisesFisher(mu_b[:, None], k_b[:, None]), VonMisesFisher(mu_c[None], k_c[None])
+        )
         for i in range(B):
             for j in range(B):
                 ref = mp_log_ppk(p, mp_unit(mu_b[i]), k_b[i].item(), mp_unit(mu_c[j]), k_c[j].item(), 1.0)
@@ -534,7 +563,9 @@ def test_kernel_gradcheck(p):
         return VonMisesFisher(m, k, validate_args=False)
 
     for rho in (1.0, 0.5, 2.0):
-        assert _gradcheck(lambda a, b, c, d: log_probability_product_kernel(vmf(a, b), vmf(c, d), rho), mu1, k1, mu2, k2)
+        assert _gradcheck(
+            lambda a, b, c, d, rho=rho: log_probability_product_kernel(vmf(a, b), vmf(c, d), rho), mu1, k1, mu2, k2
+        )
     mu3 = unit_vectors((3,), p, 3).requires_grad_()
     k3 = torch.tensor([0.1, 5.0, 50.0], dtype=torch.float64, requires_grad=True)
     assert _gradcheck(lambda a, b, c, d: pairwise_log_expected_likelihood(vmf(a, b), vmf(c, d)), mu1, k1, mu3, k3)
@@ -549,7 +580,9 @@ def test_kernel_gradient_in_kappa_matches_mpmath():
     k1 = torch.tensor([0.4, 12.0, 900.0], dtype=torch.float64, requires_grad=True)
     k2 = torch.tensor([3.0, 0.0, 500.0], dtype=torch.float64)
     for rho in (1.0, 0.5):
-        (g,) = torch.autograd.grad(log_probability_product_kernel(VonMisesFisher(mu1, k1), VonMisesFisher(mu2, k2), rho).sum(), k1)
+        (g,) = torch.autograd.grad(
+            log_probability_product_kernel(VonMisesFisher(mu1, k1), VonMisesFisher(mu2, k2), rho).sum(), k1
+        )
         for i in range(3):
             a, b = k1[i].item(), k2[i].item()
             with mp.workdps(WORK_DPS):
@@ -569,7 +602,8 @@ def test_kernel_gradient_in_kappa_matches_mpmath():
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "p,k1,k2,cos,kernels",
-    [(2, 3.0, 1.0, 0.5, True), (3, 200.0, 150.0, 0.999, True), (16, 8.0, 8.0, -1.0, True), (512, 30.0, 20.0, 0.5, True), (512, 20.0, 0.0, 0.0, True),
+    [(2, 3.0, 1.0, 0.5, True), (3, 200.0, 150.0, 0.999, True), (16, 8.0, 8.0, -1.0, True),
+     (512, 30.0, 20.0, 0.5, True), (512, 20.0, 0.0, 0.0, True),
      # E_p[q(x)] is dominated by rare x here (heavy tail): Monte Carlo is useless for the kernels, fine for KL
      (512, 400.0, 600.0, 0.9, False)],
 )
@@ -586,7 +620,9 @@ def test_kl_and_kernels_monte_carlo_large(p, k1, k2, cos, kernels, seeded):
         return
     x = d1.sample((n,))
     log_q, log_p = d2.log_prob(x), d1.log_prob(x)
-    for log_values, closed in ((log_q, log_expected_likelihood(d1, d2)), (0.5 * (log_q - log_p), log_bhattacharyya_coefficient(d1, d2))):
+    for log_values, closed in (
+        (log_q, log_expected_likelihood(d1, d2)), (0.5 * (log_q - log_p), log_bhattacharyya_coefficient(d1, d2))
+    ):
         shift = log_values.max()
         values = torch.exp(log_values - shift)
         m = values.mean()
@@ -607,7 +643,9 @@ def test_kl_and_kernel_gradcheck_in_loc_p64():
 
     assert _gradcheck(lambda m1, a, m2, b: kl_divergence(vmf(m1, a), vmf(m2, b)), mu1, ka, mu2, kb)
     assert _gradcheck(lambda m1, a, m2, b: log_expected_likelihood(vmf(m1, a), vmf(m2, b)), mu1, ka, mu2, kb)
-    assert _gradcheck(lambda m1, a, m2, b: pairwise_log_probability_product_kernel(vmf(m1, a), vmf(m2, b), 0.5), mu1, ka, mu2, kb)
+    assert _gradcheck(
+        lambda m1, a, m2, b: pairwise_log_probability_product_kernel(vmf(m1, a), vmf(m2, b), 0.5), mu1, ka, mu2, kb
+    )
 
 
 # ==================================================================================================

@@ -17,15 +17,15 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pyro
 import pytest
 import torch
 from mpmath import mp
+from pyro import poutine
+from pyro.distributions import constraints
 from torch.autograd import gradcheck
 from torch.distributions import kl_divergence as torch_kl
 
-import pyro
-from pyro import poutine
-from pyro.distributions import constraints
 from tests.conftest import (
     WORK_DPS,
     mp_entropy,
@@ -43,9 +43,9 @@ from vmf_dists import (
     NonIsotropicVMF,
     VonMisesFisher,
     log_expected_likelihood,
+    monte_carlo,
     pairwise_log_expected_likelihood,
 )
-from vmf_dists import monte_carlo
 
 Z_MAX = 5.0  # statistical tolerance: 5 standard errors
 
@@ -220,12 +220,16 @@ def test_density_integrates_to_one_on_sphere_float32_params(dtype):
 
 def _aniso_k(p: int, scale: float, lo: float, hi: float, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return scale * torch.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * torch.rand(p, generator=g, dtype=torch.float64))
+    return scale * torch.exp(
+        math.log(lo) + (math.log(hi) - math.log(lo)) * torch.rand(p, generator=g, dtype=torch.float64)
+    )
 
 
 # (p, scale, lo, hi): k_d = scale · log-uniform[lo, hi]
 IS_CASES_VMF = [(16, 3.0, 1.0, 2.0), (16, 20.0, 1.0, 2.0), (64, 5.0, 1.0, 1.5), (64, 30.0, 1.0, 1.5)]
-IS_CASES_STRETCHED = [(16, 10.0, 0.1, 10.0), (16, 100.0, 0.01, 10.0), (64, 2.0, 0.1, 10.0), (64, 10.0, 0.2, 5.0), (64, 50.0, 0.05, 20.0)]
+IS_CASES_STRETCHED = [
+    (16, 10.0, 0.1, 10.0), (16, 100.0, 0.01, 10.0), (64, 2.0, 0.1, 10.0), (64, 10.0, 0.2, 5.0), (64, 50.0, 0.05, 20.0)
+]
 
 
 @pytest.mark.parametrize("p,scale,lo,hi", IS_CASES_VMF)
@@ -277,7 +281,10 @@ def test_normalisation_high_dim_importance_sampling_stretched_proposal(p, scale,
 def test_normalisation_high_dim_importance_sampling_uniform_proposal(p, record_property):
     """Uniform proposal, weak concentrations: E_U[p(x)]·|S^{p−1}| = 1."""
     torch.manual_seed(3000 + p)
-    d = NonIsotropicVMF(_rand_loc(p, p + 13), _aniso_k(p, 1.0 if p <= 16 else 0.5, 0.5 if p <= 16 else 0.9, 1.5 if p <= 16 else 1.1, p + 2))
+    d = NonIsotropicVMF(
+        _rand_loc(p, p + 13),
+        _aniso_k(p, 1.0 if p <= 16 else 0.5, 0.5 if p <= 16 else 0.9, 1.5 if p <= 16 else 1.1, p + 2),
+    )
     u = HypersphericalUniform(p, dtype=torch.float64)
     n = 100_000
     ratio = (d.log_prob(u.sample((n,))) + _log_sphere_area(p)).exp()
@@ -295,7 +302,9 @@ def test_normalisation_high_dim_importance_sampling_uniform_proposal(p, record_p
 @pytest.mark.parametrize("p", [2, 3, 5, 16, 64])
 def test_log_prob_matches_mpmath(p, dtype):
     rows = []
-    for i, (scale, lo, hi) in enumerate([(1.0, 0.5, 2.0), (10.0, 0.1, 10.0), (300.0, 0.3, 3.0), (1e-3, 1.0, 5.0), (3e4, 0.5, 2.0)]):
+    for i, (scale, lo, hi) in enumerate(
+        [(1.0, 0.5, 2.0), (10.0, 0.1, 10.0), (300.0, 0.3, 3.0), (1e-3, 1.0, 5.0), (3e4, 0.5, 2.0)]
+    ):
         loc = _rand_loc(p, 100 * p + i, dtype)
         k = _aniso_k(p, scale, lo, hi, 100 * p + i).to(dtype)
         d = NonIsotropicVMF(loc, k)
@@ -321,7 +330,7 @@ def test_isotropic_concentration_equals_vmf(p):
         niv = NonIsotropicVMF(loc, torch.full((p,), c, dtype=torch.float64))
         x = torch.cat([vmf.sample((20,)), unit_vectors((20,), p, 9 + p)])
         got, ref = niv.log_prob(x), vmf.log_prob(x)
-        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12, msg=lambda m: f"c = {c}: {m}")
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12, msg=lambda m, c=c: f"c = {c}: {m}")
 
 
 def test_isotropic_concentration_equals_vmf_batched():
@@ -350,7 +359,9 @@ def test_log_prob_matches_reference_density_and_depends_on_the_scale_of_k():
 # 3. samples against the density (moments by quadrature on S²)
 
 
-@pytest.mark.parametrize("k,seed", [((1.0, 50.0, 5.0), 21), ((0.3, 30.0, 200.0), 22), ((2.0, 0.5, 8.0), 23), ((0.5, 0.7, 100.0), 24)])
+@pytest.mark.parametrize(
+    "k,seed", [((1.0, 50.0, 5.0), 21), ((0.3, 30.0, 200.0), 22), ((2.0, 0.5, 8.0), 23), ((0.5, 0.7, 100.0), 24)]
+)
 def test_sample_moments_match_quadrature(k, seed):
     torch.manual_seed(seed)
     mu, kt = _rand_loc(3, seed), torch.tensor(k, dtype=torch.float64)
@@ -429,7 +440,10 @@ def test_gradcheck_log_prob_in_value():
 def test_log_prob_gradients_match_reference_density():
     """Autograd of the library density equals autograd of the reference density (p = 3)."""
     loc = unit_vectors((4,), 3, 8).requires_grad_(True)
-    k = torch.tensor([[0.3, 30.0, 200.0], [1.0, 50.0, 5.0], [2.0, 2.0, 2.0], [1e-2, 1.0, 7.0]], dtype=torch.float64, requires_grad=True)
+    k = torch.tensor(
+        [[0.3, 30.0, 200.0], [1.0, 50.0, 5.0], [2.0, 2.0, 2.0], [1e-2, 1.0, 7.0]],
+        dtype=torch.float64, requires_grad=True,
+    )
     x = unit_vectors((5, 4), 3, 9)
     g_lib = torch.autograd.grad(NonIsotropicVMF(loc, k).log_prob(x).sum(), (loc, k))
     g_ref = torch.autograd.grad(ref_log_prob(loc, k, x).sum(), (loc, k))
@@ -499,7 +513,9 @@ def test_rsample_gradients_shared_parameters_sum_over_samples():
     assert bool(((mean - g_ref).abs() <= Z_MAX * se + 1e-9).all()), (mean, g_ref, se)
 
 
-@pytest.mark.parametrize("p,k", [(3, (0.1, 1000.0, 20.0)), (3, (1e-3, 1.0, 1e3)), (3, (0.02, 1.0, 300.0)), (16, None), (64, None)])
+@pytest.mark.parametrize(
+    "p,k", [(3, (0.1, 1000.0, 20.0)), (3, (1e-3, 1.0, 1e3)), (3, (0.02, 1.0, 300.0)), (16, None), (64, None)]
+)
 def test_rsample_gradients_finite_for_strong_anisotropy(p, k):
     torch.manual_seed(p)
     kt = torch.tensor(k, dtype=torch.float64) if k is not None else _aniso_k(p, 30.0, 0.01, 100.0, p)
@@ -507,7 +523,9 @@ def test_rsample_gradients_finite_for_strong_anisotropy(p, k):
     conc = kt.clone().requires_grad_(True)
     x = NonIsotropicVMF(loc, conc).rsample((2000,))
     assert bool(torch.isfinite(x).all())
-    torch.testing.assert_close(torch.linalg.vector_norm(x, dim=-1), torch.ones(2000, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        torch.linalg.vector_norm(x, dim=-1), torch.ones(2000, dtype=torch.float64), rtol=0, atol=1e-12
+    )
     (x @ torch.linspace(-1, 1, p, dtype=torch.float64)).sum().backward()
     assert bool(torch.isfinite(loc.grad).all() and torch.isfinite(conc.grad).all())
     assert loc.grad.abs().sum() > 0 and conc.grad.abs().sum() > 0
@@ -547,7 +565,9 @@ def _mp_kurtosis(p, mu_p, k_p, mu_q, k_q) -> float:
     """E[(w − E w)⁴]/Var(w)² for w = q(x), x ~ p; moments E[w^k] from the MGF (q^k is q at T = 1/k)."""
     with mp.workdps(WORK_DPS):
         log_m1 = mpf(_mp_log_el_tempered(p, mu_p, k_p, mu_q, k_q))
-        m2, m3, m4 = (mp.exp(mpf(_mp_log_el_tempered(p, mu_p, k_p, mu_q, k_q, 1.0 / k)) - k * log_m1) for k in (2, 3, 4))
+        m2, m3, m4 = (
+            mp.exp(mpf(_mp_log_el_tempered(p, mu_p, k_p, mu_q, k_q, 1.0 / k)) - k * log_m1) for k in (2, 3, 4)
+        )
         return float((m4 - 4 * m3 + 6 * m2 - 3) / (m2 - 1) ** 2)
 
 
@@ -745,7 +765,9 @@ def test_mc_kernel_is_differentiable_and_gradient_converges():
     reps, s = 200, 1024
     kp = torch.full((reps,), k_p, dtype=torch.float64, requires_grad=True)
     kq = torch.full((reps, p), k_q, dtype=torch.float64, requires_grad=True)
-    est = log_expected_likelihood(VonMisesFisher(mu_p.expand(reps, p), kp), NonIsotropicVMF(mu_q.expand(reps, p), kq), num_samples=s)
+    est = log_expected_likelihood(
+        VonMisesFisher(mu_p.expand(reps, p), kp), NonIsotropicVMF(mu_q.expand(reps, p), kq), num_samples=s
+    )
     est.sum().backward()
     for name, g, ref in (("kappa_p", kp.grad, d_kp), ("k_q", kq.grad.sum(-1), d_kq)):
         assert bool(torch.isfinite(g).all())
@@ -771,13 +793,19 @@ def test_monte_carlo_estimate_is_a_named_tuple():
 
 # The heavy-tailed middle case (kurtosis of q(x) ≈ 2400) needs 500k samples for its standard error to be
 # checked with teeth: the sample sd of n draws has relative s.e. √((kurtosis − 1)/(4n)) (delta method).
-@pytest.mark.parametrize("p,k1,k2,cos,n", [(3, 10.0, 5.0, 0.3, 20_000), (16, 50.0, 80.0, 0.95, 500_000), (64, 5.0, 1.0, -0.5, 20_000)])
+@pytest.mark.parametrize(
+    "p,k1,k2,cos,n", [(3, 10.0, 5.0, 0.3, 20_000), (16, 50.0, 80.0, 0.95, 500_000), (64, 5.0, 1.0, -0.5, 20_000)]
+)
 def test_mc_expected_likelihood_matches_closed_form_for_vmf_pairs(p, k1, k2, cos, n):
     torch.manual_seed(int(k1) + p)
     mu_p, mu_q = _iso_pair(p, k1, k2, cos, seed=p + 1)
     mp_p, mp_q = _mp_vecs(mu_p, mu_q)
     truth = math.exp(_mp_log_el_tempered(p, mp_p, k1, mp_q, k2))
-    est = monte_carlo.expected_likelihood(VonMisesFisher(mu_p, torch.tensor(k1, dtype=torch.float64)), VonMisesFisher(mu_q, torch.tensor(k2, dtype=torch.float64)), num_samples=n)
+    est = monte_carlo.expected_likelihood(
+        VonMisesFisher(mu_p, torch.tensor(k1, dtype=torch.float64)),
+        VonMisesFisher(mu_q, torch.tensor(k2, dtype=torch.float64)),
+        num_samples=n,
+    )
     assert isinstance(est, monte_carlo.MonteCarloEstimate)
     assert est.value.shape == () and est.standard_error.shape == ()
     assert abs(est.value.item() - truth) <= Z_MAX * est.standard_error.item(), (est, truth)
@@ -830,7 +858,9 @@ def test_mc_entropy_of_nivmf_matches_quadrature(k, seed):
 def test_mc_entropy_of_isotropic_nivmf_equals_vmf_entropy():
     p, c = 16, 25.0
     torch.manual_seed(11)
-    est = monte_carlo.entropy(NonIsotropicVMF(_rand_loc(p, 11), torch.full((p,), c, dtype=torch.float64)), num_samples=20_000)
+    est = monte_carlo.entropy(
+        NonIsotropicVMF(_rand_loc(p, 11), torch.full((p,), c, dtype=torch.float64)), num_samples=20_000
+    )
     assert abs(est.value.item() - float(mp_entropy(p, c))) <= Z_MAX * est.standard_error.item()
 
 
@@ -874,7 +904,9 @@ def test_monte_carlo_dimension_mismatch_raises():
 
 def test_bad_concentration_raises_value_error():
     loc = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
-    for bad in ([1.0, 0.0, 2.0], [1.0, -1.0, 2.0], [-1e-30, 1.0, 1.0], [1.0, float("nan"), 2.0], [1.0, float("inf"), 2.0]):
+    for bad in (
+        [1.0, 0.0, 2.0], [1.0, -1.0, 2.0], [-1e-30, 1.0, 1.0], [1.0, float("nan"), 2.0], [1.0, float("inf"), 2.0]
+    ):
         with pytest.raises(ValueError):
             NonIsotropicVMF(loc, torch.tensor(bad, dtype=torch.float64), validate_args=True)
     with pytest.raises(ValueError):  # one bad row of a batch
@@ -1027,7 +1059,9 @@ def test_pyro_sample_inside_plates():
     assert bool(constraints.sphere.check(node["value"]).all())
     trace.compute_log_prob()
     assert node["log_prob"].shape == (2, 4)
-    torch.testing.assert_close(trace.log_prob_sum(), NonIsotropicVMF(loc, k).log_prob(node["value"]).sum(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        trace.log_prob_sum(), NonIsotropicVMF(loc, k).log_prob(node["value"]).sum(), rtol=1e-12, atol=0
+    )
 
 
 def test_pyro_svi_with_nivmf_guide_step():
@@ -1041,7 +1075,10 @@ def test_pyro_svi_with_nivmf_guide_step():
     data = unit_vectors((10,), p, 9)
 
     def model():
-        z = pyro.sample("z", VonMisesFisher(torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)))
+        z = pyro.sample(
+            "z",
+            VonMisesFisher(torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)),
+        )
         with pyro.plate("data", 10):
             pyro.sample("x", VonMisesFisher(z, torch.tensor(5.0, dtype=torch.float64)), obs=data)
 
@@ -1082,7 +1119,9 @@ def test_tensor_temperature_equals_float_temperature(kind, t):
     torch.manual_seed(0)
     with_float = pairwise_log_expected_likelihood(images, q, num_samples=4, temperature=t)
     torch.manual_seed(0)
-    with_tensor = pairwise_log_expected_likelihood(images, q, num_samples=4, temperature=torch.tensor(t, dtype=torch.float64))
+    with_tensor = pairwise_log_expected_likelihood(
+        images, q, num_samples=4, temperature=torch.tensor(t, dtype=torch.float64)
+    )
     torch.testing.assert_close(with_tensor, with_float, rtol=1e-13, atol=0)
 
 

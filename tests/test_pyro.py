@@ -4,15 +4,15 @@ AutoDelta on a sphere site, and the documented failure of AutoNormal on a sphere
 
 from __future__ import annotations
 
+import pyro
 import pytest
 import torch
-
-import pyro
 from pyro import poutine
 from pyro.distributions import constraints
 from pyro.distributions.kl import kl_divergence as pyro_kl
 from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoDelta, AutoNormal
+
 from tests.conftest import unit_vectors
 from vmf_dists import HypersphericalUniform, VonMisesFisher
 
@@ -103,7 +103,9 @@ def test_trace_log_prob_sum_with_observations():
     def model():
         z = pyro.sample("z", VonMisesFisher(prior_loc, torch.tensor(2.0, dtype=torch.float64)))
         with pyro.plate("data", 10):
-            pyro.sample("x", VonMisesFisher(z, torch.tensor(8.0, dtype=torch.float64)).mask(torch.arange(10) < 7), obs=data)
+            pyro.sample(
+                "x", VonMisesFisher(z, torch.tensor(8.0, dtype=torch.float64)).mask(torch.arange(10) < 7), obs=data
+            )
         pyro.sample("u", HypersphericalUniform(3, dtype=torch.float64).to_event(0))
         return z
 
@@ -125,7 +127,10 @@ def test_pyro_kl_divergence_dispatch():
     torch.testing.assert_close(pyro_kl(d1, d2), expected, rtol=0, atol=0)
     # Independent / expanded / masked versions (what plates, to_event and mask produce)
     torch.testing.assert_close(pyro_kl(d1.to_event(1), d2.to_event(1)), expected.sum(), rtol=1e-14, atol=0)
-    torch.testing.assert_close(pyro_kl(d1.expand((4, 2)), u.expand((4, 2))), torch.distributions.kl_divergence(d1, u).expand(4, 2), rtol=0, atol=0)
+    torch.testing.assert_close(
+        pyro_kl(d1.expand((4, 2)), u.expand((4, 2))), torch.distributions.kl_divergence(d1, u).expand(4, 2),
+        rtol=0, atol=0,
+    )
     mask = torch.tensor([True, False])
     masked = pyro_kl(d1.mask(mask), d2.mask(mask))
     torch.testing.assert_close(masked, torch.stack([expected[0], torch.zeros((), dtype=torch.float64)]), rtol=0, atol=0)
@@ -159,7 +164,8 @@ def _guide(data):
 
 @pytest.mark.parametrize(
     "elbo,dtype",
-    [(Trace_ELBO, torch.float64), (TraceMeanField_ELBO, torch.float64), (Trace_ELBO, torch.float32), (TraceMeanField_ELBO, torch.float32)],
+    [(Trace_ELBO, torch.float64), (TraceMeanField_ELBO, torch.float64),
+     (Trace_ELBO, torch.float32), (TraceMeanField_ELBO, torch.float32)],
     ids=["Trace_ELBO-f64", "TraceMeanField_ELBO-f64", "Trace_ELBO-f32", "TraceMeanField_ELBO-f32"],
 )
 def test_svi_recovers_mean_direction(elbo, dtype):
@@ -180,7 +186,9 @@ def test_trace_mean_field_elbo_uses_registered_kl(prior):
     """With no likelihood, the TraceMeanField ELBO loss is exactly KL(guide ‖ prior) (no sampling)."""
     p = 5
     prior_dist = (
-        VonMisesFisher(_axis(p), torch.tensor(3.0, dtype=torch.float64)) if prior == "vmf" else HypersphericalUniform(p, dtype=torch.float64)
+        VonMisesFisher(_axis(p), torch.tensor(3.0, dtype=torch.float64))
+        if prior == "vmf"
+        else HypersphericalUniform(p, dtype=torch.float64)
     )
     guide_loc, guide_kappa = unit_vectors((4,), p, 6), torch.tensor([0.1, 1.0, 10.0, 100.0], dtype=torch.float64)
 

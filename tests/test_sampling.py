@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from functools import lru_cache
+from functools import cache
 
 import mpmath
 import numpy as np
@@ -64,7 +64,7 @@ def _dim_params(dims=DIMS):
 # references
 
 
-@lru_cache(maxsize=None)
+@cache
 def _mp_one_minus_a(p: int, kappa: float) -> float:
     """1 − A_p(κ) with mpmath (no cancellation at large κ)."""
     if kappa == 0.0:
@@ -75,7 +75,7 @@ def _mp_one_minus_a(p: int, kappa: float) -> float:
         return float(1 - mpmath.besseli(nu + 1, k) / mpmath.besseli(nu, k))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _mp_a_prime(p: int, kappa: float) -> float:
     """A_p'(κ) = 1 − A² − (p−1)A/κ with mpmath (1/p at κ = 0)."""
     if kappa == 0.0:
@@ -119,7 +119,9 @@ class _AngleLaw:
         if f(left_edge) >= 0 or mode <= left_edge:
             a = left_edge
         else:  # the cut can be at θ ~ e^{−80/(p−2)}: bracket in log θ
-            a = math.exp(scipy.optimize.brentq(lambda u: f(math.exp(u)), math.log(left_edge), math.log(mode), xtol=1e-6))
+            a = math.exp(
+                scipy.optimize.brentq(lambda u: f(math.exp(u)), math.log(left_edge), math.log(mode), xtol=1e-6)
+            )
         b = right_edge if f(right_edge) >= 0 else scipy.optimize.brentq(f, mode, right_edge, xtol=1e-14)
         self.a, self.b, self.panels = a, b, panels
         self.h = (b - a) / panels
@@ -155,7 +157,7 @@ class _AngleLaw:
         return self._mean_y
 
 
-@lru_cache(maxsize=None)
+@cache
 def _angle_law(p: int, kappa: float) -> _AngleLaw:
     return _AngleLaw(p, kappa)
 
@@ -164,7 +166,7 @@ _BREAK_QUANTILES = (1e-12, 1e-9, 1e-6, 1e-4, 0.01, 0.05, 0.2, 0.4, 0.5, 0.6, 0.8
                     1 - 1e-6, 1 - 1e-9, 1 - 1e-12)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _y_breakpoints(p: int, kappa: float) -> tuple:
     """Points that cut [0, 2] into pieces on which the y-density is smooth and of moderate range."""
     law = _angle_law(p, kappa)
@@ -300,7 +302,9 @@ def _check_sample(x: torch.Tensor, mu: torch.Tensor, p: int, kappa: float, recor
     # (a) mean of w = 1 − y against A_p(κ): z of w is minus z of y.
     z_w = -_mean_z(y, _mp_one_minus_a(p, kappa))
     if not abs(z_w) < Z_MAX:
-        failures.append(f"{tag} mean w: z = {z_w:.2f} (mean 1−w = {y.mean():.6e}, 1−A = {_mp_one_minus_a(p, kappa):.6e})")
+        failures.append(
+            f"{tag} mean w: z = {z_w:.2f} (mean 1−w = {y.mean():.6e}, 1−A = {_mp_one_minus_a(p, kappa):.6e})"
+        )
 
     # (b) KS of θ against its exact CDF.
     ks = scipy.stats.kstest(_angle_law(p, kappa).cdf(theta_np), "uniform")
@@ -387,7 +391,7 @@ def test_finite_difference_reference_on_p3(kappa):
     with mpmath.workdps(40):
         def y_of(u, k):
             return -mpmath.log1p(mpmath.mpf(u) * mpmath.expm1(-2 * k)) / k
-        exact = [float(mpmath.diff(lambda k: y_of(u, k), mpmath.mpf(kappa))) for u in us]
+        exact = [float(mpmath.diff(lambda k, u=u: y_of(u, k), mpmath.mpf(kappa))) for u in us]
         ys = [float(y_of(u, mpmath.mpf(kappa))) for u in us]
     np.testing.assert_allclose(_mp_dy_dkappa(3, kappa, ys), exact, rtol=1e-9)
 
@@ -569,7 +573,9 @@ def test_kappa_gradient_after_sampling_under_inference_mode():
     sampling._gauss_legendre.cache_clear()
     mu = _loc(16, "random")
     with torch.inference_mode():
-        sampling.d_one_minus_w_d_kappa(16, torch.tensor([10.0], dtype=torch.float64), torch.tensor([0.3], dtype=torch.float64))
+        sampling.d_one_minus_w_d_kappa(
+            16, torch.tensor([10.0], dtype=torch.float64), torch.tensor([0.3], dtype=torch.float64)
+        )
     conc = torch.tensor(10.0, dtype=torch.float64, requires_grad=True)
     (VonMisesFisher(mu, conc).rsample((64,)) @ mu).sum().backward()
     kappa = conc.detach().clone().requires_grad_()  # a direct caller differentiating the quadrature itself
@@ -578,7 +584,9 @@ def test_kappa_gradient_after_sampling_under_inference_mode():
 
 
 @pytest.mark.parametrize(
-    "p,kappa", [(2, 1.0), (3, 0.0), (3, 0.1), (3, 10.0), (4, 1.0), (4, 20.0), (4, 1e3), (16, 0.5), (16, 20.0), (16, 1e4), (128, 300.0)]
+    "p,kappa",
+    [(2, 1.0), (3, 0.0), (3, 0.1), (3, 10.0), (4, 1.0), (4, 20.0), (4, 1e3), (16, 0.5), (16, 20.0), (16, 1e4),
+     (128, 300.0)],
 )
 def test_loc_gradient_unbiased(p, kappa):
     """MC mean of ∇_loc (aᵀx) equals A_p(κ)(I − μμᵀ)a, per coordinate within 5 s.e."""
@@ -599,7 +607,9 @@ def test_loc_gradient_unbiased(p, kappa):
     se = g.std(0, ddof=1) / math.sqrt(n)
     z = (g.mean(0) - expected) / np.maximum(se, 1e-300)
     bad = np.abs(g.mean(0) - expected) > Z_MAX * se + 1e-12
-    assert not bad.any(), f"coordinates {np.nonzero(bad)[0].tolist()}: z = {z[bad]}, mean/expected = {g.mean(0)[bad] / expected[bad]}"
+    assert not bad.any(), (
+        f"coordinates {np.nonzero(bad)[0].tolist()}: z = {z[bad]}, mean/expected = {g.mean(0)[bad] / expected[bad]}"
+    )
 
 
 @pytest.mark.parametrize("p,kappa", [(3, 10.0), (4, 20.0), (16, 20.0)])
@@ -621,7 +631,9 @@ def test_loc_gradient_unbiased_shared_loc(p, kappa):
     se = g.std(0, ddof=1) / math.sqrt(reps)
     bad = np.abs(g.mean(0) - expected) > Z_MAX * se + 1e-12
     z = (g.mean(0) - expected) / np.maximum(se, 1e-300)
-    assert not bad.any(), f"coordinates {np.nonzero(bad)[0].tolist()}: z = {z[bad]}, mean/expected = {g.mean(0)[bad] / expected[bad]}"
+    assert not bad.any(), (
+        f"coordinates {np.nonzero(bad)[0].tolist()}: z = {z[bad]}, mean/expected = {g.mean(0)[bad] / expected[bad]}"
+    )
 
 
 IMPLICIT_CASES = [
@@ -636,11 +648,13 @@ def test_implicit_gradient_matches_cdf_finite_differences(p, kappa):
     """Per sample: `d_one_minus_w_d_kappa` = −(∂G/∂κ)/g(y) at y = quantiles of y = 1 − w, relative 1e-6."""
     law = _angle_law(p, kappa)
     ys = [2.0 * math.sin(0.5 * law.quantile(q)) ** 2 for q in IMPLICIT_QUANTILES]
-    got = d_one_minus_w_d_kappa(p, torch.tensor([kappa] * len(ys), dtype=torch.float64), torch.tensor(ys, dtype=torch.float64))
+    got = d_one_minus_w_d_kappa(
+        p, torch.tensor([kappa] * len(ys), dtype=torch.float64), torch.tensor(ys, dtype=torch.float64)
+    )
     ref = _mp_dy_dkappa(p, kappa, ys)
     rows = [(q, y, lib, r, abs(lib - r) / abs(r)) for q, y, lib, r in zip(IMPLICIT_QUANTILES, ys, got.tolist(), ref)]
     bad = [r for r in rows if not r[4] <= 1e-6]
-    assert not bad, "p={} κ={:g}: (quantile, y, library dy/dκ, reference, rel. error): {}".format(p, kappa, bad)
+    assert not bad, f"p={p} κ={kappa:g}: (quantile, y, library dy/dκ, reference, rel. error): {bad}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -669,7 +683,9 @@ def test_batched_parameters(p, broadcast):
     failures = []
     for i in range(3):
         for j in range(2):
-            failures += _check_sample(x[:, i, j], locs[i, j], p, float(kappas[i, j]), tag=f"batch[{i},{j}] κ={float(kappas[i, j]):g}:")
+            failures += _check_sample(
+                x[:, i, j], locs[i, j], p, float(kappas[i, j]), tag=f"batch[{i},{j}] κ={float(kappas[i, j]):g}:"
+            )
     assert not failures, "\n".join(failures)
 
 

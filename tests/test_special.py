@@ -463,7 +463,8 @@ def test_central_differences_match_autograd(v):
         tol = 1e-6 * ad.abs() + 16 * eps * torch.maximum(fp.abs(), fm.abs()) / span
         bad = (fd - ad).abs() > tol
         assert not bad.any(), (
-            f"{name}, v={v}: FD vs autograd mismatch at x={c[bad].tolist()}: fd={fd[bad].tolist()} ad={ad[bad].tolist()}"
+            f"{name}, v={v}: FD vs autograd mismatch at x={c[bad].tolist()}: fd={fd[bad].tolist()} "
+            f"ad={ad[bad].tolist()}"
         )
 
 
@@ -473,7 +474,9 @@ def test_central_differences_match_autograd(v):
 PROPERTY_SETTINGS = settings(
     max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
 )
-ORACLE_SETTINGS = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+ORACLE_SETTINGS = settings(
+    max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 
 orders = st.floats(min_value=0.0, max_value=3000.0, allow_nan=False, allow_infinity=False)
 log10_xs = st.floats(min_value=-8.0, max_value=8.0, allow_nan=False, allow_infinity=False)
@@ -525,10 +528,14 @@ def test_ratio_stays_below_one_at_large_x(v):
     r = bessel_iv_ratio(v, x)
     must_be_below_one = (2 * v + 1) / (2 * x) > 1e-14
     bad = (r > 1.0) | ((r >= 1.0) & must_be_below_one)
-    assert not bad.any(), f"v={v}: {int(bad.sum())} of {x.numel()} x with R_v ≥ 1, e.g. R_v({x[bad][0].item()!r}) = {r[bad][0].item()!r}"
+    assert not bad.any(), (
+        f"v={v}: {int(bad.sum())} of {x.numel()} x with R_v ≥ 1, e.g. R_v({x[bad][0].item()!r}) = {r[bad][0].item()!r}"
+    )
     if v == 0.0:  # the same through the vMF API (p = 2), which the inverse then rejects
         a = mean_resultant_length(2, x)
-        assert not (a >= 1.0)[must_be_below_one].any(), f"A_2(κ) ≥ 1 at κ = {x[(a >= 1.0) & must_be_below_one][0].item()!r}"
+        assert not (a >= 1.0)[must_be_below_one].any(), (
+            f"A_2(κ) ≥ 1 at κ = {x[(a >= 1.0) & must_be_below_one][0].item()!r}"
+        )
 
 
 @PROPERTY_SETTINGS
@@ -681,8 +688,12 @@ def test_dtype_and_device_preserved(name, fn, values, dtype, device):
 def test_cuda_matches_cpu():
     kappa = torch.tensor(KAPPAS, dtype=F64)
     for p in [3, 256, 4096]:
-        torch.testing.assert_close(vmf_log_normalizer(p, kappa.cuda()).cpu(), vmf_log_normalizer(p, kappa), rtol=1e-14, atol=0)
-        torch.testing.assert_close(mean_resultant_length(p, kappa.cuda()).cpu(), mean_resultant_length(p, kappa), rtol=1e-14, atol=0)
+        torch.testing.assert_close(
+            vmf_log_normalizer(p, kappa.cuda()).cpu(), vmf_log_normalizer(p, kappa), rtol=1e-14, atol=0
+        )
+        torch.testing.assert_close(
+            mean_resultant_length(p, kappa.cuda()).cpu(), mean_resultant_length(p, kappa), rtol=1e-14, atol=0
+        )
 
 
 def test_python_number_inputs():

@@ -9,6 +9,7 @@ from vmf_dists.kernels import (
     pairwise_log_expected_likelihood,
     pairwise_log_probability_product_kernel,
 )
+from vmf_dists.nonisotropic import NonIsotropicVMF
 from vmf_dists.special import (
     bessel_iv_ratio,
     inverse_mean_resultant_length,
@@ -16,7 +17,6 @@ from vmf_dists.special import (
     mean_resultant_length,
     vmf_log_normalizer,
 )
-from vmf_dists.nonisotropic import NonIsotropicVMF
 from vmf_dists.uniform import HypersphericalUniform
 from vmf_dists.von_mises_fisher import VonMisesFisher
 

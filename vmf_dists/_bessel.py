@@ -69,11 +69,21 @@ class BesselParts(NamedTuple):
     log_series: torch.Tensor | None = None  # log 0F1(; ν+1; x²/4)
 
 
+class _Request(NamedTuple):
+    """The parts `_debye_parts` and `_series_parts` compute: those that are not None."""
+
+    log_scaled: bool | None = None
+    ratio: bool | None = None
+    complement: bool | None = None
+    derivative: bool | None = None
+    log_series: bool | None = None
+
+
 # --------------------------------------------------------------------------------------------------
 # per-order constants
 
 
-def _series_ratio_rows(nu, k: torch.Tensor) -> list[torch.Tensor]:
+def _series_ratio_rows(nu: float | torch.Tensor, k: torch.Tensor) -> list[torch.Tensor]:
     """Term ratios (to be multiplied by q) of F₁, F₂ and N for k = 1 … K (ν a float or a [..., 1] tensor)."""
     return [
         1.0 / (k * (nu + k)),
@@ -105,7 +115,7 @@ class _ScalarOrder:
 _SCALAR_ORDERS: dict[tuple[float, torch.device], _ScalarOrder] = {}
 
 
-def _u_at_zero(table, nu: float, radial: bool) -> float:
+def _u_at_zero(table: list[tuple[float, float, float, float]], nu: float, radial: bool) -> float:
     """U − 1 at x = 0 (t = 1, τ = 1/ν) from a Debye table (rows j = 1 … J)."""
     s = 1.0 / nu if radial else 1.0
     return sum(row[0] * s ** (j + 1) for j, row in enumerate(table))
@@ -163,7 +173,9 @@ def _powers(s: torch.Tensor, count: int) -> torch.Tensor:
     return torch.cumprod(s.unsqueeze(-1).expand(*s.shape, count), dim=-1)
 
 
-def _debye_sums(order, x: torch.Tensor, r: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+def _debye_sums(
+    order: _ScalarOrder | torch.Tensor, x: torch.Tensor, r: torch.Tensor, tau: torch.Tensor
+) -> torch.Tensor:
     """[..., 4]: (U − 1, tU'(t), W, tW'(t)) of the uniform expansion."""
     if isinstance(order, _ScalarOrder):
         s = tau if order.radial else tau * order.nu
@@ -172,45 +184,55 @@ def _debye_sums(order, x: torch.Tensor, r: torch.Tensor, tau: torch.Tensor) -> t
     num_terms = _debye.MAX_TERMS
     t = order * tau
     t_powers = torch.cat([torch.ones_like(t).unsqueeze(-1), _powers(t, 2 * num_terms)], dim=-1)
-    by_term = (t_powers @ _expansion_tensor(x.device)).unflatten(-1, (num_terms, 4))
+    by_term: torch.Tensor = (t_powers @ _expansion_tensor(x.device)).unflatten(-1, (num_terms, 4))
     return (by_term * _powers(tau, num_terms).unsqueeze(-1)).sum(-2)
 
 
-def _add_scaled(acc: torch.Tensor, scale, term: torch.Tensor) -> torch.Tensor:
+def _add_scaled(acc: torch.Tensor, scale: float | torch.Tensor, term: torch.Tensor) -> torch.Tensor:
     """acc += scale·term in place (scale a Python number or a tensor)."""
     return acc.add_(term, alpha=scale) if isinstance(scale, float) else acc.add_(term * scale)
 
 
-def _debye_parts(order, nu, x: torch.Tensor, want: BesselParts, clamp: bool, log_at_zero=None) -> BesselParts:
-    nu_tensor = order.nu_tensor if isinstance(order, _ScalarOrder) else nu
+def _debye_parts(
+    order: _ScalarOrder | torch.Tensor,
+    nu: float | torch.Tensor,
+    x: torch.Tensor,
+    want: _Request,
+    clamp: bool,
+    log_at_zero: float | torch.Tensor | None = None,
+) -> BesselParts:
+    nu_tensor = order.nu_tensor if isinstance(order, _ScalarOrder) else order
     r = torch.hypot(x, nu_tensor)
     if clamp:  # entries with r < R₀ are discarded; clamping keeps them finite
         r = r.clamp(min=DEBYE_RADIUS)
     tau = torch.reciprocal(r)
     su, tdu, w, tdw = _debye_sums(order, x, r, tau).unbind(-1)
     zero_order = isinstance(nu, float) and nu == 0.0
-    t = None if zero_order else tau * nu
+    t = None if zero_order else tau * nu  # None exactly for ν = 0 (below, `t is None` marks that case)
     log_scaled = ratio = complement = derivative = None
     if want.log_scaled is not None:
         # ν²/(r+x) − ν log(ν+r) − ½ log(2πr) + log U, with −ν log(ν+r) − ½ log r = −(ν+½) log r − ν log1p(t)
         log_scaled = _add_scaled(torch.log1p(su), -(nu + 0.5), torch.log(r)).sub_(_HALF_LOG_2PI)
-        if not zero_order:
+        if t is not None:
             log_scaled = _add_scaled(_add_scaled(log_scaled, -nu, torch.log1p(t)), nu * nu, torch.reciprocal(r + x))
     if want.ratio is not None or want.complement is not None or want.derivative is not None:
         u = su + 1.0
         zt = x / r  # ≤ 1 (x·τ can round above 1)
         w_over_u = w / u
-        inv_one_plus_t = None if zero_order else torch.reciprocal(t + 1.0)
-        g = w_over_u + 1.0 if zero_order else inv_one_plus_t + w_over_u
+        if t is None:
+            g = w_over_u + 1.0
+        else:
+            inv_one_plus_t = torch.reciprocal(t + 1.0)
+            g = inv_one_plus_t + w_over_u
         if want.ratio is not None:
             ratio = (zt * g).clamp(max=_BELOW_ONE)  # R < 1 for finite x; the product can round up to 1
         if want.complement is not None:  # t(1 + t/(1+zt))/(1+t) − zt W/U, both terms ≥ 0
-            complement = (zt * w_over_u).neg_() if zero_order else (
+            complement = (zt * w_over_u).neg_() if t is None else (
                 torch.div(t, zt + 1.0).add_(1.0).mul_(t).mul_(inv_one_plus_t).addcmul_(zt, w_over_u, value=-1.0)
             )
         if want.derivative is not None:  # (1/r)[t²g + zt²(t/(1+t)² − (tW'U − W tU')/U²)]
             inner = torch.addcmul(tdw / u, w_over_u, tdu / u, value=-1.0).mul_(zt * zt)
-            if zero_order:
+            if t is None:
                 inner = inner.neg_()
             else:
                 inner = (t * inv_one_plus_t).mul_(inv_one_plus_t).mul_(zt * zt).sub_(inner).addcmul_(t * t, g)
@@ -221,7 +243,15 @@ def _debye_parts(order, nu, x: torch.Tensor, want: BesselParts, clamp: bool, log
     return BesselParts(log_scaled, ratio, complement, derivative, log_series)
 
 
-def _debye_log_series(order, nu, x: torch.Tensor, r: torch.Tensor, su: torch.Tensor, log_scaled, log_at_zero) -> torch.Tensor:
+def _debye_log_series(
+    order: _ScalarOrder | torch.Tensor,
+    nu: float | torch.Tensor,
+    x: torch.Tensor,
+    r: torch.Tensor,
+    su: torch.Tensor,
+    log_scaled: torch.Tensor | None,
+    log_at_zero: float | torch.Tensor | None,
+) -> torch.Tensor:
     """G = log 0F1(;ν+1;x²/4) where r ≥ R₀.
 
     For ν ≥ R₀, G = L + x + ν log 2 + log Γ(ν+1) would subtract numbers of size ν log ν from each other;
@@ -229,17 +259,19 @@ def _debye_log_series(order, nu, x: torch.Tensor, r: torch.Tensor, su: torch.Ten
     d = r − ν = x²/(r + ν), the cancellation-free G = d − ν log1p(d/(2ν)) − ½ log1p(d/ν) + log U − log U(0).
     For ν < R₀ that form does not converge at x = 0, and G is large wherever r ≥ R₀: L + x − lim L is used.
     """
+    assert log_scaled is not None and log_at_zero is not None  # always passed with log_series requested
     from_l = log_scaled + x - log_at_zero
     if isinstance(order, _ScalarOrder) and order.radial:
         return from_l
+    log_u_at_zero: float | torch.Tensor
     if isinstance(order, _ScalarOrder):
         log_u_at_zero = order.log_u_at_zero
-    else:  # per element, at x = 0 (meaningless for ν < R₀, where from_l is taken)
-        safe_nu = nu.clamp(min=DEBYE_RADIUS)
+    else:  # per element, at x = 0 (meaningless for ν < R₀, where from_l is taken); a tensor order is ν itself
+        safe_nu = order.clamp(min=DEBYE_RADIUS)
         log_u_at_zero = torch.log1p(_debye_sums(safe_nu, x, safe_nu, torch.reciprocal(safe_nu))[..., 0])
     d = (x * x) / (r + nu)
     stable = (d - nu * torch.log1p(d / (2.0 * nu)) - 0.5 * torch.log1p(d / nu)) + (torch.log1p(su) - log_u_at_zero)
-    return stable if isinstance(order, _ScalarOrder) else torch.where(nu >= DEBYE_RADIUS, stable, from_l)
+    return stable if isinstance(order, _ScalarOrder) else torch.where(order >= DEBYE_RADIUS, stable, from_l)
 
 
 def _series_sums(q: torch.Tensor, ratios: torch.Tensor) -> torch.Tensor:
@@ -247,7 +279,15 @@ def _series_sums(q: torch.Tensor, ratios: torch.Tensor) -> torch.Tensor:
     return torch.cumprod(q.unsqueeze(-1).unsqueeze(-1) * ratios, dim=-1).sum(-1)
 
 
-def _series_parts(order, nu, x: torch.Tensor, q: torch.Tensor, ratios: torch.Tensor, want: BesselParts, log_at_zero) -> BesselParts:
+def _series_parts(
+    order: _ScalarOrder | torch.Tensor,
+    nu: float | torch.Tensor,
+    x: torch.Tensor,
+    q: torch.Tensor,
+    ratios: torch.Tensor,
+    want: _Request,
+    log_at_zero: float | torch.Tensor,
+) -> BesselParts:
     rows = ratios.shape[-2]
     sums = _series_sums(q, ratios)
     s1 = sums[..., 0]
@@ -272,11 +312,14 @@ def _series_parts(order, nu, x: torch.Tensor, q: torch.Tensor, ratios: torch.Ten
 # the entry point
 
 
-def _merge(mask, first: torch.Tensor | None, second: torch.Tensor | None) -> torch.Tensor | None:
+def _merge(mask: torch.Tensor | None, first: torch.Tensor | None, second: torch.Tensor | None) -> torch.Tensor:
+    """``first`` where ``mask``, else ``second``; either alone when the other was not computed (at least one was)."""
     if first is None:
+        assert second is not None
         return second
     if second is None:
         return first
+    assert mask is not None  # both computed: there is a small-x region
     return torch.where(mask, first, second)
 
 
@@ -310,10 +353,16 @@ def expansion_parts(
         `BesselParts` with the requested entries set (the broadcast shape of order and x).
     """
     flags = (log_scaled, ratio, complement, derivative)
-    main = BesselParts(*(True if flag else None for flag in flags))
+    main = _Request(*(True if flag else None for flag in flags))
     needs_main = any(flags)
+    spec: _ScalarOrder | torch.Tensor
+    nu: float | torch.Tensor
+    small_x: float | torch.Tensor
+    gap_x: float | torch.Tensor
+    log_at_zero: float | torch.Tensor
     if isinstance(order, torch.Tensor):
-        nu, x = torch.broadcast_tensors(order.to(x), x)
+        broadcast: tuple[torch.Tensor, ...] = torch.broadcast_tensors(order.to(x), x)
+        nu, x = broadcast
         k = torch.arange(1, SERIES_TERMS + 1, dtype=x.dtype, device=x.device)
         ratios = torch.stack(_series_ratio_rows(nu.unsqueeze(-1), k), dim=-2)
         small_x = torch.sqrt((DEBYE_RADIUS**2 - nu * nu).clamp(min=0.0))
@@ -327,7 +376,9 @@ def expansion_parts(
     inf_x = torch.isinf(x)
     x = torch.where(inf_x, 0.0, x)
 
-    debye_want = main._replace(log_scaled=True if log_series else main.log_scaled, log_series=True if log_series else None)
+    debye_want = main._replace(
+        log_scaled=True if log_series else main.log_scaled, log_series=True if log_series else None
+    )
     debye = _debye_parts(spec, nu, x, debye_want, clamp=has_small, log_at_zero=log_at_zero)
     # q capped where the series is not used, so that the discarded terms stay finite
     q = torch.minimum(x, torch.as_tensor(gap_x, dtype=x.dtype, device=x.device)).square().mul_(0.25)
@@ -335,15 +386,16 @@ def expansion_parts(
         ratios = ratios[..., :1, :]
     elif not derivative:
         ratios = ratios[..., :2, :]
-    series_want = (main if has_small else BesselParts())._replace(log_series=True if log_series else None)
+    series_want = (main if has_small else _Request())._replace(log_series=True if log_series else None)
     series = _series_parts(spec, nu, x, q, ratios, series_want, log_at_zero)
 
-    parts = {}
+    parts: dict[str, torch.Tensor] = {}
     in_small = x < small_x if has_small else None
     for name, flag in zip(_NAMES, flags):
         if flag:
             parts[name] = _merge(in_small, getattr(series, name), getattr(debye, name))
     if log_series:
+        assert series.log_series is not None and debye.log_series is not None  # both requested above
         parts["log_series"] = torch.where(x <= gap_x, series.log_series, debye.log_series)
     parts = {name: torch.where(inf_x, _AT_INFINITY[name], value) for name, value in parts.items()}
     return BesselParts(**parts)

@@ -19,7 +19,8 @@ at first use per (order, device) we tabulate it once:
   G = L + x + ν log 2 + log Γ(ν+1), where G ≳ 7c makes the cancellation harmless.
 
 An evaluation is then: η, the interval index and u (a few operations), one gather of the coefficients,
-the powers of u (one ``pow``), one product and sum for all five, and the de-normalisations. The table is built from `expansion_parts` at the Chebyshev nodes and checked against
+the powers of u (one ``pow``), one product and sum for all five, and the de-normalisations. The table
+is built from `expansion_parts` at the Chebyshev nodes and checked against
 it at points between the nodes (the interval count doubles until the check passes): it agrees with the
 expansions to a few ulps (log I and R), and to the expansions' own accuracy near their seam for
 1 − R and R'; see docs/numerics.md for the measurements against mpmath.
@@ -30,8 +31,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from torch._library.custom_ops import CustomOpDef
 
 from vmf_dists._bessel import BesselParts, expansion_parts
 from vmf_dists._function import untraced
@@ -65,6 +70,8 @@ class OrderTable:
 
 def _normalised(nu: float, c: float, x: torch.Tensor, parts: BesselParts) -> torch.Tensor:
     """[..., 5]: Q_L, Q_R, Q_C, Q_D, Q_G at finite x > 0 from the expansions' parts."""
+    assert parts.log_scaled is not None and parts.ratio is not None and parts.complement is not None  # all requested
+    assert parts.derivative is not None and parts.log_series is not None
     xc = x + c
     eta, omega = c / xc, x / xc
     return torch.stack([
@@ -125,6 +132,7 @@ def _agrees_with_expansions(table: OrderTable, eta: torch.Tensor) -> bool:
     reference = expansion_parts(table.nu, x, **flags)
     agree = []
     for i, (value, ref) in enumerate(zip(_evaluate(table, x, **flags), reference)):
+        assert value is not None and ref is not None  # all requested
         scale = ref.abs().clamp(min=1.0) if i == 0 else ref.abs()
         ok = (value - ref).abs() <= _CHECK_ULPS[i] * _EPS * scale
         if i == 4:  # G: where both take it from L, the difference is L's rounding times |L|/G
@@ -146,11 +154,15 @@ def _evaluate(table: OrderTable, x: torch.Tensor, *, log_scaled: bool, ratio: bo
     log_scaled_value = torch.add(q_l, torch.log(xc), alpha=-(table.nu + 0.5)) if log_scaled or log_series else None
     series = None
     if log_series:  # x ω Q_G up to x = 8c; beyond, G = L + x + ν log 2 + log Γ(ν+1), which no longer cancels
+        assert omega is not None and log_scaled_value is not None
         series = torch.where(eta >= table.gap_eta, (x * omega).mul_(q_g), (log_scaled_value + x).add_(table.gap_offset))
+    ratio_value = None
+    if ratio:  # R < 1 for finite x (the product can round up), and exactly 1 at x = ∞ (η = 0)
+        assert omega is not None
+        ratio_value = torch.where(eta == 0.0, 1.0, (omega * q_r).clamp(max=_BELOW_ONE))
     return BesselParts(
         log_scaled_value if log_scaled else None,
-        # R < 1 for finite x (the product can round up), and exactly 1 at x = ∞ (η = 0)
-        torch.where(eta == 0.0, 1.0, (omega * q_r).clamp(max=_BELOW_ONE)) if ratio else None,
+        ratio_value,
         eta * q_c if complement else None,
         (eta * eta).mul_(q_d) if derivative else None,
         series,
@@ -172,7 +184,9 @@ def order_table(nu: float, device: torch.device) -> OrderTable:
             table = _TABLES[key] = _build(nu, device)
     if torch.jit.is_tracing():  # a cached tensor used by two traced Functions breaks the tracer: copies
         with untraced():
-            table = dataclasses.replace(table, coefficients=table.coefficients.clone(), exponents=table.exponents.clone())
+            table = dataclasses.replace(
+                table, coefficients=table.coefficients.clone(), exponents=table.exponents.clone()
+            )
     return table
 
 
@@ -212,7 +226,7 @@ def bessel_parts(
 _FLAGS = ("log_scaled", "ratio", "complement", "derivative", "log_series")
 
 
-def _register_operator():
+def _register_operator() -> CustomOpDef | None:
     """``vmf_dists::bessel_parts`` (torch ≥ 2.4): `bessel_parts` of a Python-number order as a custom op."""
     if not hasattr(torch.library, "custom_op"):
         return None

@@ -104,7 +104,8 @@ def check_sample_on_sphere(d: Distribution, value: torch.Tensor) -> None:
     for i, j in zip(reversed(value.shape), reversed(expected)):
         if i != 1 and j != 1 and i != j:
             raise ValueError(
-                f"value of shape {tuple(value.shape)} does not broadcast with batch_shape + event_shape = {tuple(expected)}"
+                f"value of shape {tuple(value.shape)} does not broadcast with batch_shape + event_shape = "
+                f"{tuple(expected)}"
             )
     if value.numel() == 0:
         return

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from functools import lru_cache
+from functools import cache
 
 Poly = tuple[Fraction, ...]  # coefficients in ascending powers of t
 
@@ -56,7 +56,7 @@ def _multiply(a: Poly, b: Poly) -> Poly:
 
 def _add(a: Poly, b: Poly) -> Poly:
     n = max(len(a), len(b))
-    return tuple((a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0) for i in range(n))
+    return tuple((a[i] if i < len(a) else Fraction(0)) + (b[i] if i < len(b) else Fraction(0)) for i in range(n))
 
 
 def _integral(c: Poly) -> Poly:
@@ -67,7 +67,7 @@ def _scale(c: Poly, s: Fraction) -> Poly:
     return tuple(s * x for x in c)
 
 
-@lru_cache(maxsize=None)
+@cache
 def u_polynomials() -> tuple[Poly, ...]:
     """u_0 … u_{MAX_TERMS+1} as exact rational coefficient tuples (one more than kept, for the bound)."""
     half_t2_one_minus_t2 = (Fraction(0), Fraction(0), Fraction(1, 2), Fraction(0), Fraction(-1, 2))
@@ -81,7 +81,7 @@ def u_polynomials() -> tuple[Poly, ...]:
     return tuple(polys)
 
 
-@lru_cache(maxsize=None)
+@cache
 def w_polynomials() -> tuple[Poly, ...]:
     """w_k = (v_k − u_k)/(1−t²) = −t(½u_{k−1} + t u'_{k−1}) for k = 0 … MAX_TERMS+1; w_0 = 0."""
     us = u_polynomials()
@@ -106,7 +106,7 @@ def _max_abs_over_t_power(c: Poly, k: int, samples: int = 4001) -> float:
     return best
 
 
-@lru_cache(maxsize=None)
+@cache
 def radial_bounds() -> tuple[float, ...]:
     """B_k = max over t ∈ [0, 1] of max(|u_k(t)|, |w_k(t)|) / t^k, for k = 0 … MAX_TERMS+1."""
     return tuple(
@@ -130,7 +130,7 @@ def terms_needed(radius: float) -> int:
     raise AssertionError("DEBYE_RADIUS is inconsistent with MAX_TERMS")  # checked by the tests
 
 
-@lru_cache(maxsize=None)
+@cache
 def expansion_coefficients(num_terms: int) -> tuple[tuple[tuple[float, float, float, float], ...], ...]:
     r"""Float coefficients $e[k-1][d] = ([t^{k+d}]u_k,\ (k+d)[t^{k+d}]u_k,\ [t^{k+d}]w_k,\ (k+d)[t^{k+d}]w_k)$.
 
@@ -167,7 +167,7 @@ def radial_table(order: float, num_terms: int) -> list[tuple[float, float, float
             weight = order**d
             for c in range(4):
                 table[k + d - 1][c] += coeffs[c] * weight
-    return [tuple(r) for r in table]
+    return [(u, tdu, w, tdw) for u, tdu, w, tdw in table]
 
 
 def order_table(order: float, num_terms: int) -> list[tuple[float, float, float, float]]:
@@ -182,4 +182,4 @@ def order_table(order: float, num_terms: int) -> list[tuple[float, float, float,
         for d, coeffs in enumerate(row):
             for c in range(4):
                 table[k + d - 1][c] += coeffs[c] * weight
-    return [tuple(r) for r in table]
+    return [(u, tdu, w, tdw) for u, tdu, w, tdw in table]

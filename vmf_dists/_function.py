@@ -10,6 +10,8 @@ arguments passed positionally that binding does nothing, so outside ``torch.func
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -18,7 +20,9 @@ __all__ = ["Refuse", "RefuseWithoutJvp", "apply", "untraced", "without_jvp"]
 _C_APPLY = getattr(torch._C._FunctionBase, "__dict__", {}).get("apply")
 
 
-def apply(function: type[torch.autograd.Function], *args, compiled: type[torch.autograd.Function] | None = None):
+def apply(
+    function: type[torch.autograd.Function], *args: Any, compiled: type[torch.autograd.Function] | None = None
+) -> Any:
     """``function.apply(*args)`` (all arguments positional), skipping the Python wrapper when it is not needed.
 
     Under torch.compile ``compiled`` (the `without_jvp` variant of ``function``) is applied instead:
@@ -32,16 +36,16 @@ def apply(function: type[torch.autograd.Function], *args, compiled: type[torch.a
 
 
 @contextlib.contextmanager
-def untraced():
+def untraced() -> Iterator[None]:
     """Build cached constants outside a ``torch.jit.trace`` (tensors made during the trace and reused by a
     later operation of it break the tracer), and outside inference mode (so later autograd can save them)."""
     state = torch._C._get_tracing_state()
-    torch._C._set_tracing_state(None)
+    torch._C._set_tracing_state(None)  # type: ignore[attr-defined]  # exists at run time, missing from torch's stubs
     try:
         with torch.inference_mode(False), torch.no_grad():
             yield
     finally:
-        torch._C._set_tracing_state(state)
+        torch._C._set_tracing_state(state)  # type: ignore[attr-defined]  # (as above)
 
 
 def without_jvp(function: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
@@ -64,17 +68,17 @@ class Refuse(torch.autograd.Function):
         return value.clone()
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
         ctx.what = inputs[2]
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor, None]:
         if ctx.needs_input_grad[0]:
             raise RuntimeError(f"derivatives of order higher than implemented for {ctx.what}")
         return None, grad, None
 
     @staticmethod
-    def jvp(ctx, x_tangent, value_tangent, _):
+    def jvp(ctx: Any, x_tangent: torch.Tensor | None, value_tangent: torch.Tensor, _: Any) -> torch.Tensor:
         if x_tangent is not None:
             raise RuntimeError(f"derivatives of order higher than implemented for {ctx.what}")
         return value_tangent

@@ -35,14 +35,14 @@ float64); √(1−w²) = √(y(2−y)).
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
+from typing import Any
 
 import numpy as np
 import torch
 
-from vmf_dists._function import Refuse, RefuseWithoutJvp, apply, untraced
 from vmf_dists._bessel_table import bessel_parts
-
+from vmf_dists._function import Refuse, RefuseWithoutJvp, apply, untraced
 
 
 def first_round_proposals(n: int) -> int:
@@ -84,7 +84,9 @@ def _d_inverse_cdf_p3(kappa: torch.Tensor, uniform: torch.Tensor, y: torch.Tenso
     return torch.where(small, series, closed)
 
 
-def _wood_accept(dim: int, kappa: torch.Tensor, big: torch.Tensor, small: torch.Tensor):
+def _wood_accept(
+    dim: int, kappa: torch.Tensor, big: torch.Tensor, small: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Wood's proposal y from a Beta variate z = big/(big+small) (given as its two parts) and the test.
 
     With m = p − 1, h = √(4κ² + m²) (a hypot: no overflow up to κ ~ 1e307), b = m/(2κ + h),
@@ -173,7 +175,7 @@ def sample_one_minus_w(dim: int, kappa: torch.Tensor) -> torch.Tensor:
 # implicit reparameterisation: dy/dκ
 
 
-@lru_cache(maxsize=None)
+@cache
 def _gauss_legendre(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """n-point Gauss-Legendre nodes and weights on [0, 1] (float64), cached per device: the training
     step's backward then never copies them from the host (a copy that would wait for the GPU)."""
@@ -183,7 +185,9 @@ def _gauss_legendre(n: int, device: torch.device) -> tuple[torch.Tensor, torch.T
                 torch.as_tensor(weights / 2.0, dtype=torch.float64, device=device))
 
 
-def d_one_minus_w_d_kappa(dim: int, kappa: torch.Tensor, y: torch.Tensor, one_minus_a: torch.Tensor | None = None) -> torch.Tensor:
+def d_one_minus_w_d_kappa(
+    dim: int, kappa: torch.Tensor, y: torch.Tensor, one_minus_a: torch.Tensor | None = None
+) -> torch.Tensor:
     """dy/dκ at fixed CDF value, for y = 1 − w, by quadrature of the implicit-function formula (float64).
 
     With the angle θ = arccos w and m = p − 2, ∂F/∂κ = ∫_{−1}^{w} (t − A) f(t) dt = −∫_w^1 (t − A) f(t) dt,
@@ -203,6 +207,7 @@ def d_one_minus_w_d_kappa(dim: int, kappa: torch.Tensor, y: torch.Tensor, one_mi
     m = float(dim - 2)
     if one_minus_a is None:  # 1 − A keeps its digits at large κ
         one_minus_a = bessel_parts(dim / 2.0 - 1.0, kappa, complement=True).complement
+        assert one_minus_a is not None
     else:
         one_minus_a = one_minus_a.to(torch.float64)
     # in half-angles ψ = φ/2 ∈ [0, π/2], where 1 − cos φ = 2 sin²ψ and sin φ = 2 sin ψ cos ψ
@@ -263,20 +268,31 @@ class SampleMap(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(mu, kappa, direction, s, tangent_norm, y, dim: int, projected: bool, one_minus_a, uniform):
+    def forward(
+        mu: torch.Tensor,
+        kappa: torch.Tensor,
+        direction: torch.Tensor,
+        s: torch.Tensor,
+        tangent_norm: torch.Tensor,
+        y: torch.Tensor,
+        dim: int,
+        projected: bool,
+        one_minus_a: torch.Tensor | None,
+        uniform: torch.Tensor | None,
+    ) -> torch.Tensor:
         w = (1.0 - y).to(mu.dtype)
         c = torch.sqrt(y * (2.0 - y)).to(mu.dtype) / tangent_norm
         shift = w if projected else torch.addcmul(w, c, s, value=-1.0)  # x = c g + (w − c s) μ
         return torch.addcmul(shift.unsqueeze(-1) * mu, c.unsqueeze(-1), direction)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
         mu, kappa, direction, s, tangent_norm, y, dim, projected, one_minus_a, uniform = inputs
         ctx.save_for_backward(mu, kappa, direction, s, tangent_norm, y, one_minus_a, uniform)
         ctx.dim, ctx.projected = dim, projected
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         mu, kappa, direction, s, tangent_norm, y, one_minus_a, uniform = ctx.saved_tensors
         need_mu, need_kappa = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if torch.is_grad_enabled():  # create_graph: exact in μ and G, refused in κ (see _graph_gradients)
@@ -285,7 +301,9 @@ class SampleMap(torch.autograd.Function):
         rho = torch.sqrt(y * (2.0 - y)).to(mu.dtype)
         grad_mu_dot = (grad * mu).sum(-1)  # Gᵀμ
         grad_dir_dot = (grad * direction).sum(-1)  # Gᵀt or Gᵀg
-        grad_v_dot = (grad_dir_dot if ctx.projected else torch.addcmul(grad_dir_dot, s, grad_mu_dot, value=-1.0)) / tangent_norm
+        grad_v_dot = (
+            grad_dir_dot if ctx.projected else torch.addcmul(grad_dir_dot, s, grad_mu_dot, value=-1.0)
+        ) / tangent_norm
         grad_kappa = grad_mu_nu = None
         if need_kappa:
             dy = SampleMap._dy_dkappa(ctx, kappa, y, one_minus_a, uniform).to(mu.dtype)
@@ -302,14 +320,18 @@ class SampleMap(torch.autograd.Function):
         return grad_mu_nu, grad_kappa, None, None, None, None, None, None, None, None
 
     @staticmethod
-    def _dy_dkappa(ctx, kappa, y, one_minus_a, uniform) -> torch.Tensor:
+    def _dy_dkappa(
+        ctx: Any, kappa: torch.Tensor, y: torch.Tensor, one_minus_a: torch.Tensor | None, uniform: torch.Tensor | None
+    ) -> torch.Tensor:
         kappa64 = kappa.detach().to(torch.float64)
         if uniform is not None:
             return _d_inverse_cdf_p3(kappa64, uniform, y)
         return d_one_minus_w_d_kappa(ctx.dim, kappa64, y, one_minus_a)
 
     @staticmethod
-    def _graph_gradients(ctx, grad, need_mu: bool, need_kappa: bool):
+    def _graph_gradients(
+        ctx: Any, grad: torch.Tensor, need_mu: bool, need_kappa: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(∂L/∂μ, ∂L/∂κ) as differentiable functions of μ and G: x is rebuilt from its noise with y as a
         leaf; ∂L/∂κ = (∂L/∂y)(dy/dκ) with dy/dκ held fixed, so a further derivative in κ (which would
         need d²y/dκ²) raises, lazily, instead of being silently incomplete."""
@@ -318,7 +340,9 @@ class SampleMap(torch.autograd.Function):
         y_leaf = y.detach().to(mu.dtype).requires_grad_(need_kappa)
         tangent = g - (g * mu).sum(-1, keepdim=True) * mu
         rho = torch.sqrt(y_leaf * (2.0 - y_leaf))
-        x = (1.0 - y_leaf).unsqueeze(-1) * mu + (rho / torch.linalg.vector_norm(tangent, dim=-1)).unsqueeze(-1) * tangent
+        x = (1.0 - y_leaf).unsqueeze(-1) * mu + (
+            (rho / torch.linalg.vector_norm(tangent, dim=-1)).unsqueeze(-1) * tangent
+        )
         inputs = [t for t, needed in ((mu, need_mu), (y_leaf, need_kappa)) if needed]
         grads = list(torch.autograd.grad(x, inputs, grad, create_graph=True))
         grad_mu = grads.pop(0) if need_mu else None
@@ -400,8 +424,9 @@ def rsample_vmf(loc: torch.Tensor, kappa: torch.Tensor, exact_tangent_norm: bool
     if not in_place:
         mu_full = loc.expand(shape + (dim,))
         direction = tangent if tangent is not None else g
-        return apply(SampleMap, mu_full, kappa, direction, s, tangent_norm, y, dim, tangent is not None,
-                     complement, uniform if kappa.requires_grad else None)
+        sample: torch.Tensor = apply(SampleMap, mu_full, kappa, direction, s, tangent_norm, y, dim,
+                                     tangent is not None, complement, uniform if kappa.requires_grad else None)
+        return sample
     w = (1.0 - y).to(dtype)
     c = torch.sqrt(y * (2.0 - y)).to(dtype) / tangent_norm
     if tangent is not None:

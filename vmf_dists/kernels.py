@@ -7,11 +7,13 @@ coefficient. For two von Mises–Fisher distributions the moment generating func
 $\mathbb{E}[e^{a^\top x}] = C_p(\kappa)/C_p(\|\kappa\mu + a\|)$ gives the closed form
 
 $$
-\log \mathrm{PPK}_\rho = \rho[\log C_p(\kappa_1) + \log C_p(\kappa_2)] - \log C_p(\rho\,\|\kappa_1\mu_1 + \kappa_2\mu_2\|),
+\log \mathrm{PPK}_\rho = \rho[\log C_p(\kappa_1) + \log C_p(\kappa_2)] -
+\log C_p(\rho\,\|\kappa_1\mu_1 + \kappa_2\mu_2\|),
 $$
 
 evaluated here with $\tilde C(\kappa) = \log C_p(\kappa) + \kappa$ as
-$\rho[\tilde C(\kappa_1) + \tilde C(\kappa_2)] - \tilde C(r) - \rho\,\frac{\kappa_1\kappa_2\|\mu_1-\mu_2\|^2}{\kappa_1+\kappa_2+\|\kappa_1\mu_1+\kappa_2\mu_2\|}$
+$\rho[\tilde C(\kappa_1) + \tilde C(\kappa_2)] - \tilde C(r) -
+\rho\,\frac{\kappa_1\kappa_2\|\mu_1-\mu_2\|^2}{\kappa_1+\kappa_2+\|\kappa_1\mu_1+\kappa_2\mu_2\|}$
 with $r = \rho\|\kappa_1\mu_1 + \kappa_2\mu_2\|$, so nothing of size κ cancels (the last term uses
 $(\kappa_1+\kappa_2)^2 - \|\kappa_1\mu_1+\kappa_2\mu_2\|^2 = \kappa_1\kappa_2\|\mu_1-\mu_2\|^2$).
 `HypersphericalUniform` arguments are treated as vMFs with κ = 0.
@@ -30,7 +32,12 @@ import torch
 from torch.distributions import Distribution
 
 from vmf_dists._checks import check_same_sphere
-from vmf_dists.special import _validation_enabled, in_gap_series_region, log_normalizer_plus_kappa, uniform_log_normalizer_gap
+from vmf_dists.special import (
+    _validation_enabled,
+    in_gap_series_region,
+    log_normalizer_plus_kappa,
+    uniform_log_normalizer_gap,
+)
 from vmf_dists.uniform import HypersphericalUniform, log_sphere_area
 from vmf_dists.von_mises_fisher import VonMisesFisher
 
@@ -43,18 +50,21 @@ __all__ = [
 ]
 
 
-def _as_vmf_parameters(d, other) -> tuple[torch.Tensor, torch.Tensor]:
+def _as_vmf_parameters(d: Distribution, other: Distribution) -> tuple[torch.Tensor, torch.Tensor]:
     """(unit loc [..., p], κ [...]) in float64 for a vMF, or for a uniform (κ = 0, any loc), the latter
     on the device of the ``other`` argument when that is a vMF (a uniform's own device is irrelevant)."""
     if isinstance(d, VonMisesFisher):
         return d._unit_loc64, d.concentration.to(torch.float64)
+    assert isinstance(d, HypersphericalUniform)  # the other closed-form family (`_check_pair`)
     device = other.loc.device if isinstance(other, VonMisesFisher) else d.device
     loc = torch.zeros(d.batch_shape + d.event_shape, dtype=torch.float64, device=device)
     loc[..., 0] = 1.0
     return loc, torch.zeros(d.batch_shape, dtype=torch.float64, device=device)
 
 
-def _closed_form_inputs(p, q, *, pairwise: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _closed_form_inputs(
+    p: Distribution, q: Distribution, *, pairwise: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(κ₁, κ₂, ‖μ₁ − μ₂‖²) in float64: broadcast for single pairs, or [B, 1], [1, C], [B, C] for all pairs."""
     mu1, k1 = _as_vmf_parameters(p, q)
     mu2, k2 = _as_vmf_parameters(q, p)
@@ -67,14 +77,17 @@ def _closed_form_inputs(p, q, *, pairwise: bool) -> tuple[torch.Tensor, torch.Te
     return k1.unsqueeze(-1), k2.unsqueeze(0), sq_dist
 
 
-def _result_dtype(p, q) -> torch.dtype:
-    def dtype(d) -> torch.dtype:
-        return d.loc.dtype if isinstance(d, VonMisesFisher) else d.dtype
+def _result_dtype(p: Distribution, q: Distribution) -> torch.dtype:
+    def dtype(d: Distribution) -> torch.dtype:
+        if isinstance(d, VonMisesFisher):
+            return d.loc.dtype
+        assert isinstance(d, HypersphericalUniform)  # the other closed-form family (`_check_pair`)
+        return d.dtype
 
     return torch.promote_types(dtype(p), dtype(q))
 
 
-def _check_pair(p, q, rho: float) -> int:
+def _check_pair(p: Distribution, q: Distribution, rho: float) -> int:
     for d in (p, q):
         if not isinstance(d, (VonMisesFisher, HypersphericalUniform)):
             raise NotImplementedError(
@@ -87,7 +100,9 @@ def _check_pair(p, q, rho: float) -> int:
     return p.event_shape[0]
 
 
-def _log_ppk_closed_form(dim: int, k1, k2, sq_dist, rho: float) -> torch.Tensor:
+def _log_ppk_closed_form(
+    dim: int, k1: torch.Tensor, k2: torch.Tensor, sq_dist: torch.Tensor, rho: float
+) -> torch.Tensor:
     """The closed form from κ₁, κ₂ and ‖μ₁ − μ₂‖² (broadcast), float64.
 
     Large κ: ρ[C̃(κ₁) + C̃(κ₂)] − C̃(r) − ρ κ₁κ₂‖μ₁−μ₂‖²/(κ₁+κ₂+‖κ₁μ₁+κ₂μ₂‖), with C̃ = log C + κ.
@@ -114,14 +129,17 @@ def _log_ppk_closed_form(dim: int, k1, k2, sq_dist, rho: float) -> torch.Tensor:
     return torch.where(small, anchored, large)
 
 
-def log_probability_product_kernel(p: Distribution, q: Distribution, rho: float, *, num_samples: int | None = None) -> torch.Tensor:
+def log_probability_product_kernel(
+    p: Distribution, q: Distribution, rho: float, *, num_samples: int | None = None
+) -> torch.Tensor:
     r"""$\log \int p(x)^\rho q(x)^\rho\,dx$ for two distributions on the same sphere (closed form for vMFs).
 
     For $p = \mathrm{vMF}(\mu_1, \kappa_1)$ and $q = \mathrm{vMF}(\mu_2, \kappa_2)$ the moment generating
     function gives
 
     $$
-    \log \mathrm{PPK}_\rho(p, q) = \rho[\log C_p(\kappa_1) + \log C_p(\kappa_2)] - \log C_p(\rho\,\|\kappa_1\mu_1 + \kappa_2\mu_2\|),
+    \log \mathrm{PPK}_\rho(p, q) = \rho[\log C_p(\kappa_1) + \log C_p(\kappa_2)] -
+    \log C_p(\rho\,\|\kappa_1\mu_1 + \kappa_2\mu_2\|),
     $$
 
     evaluated in float64 without cancellation (see the module docstring); a `HypersphericalUniform`
@@ -149,7 +167,7 @@ def log_probability_product_kernel(p: Distribution, q: Distribution, rho: float,
     return _log_ppk_closed_form(dim, k1, k2, sq_dist, float(rho)).to(_result_dtype(p, q))
 
 
-def _closed_form_pair(p, q) -> bool:
+def _closed_form_pair(p: Distribution, q: Distribution) -> bool:
     closed = (VonMisesFisher, HypersphericalUniform)
     return isinstance(p, closed) and isinstance(q, closed)
 
@@ -161,7 +179,9 @@ def _check_temperature(temperature: float | torch.Tensor) -> float | torch.Tenso
     """
     if isinstance(temperature, torch.Tensor):
         if temperature.dim() != 0 or not temperature.is_floating_point():
-            raise ValueError(f"temperature must be a float or a 0-dim floating tensor, got shape {tuple(temperature.shape)}")
+            raise ValueError(
+                f"temperature must be a float or a 0-dim floating tensor, got shape {tuple(temperature.shape)}"
+            )
         if _validation_enabled(None) and not bool(temperature.detach() > 0):
             raise ValueError(f"temperature must be positive, got {temperature.item()}")
         return temperature
@@ -175,7 +195,7 @@ def _is_one(temperature: float | torch.Tensor) -> bool:
     return not isinstance(temperature, torch.Tensor) and temperature == 1.0
 
 
-def _check_num_samples(num_samples) -> int:
+def _check_num_samples(num_samples: int | None) -> int:
     if num_samples is None:
         raise ValueError("num_samples is required: this pair has no closed form and is estimated by Monte Carlo")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
@@ -183,7 +203,9 @@ def _check_num_samples(num_samples) -> int:
     return num_samples
 
 
-def _log_tempered_closed_form(dim: int, kp, kq, sq_dist, temperature) -> torch.Tensor:
+def _log_tempered_closed_form(
+    dim: int, kp: torch.Tensor, kq: torch.Tensor, sq_dist: torch.Tensor, temperature: float | torch.Tensor
+) -> torch.Tensor:
     """log E_{x~vMF(μp,κp)}[exp(log vMF(x; μq, κq)/T)] = C̃(κq)/T − κq/T + log C(κp) − log C(‖κpμp + (κq/T)μq‖).
 
     Written with C̃ = log C + κ as C̃(κq)/T + C̃(κp) − C̃(r) − κp a ‖μp − μq‖²/(κp + a + r), a = κq/T.
@@ -193,12 +215,13 @@ def _log_tempered_closed_form(dim: int, kp, kq, sq_dist, temperature) -> torch.T
     positive = norm_sq > 0
     r = torch.where(positive, torch.sqrt(torch.where(positive, norm_sq, 1.0)), 0.0)
     denom = (kp + a + r).clamp(min=torch.finfo(torch.float64).tiny)
-    return (
+    log_el: torch.Tensor = (
         log_normalizer_plus_kappa(dim, kq) / temperature
         + log_normalizer_plus_kappa(dim, kp)
         - log_normalizer_plus_kappa(dim, r)
         - kp * a * sq_dist / denom
     )
+    return log_el
 
 
 def _log_mean_exp(values: torch.Tensor) -> torch.Tensor:
@@ -271,9 +294,11 @@ def log_expected_likelihood(
 
 
 def log_bhattacharyya_coefficient(p: Distribution, q: Distribution, *, num_samples: int | None = None) -> torch.Tensor:
-    r"""$\log \int \sqrt{p\,q}$, the log Bhattacharyya coefficient (probability product kernel, ρ = ½); ≤ 0, = 0 iff p = q.
+    r"""$\log \int \sqrt{p\,q}$, the log Bhattacharyya coefficient (probability product kernel, ρ = ½); ≤ 0,
+    = 0 iff p = q.
 
-    For two vMFs, $\tfrac12[\log C_p(\kappa_1) + \log C_p(\kappa_2)] - \log C_p(\tfrac12\|\kappa_1\mu_1 + \kappa_2\mu_2\|)$;
+    For two vMFs,
+    $\tfrac12[\log C_p(\kappa_1) + \log C_p(\kappa_2)] - \log C_p(\tfrac12\|\kappa_1\mu_1 + \kappa_2\mu_2\|)$;
     see `log_probability_product_kernel`.
 
     Args:
@@ -296,7 +321,9 @@ def log_bhattacharyya_coefficient(p: Distribution, q: Distribution, *, num_sampl
     return log_probability_product_kernel(p, q, 0.5, num_samples=num_samples)
 
 
-def pairwise_log_probability_product_kernel(p: Distribution, q: Distribution, rho: float, *, num_samples: int | None = None) -> torch.Tensor:
+def pairwise_log_probability_product_kernel(
+    p: Distribution, q: Distribution, rho: float, *, num_samples: int | None = None
+) -> torch.Tensor:
     r"""All pairs: $\log\mathrm{PPK}_\rho(p_b, q_c)$ for ``p`` with batch shape ``[B]`` and ``q`` with batch ``[C]``.
 
     Uses $\|\kappa_b\mu_b + \kappa_c\mu_c\|^2 = (\kappa_b+\kappa_c)^2 - \kappa_b\kappa_c\|\mu_b-\mu_c\|^2$ with
@@ -337,7 +364,8 @@ def pairwise_log_expected_likelihood(
       parameters, the two data-dependent quantities of $\log q_c(x)$ are
       $\theta_c^\top K_c x = x \cdot (k_c^2 \odot \mu_c)$ and $\|K_c x\|^2 = (x \odot x)\cdot k_c^2$: two
       ``[S·B, p] × [p, C]`` products in the parameters' dtype (float32 on a GPU is fine), then
-      $\log q_c(x) = [\log C_p(\|\theta_c\|) + \|\theta_c\|] - \|\theta_c\|(1 - \cos) + \sum_d \log k_{c,d} - \tfrac p2\log\|K_cx\|^2$
+      $\log q_c(x) = [\log C_p(\|\theta_c\|) + \|\theta_c\|] - \|\theta_c\|(1 - \cos) + \sum_d \log k_{c,d} -
+      \tfrac p2\log\|K_cx\|^2$
       with $\cos = \theta_c^\top K_c x / (\|\theta_c\|\,\|K_c x\|)$ and a log-mean-exp over $S$. No
       ``[S, B, C, p]`` tensor is formed. Jensen bias as in `log_expected_likelihood`.
 
@@ -402,6 +430,8 @@ def pairwise_log_expected_likelihood(
     return _log_mean_exp(log_q.reshape(samples, -1, log_q.shape[-1]) / temperature)
 
 
-def _check_pairwise_shapes(p, q) -> None:
+def _check_pairwise_shapes(p: Distribution, q: Distribution) -> None:
     if len(p.batch_shape) != 1 or len(q.batch_shape) != 1:
-        raise ValueError(f"pairwise kernels need batch shapes [B] and [C], got {tuple(p.batch_shape)} and {tuple(q.batch_shape)}")
+        raise ValueError(
+            f"pairwise kernels need batch shapes [B] and [C], got {tuple(p.batch_shape)} and {tuple(q.batch_shape)}"
+        )

@@ -4,12 +4,15 @@ r"""Closed-form KL divergences between `VonMisesFisher` and `HypersphericalUnifo
 
 With $A = A_p(\kappa_1)$, $\tilde C(\kappa) = \log C_p(\kappa) + \kappa$:
 
-* $\mathrm{KL}(\mathrm{vMF}_1 \| \mathrm{vMF}_2) = \log C_p(\kappa_1) - \log C_p(\kappa_2) + A(\kappa_1 - \kappa_2\mu_1^\top\mu_2)$,
-  evaluated as $\tilde C(\kappa_1) - \tilde C(\kappa_2) + (\kappa_2 - \kappa_1)(1 - A) + \kappa_2 A\|\mu_1 - \mu_2\|^2/2$
+* $\mathrm{KL}(\mathrm{vMF}_1 \| \mathrm{vMF}_2)
+  = \log C_p(\kappa_1) - \log C_p(\kappa_2) + A(\kappa_1 - \kappa_2\mu_1^\top\mu_2)$,
+  evaluated as
+  $\tilde C(\kappa_1) - \tilde C(\kappa_2) + (\kappa_2 - \kappa_1)(1 - A) + \kappa_2 A\|\mu_1 - \mu_2\|^2/2$
   (no terms of size κ cancel), and where both $\kappa^2 \le 32p$ as
   $G(\kappa_2) - G(\kappa_1) + A(\kappa_1 - \kappa_2\mu_1^\top\mu_2)$ with $G(\kappa) = \log {}_0F_1(; p/2; \kappa^2/4)$
   (relative precision as κ → 0).
-* $\mathrm{KL}(\mathrm{vMF} \| U) = \log C_p(\kappa) + \kappa A + \log|S^{p-1}| = \kappa A - \log {}_0F_1(; p/2; \kappa^2/4)$,
+* $\mathrm{KL}(\mathrm{vMF} \| U) = \log C_p(\kappa) + \kappa A + \log|S^{p-1}|
+  = \kappa A - \log {}_0F_1(; p/2; \kappa^2/4)$,
   which keeps relative precision as κ → 0 (value ≈ κ²/(2p)); for large κ it is evaluated as
   $\tilde C(\kappa) + \log|S^{p-1}| - \kappa(1 - A)$. Never a difference of entropies.
 * $\mathrm{KL}(U \| \mathrm{vMF}) = \log C_p(0) - \log C_p(\kappa) = \log {}_0F_1(; p/2; \kappa^2/4)$.
@@ -26,14 +29,24 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
 import torch
-from torch.distributions.kl import register_kl
+from torch.distributions import Distribution
+
+if TYPE_CHECKING:  # torch's register_kl is unannotated; it returns the function it registers unchanged
+    _KL = TypeVar("_KL", bound=Callable[..., torch.Tensor])
+
+    def register_kl(type_p: type[Distribution], type_q: type[Distribution]) -> Callable[[_KL], _KL]: ...
+else:
+    from torch.distributions.kl import register_kl
 
 from vmf_dists._checks import check_same_sphere
 from vmf_dists.special import (
+    _RATIO,
     _evaluate,
     _nu,
-    _RATIO,
     in_gap_series_region,
     log_normalizer_plus_kappa,
     mean_resultant_length_complement,
@@ -46,9 +59,10 @@ from vmf_dists.von_mises_fisher import VonMisesFisher
 __all__ = ["kl_vmf_vmf", "kl_vmf_uniform", "kl_uniform_vmf", "kl_uniform_uniform"]
 
 
-def _broadcast_batch_shapes(p, q) -> torch.Size:
+def _broadcast_batch_shapes(p: Distribution, q: Distribution) -> torch.Size:
     try:
-        return torch.broadcast_shapes(p.batch_shape, q.batch_shape)
+        shape: torch.Size = torch.broadcast_shapes(p.batch_shape, q.batch_shape)
+        return shape
     except RuntimeError:
         raise ValueError(f"batch shapes {tuple(p.batch_shape)} and {tuple(q.batch_shape)} do not broadcast") from None
 
@@ -105,7 +119,8 @@ def kl_vmf_uniform(p: VonMisesFisher, q: HypersphericalUniform) -> torch.Tensor:
     r"""KL(vMF(μ, κ) ‖ Uniform), ≥ 0, with relative precision as κ → 0.
 
     $$
-    \mathrm{KL} = \log C_p(\kappa) + \kappa A_p(\kappa) + \log|S^{p-1}| = \kappa A_p(\kappa) - \log {}_0F_1(; p/2; \kappa^2/4),
+    \mathrm{KL} = \log C_p(\kappa) + \kappa A_p(\kappa) + \log|S^{p-1}|
+    = \kappa A_p(\kappa) - \log {}_0F_1(; p/2; \kappa^2/4),
     $$
 
     independent of μ (the prior term of a hyperspherical VAE, Davidson et al. 2018).

@@ -110,7 +110,9 @@ class NonIsotropicVMF(TorchDistribution):
         self._validate_args = validate
 
     @classmethod
-    def infer_shapes(cls, loc: tuple[int, ...], concentration: tuple[int, ...]) -> tuple[torch.Size, torch.Size]:
+    def infer_shapes(  # type: ignore[override]  # Pyro's base is the catch-all (**arg_shapes); this names them
+        cls, loc: tuple[int, ...], concentration: tuple[int, ...]
+    ) -> tuple[torch.Size, torch.Size]:
         """(batch_shape, event_shape) of a distribution built from arguments of these shapes (Pyro's protocol).
 
         Args:
@@ -122,7 +124,9 @@ class NonIsotropicVMF(TorchDistribution):
         """
         return torch.Size(torch.broadcast_shapes(tuple(loc[:-1]), tuple(concentration[:-1]))), torch.Size(loc[-1:])
 
-    def expand(self, batch_shape: torch.Size | tuple[int, ...], _instance: NonIsotropicVMF | None = None) -> NonIsotropicVMF:
+    def expand(
+        self, batch_shape: torch.Size | list[int] | tuple[int, ...], _instance: NonIsotropicVMF | None = None
+    ) -> NonIsotropicVMF:
         """The same distribution with its batch shape expanded (what Pyro's ``plate`` calls).
 
         Args:
@@ -135,7 +139,7 @@ class NonIsotropicVMF(TorchDistribution):
         Raises:
             RuntimeError: if the current batch shape does not broadcast to ``batch_shape``.
         """
-        new = self._get_checked_instance(NonIsotropicVMF, _instance)
+        new: NonIsotropicVMF = self._get_checked_instance(NonIsotropicVMF, _instance)
         batch_shape = torch.Size(batch_shape)
         new.loc = self.loc.expand(batch_shape + self.event_shape)
         new.concentration = self.concentration.expand(batch_shape + self.event_shape)
@@ -161,7 +165,8 @@ class NonIsotropicVMF(TorchDistribution):
 
     @lazy_property
     def base_vmf(self) -> VonMisesFisher:
-        r"""The vMF that is pushed forward: $\mathrm{vMF}(\theta/\|\theta\|, \|\theta\|)$, batch shape ``batch_shape``."""
+        r"""The vMF that is pushed forward: $\mathrm{vMF}(\theta/\|\theta\|, \|\theta\|)$, batch shape
+        ``batch_shape``."""
         norm = torch.linalg.vector_norm(self._theta64, dim=-1)
         direction = self._theta64 / norm.unsqueeze(-1)
         return VonMisesFisher(direction.to(self.loc.dtype), norm.to(self.loc.dtype), validate_args=False)
@@ -199,7 +204,7 @@ class NonIsotropicVMF(TorchDistribution):
         kx = k * value.to(torch.float64)
         kx_norm = torch.linalg.vector_norm(kx, dim=-1)
         sq_dist = (theta / theta_norm.unsqueeze(-1) - kx / kx_norm.unsqueeze(-1)).square().sum(-1)
-        out = (
+        out: torch.Tensor = (
             log_normalizer_plus_kappa(self.dim, theta_norm)
             - 0.5 * theta_norm * sq_dist
             + torch.log(k).sum(-1)
@@ -207,7 +212,7 @@ class NonIsotropicVMF(TorchDistribution):
         )
         return out.to(torch.promote_types(self.loc.dtype, value.dtype))
 
-    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = torch.Size()) -> torch.Tensor:
+    def rsample(self, sample_shape: torch.Size | list[int] | tuple[int, ...] = torch.Size()) -> torch.Tensor:
         r"""Exact, reparameterised samples $x = K^{-1}y/\|K^{-1}y\|$ with $y$ from `base_vmf`.
 
         Gradients reach ``loc`` and ``concentration`` through $\theta$ and the map (the base vMF's
@@ -226,7 +231,8 @@ class NonIsotropicVMF(TorchDistribution):
         # x is unchanged by scaling k, so divide by k/max(k) in float64: no overflow for tiny k in float32
         k = self.concentration.to(torch.float64)
         z = y.to(torch.float64) / (k / k.detach().amax(-1, keepdim=True))
-        return (z / torch.linalg.vector_norm(z, dim=-1, keepdim=True)).to(y.dtype)
+        x: torch.Tensor = z / torch.linalg.vector_norm(z, dim=-1, keepdim=True)
+        return x.to(y.dtype)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -236,7 +242,8 @@ class NonIsotropicVMF(TorchDistribution):
     @property
     def mode(self) -> torch.Tensor:
         """Not available in closed form: raises `NotImplementedError`."""
-        raise NotImplementedError(_NO_CLOSED_FORM.format(what="mode", how="locate it numerically, e.g. by maximising log_prob over the sphere"))
+        how = "locate it numerically, e.g. by maximising log_prob over the sphere"
+        raise NotImplementedError(_NO_CLOSED_FORM.format(what="mode", how=how))
 
     @property
     def variance(self) -> torch.Tensor:

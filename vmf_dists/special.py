@@ -41,8 +41,9 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, TypeGuard
 
 import torch
 
@@ -75,7 +76,19 @@ def _validation_enabled(validate_args: bool | None) -> bool:
     return bool(validate_args)
 
 
-def _as_float_tensor(value, name: str, check) -> tuple[torch.Tensor, torch.dtype]:
+def _is_real_number(value: object) -> TypeGuard[float]:
+    """A Python or NumPy real number (`numbers.Real`) other than a bool (typed as the float it acts as)."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Real)
+
+
+def _is_integer(value: object) -> TypeGuard[int]:
+    """A Python or NumPy integer (`numbers.Integral`) other than a bool."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral)
+
+
+def _as_float_tensor(
+    value: object, name: str, check: Callable[[torch.Tensor], None]
+) -> tuple[torch.Tensor, torch.dtype]:
     """(a floating tensor for ``value``, the dtype of the result), after ``check`` (a validator taking a
     tensor). A Python number becomes a float64 tensor, so that it is checked and computed from its exact
     value (e.g. −1e-300 is not rounded to −0.0 and accepted, r = 1 − 1e-10 is not rounded to 1), and
@@ -86,24 +99,24 @@ def _as_float_tensor(value, name: str, check) -> tuple[torch.Tensor, torch.dtype
         value = value if value.is_floating_point() else value.to(torch.get_default_dtype())
         check(value)
         return value, value.dtype
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not _is_real_number(value):
         raise ValueError(f"{name} must be a real number or a tensor, got {type(value).__name__}")
     value = torch.tensor(float(value), dtype=torch.float64)
     check(value)
     return value, torch.get_default_dtype()
 
 
-def _check_dim(dim) -> int:
+def _check_dim(dim: object) -> int:
     if isinstance(dim, torch.Tensor) and dim.dim() == 0 and not dim.is_floating_point() and dim.dtype != torch.bool:
         dim = int(dim)  # a traced size (torch.jit.trace turns shapes into tensors)
-    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+    if not _is_integer(dim):
         raise ValueError(f"dim must be an integer ≥ 2 (the ambient dimension p), got {dim!r}")
     if dim < 2:
         raise ValueError(f"dim must be an integer ≥ 2 (the ambient dimension p), got {dim}")
     return int(dim)
 
 
-def _check_order(v, validate: bool):
+def _check_order(v: object, validate: bool) -> float | torch.Tensor:
     """Return the order as a Python float or a float64 tensor, after checking v ≥ 0."""
     if isinstance(v, torch.Tensor):
         if v.requires_grad:
@@ -111,7 +124,7 @@ def _check_order(v, validate: bool):
         if validate and not bool(((v >= 0) & torch.isfinite(v)).all()):
             raise ValueError("v must be a finite non-negative order")
         return v.to(torch.float64)
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+    if not _is_real_number(v):
         raise ValueError(f"v must be a real number or a tensor, got {type(v).__name__}")
     if not v >= 0 or math.isinf(v):
         raise ValueError(f"v must be a finite non-negative order, got {v}")
@@ -138,7 +151,7 @@ def _check_unit_interval(r: torch.Tensor, validate: bool) -> None:
             raise ValueError(f"r must lie in [0, 1), got {_first_bad(r, bad)}")
 
 
-def _broadcast_with_order(x: torch.Tensor, order) -> torch.Tensor:
+def _broadcast_with_order(x: torch.Tensor, order: float | torch.Tensor) -> torch.Tensor:
     """Expand x to the broadcast shape with a tensor order, so its gradient reduces correctly."""
     if isinstance(order, torch.Tensor):
         try:
@@ -151,7 +164,7 @@ def _broadcast_with_order(x: torch.Tensor, order) -> torch.Tensor:
     return x
 
 
-def _order_on(v, x: torch.Tensor):
+def _order_on(v: float | torch.Tensor, x: torch.Tensor) -> float | torch.Tensor:
     return v.to(x.device) if isinstance(v, torch.Tensor) else v
 
 
@@ -171,19 +184,19 @@ class _Kernel:
     """
 
     name: str
-    order: Callable
+    order: Callable[[Any], float | torch.Tensor]  # arg ↦ ν
     needs: tuple[str, ...]
-    value: Callable
+    value: Callable[..., torch.Tensor]  # (arg, x64, parts) ↦ f(x)
     derivative_needs: tuple[str, ...]
-    derivative: Callable
-    graph_derivative: Callable
+    derivative: Callable[..., torch.Tensor]  # (arg, x64, parts) ↦ f'(x)
+    graph_derivative: Callable[[Any, torch.Tensor], torch.Tensor]  # (arg, x) ↦ f'(x), differentiable
     passes_through: bool = False
 
-    def __post_init__(self):  # plain attributes (torch.compile cannot trace functools.cached_property)
+    def __post_init__(self) -> None:  # plain attributes (torch.compile cannot trace functools.cached_property)
         self._value_flags = {name: True for name in self.needs}
         self._all_flags = {name: True for name in self.needs + self.derivative_needs}
 
-    def parts(self, arg, x64: torch.Tensor, with_derivative: bool) -> BesselParts:
+    def parts(self, arg: Any, x64: torch.Tensor, with_derivative: bool) -> BesselParts:
         flags = self._all_flags if with_derivative else self._value_flags
         return bessel_parts(_order_on(self.order(arg), x64), x64, **flags)
 
@@ -206,17 +219,21 @@ class _SpecialFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: torch.Tensor, kernel: _Kernel, arg, parts: BesselParts | None):
+    def forward(
+        x: torch.Tensor, kernel: _Kernel, arg: Any, parts: BesselParts | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         x64 = x if x.dtype == torch.float64 else x.to(torch.float64)
         with_derivative = x.requires_grad
         if parts is None or (with_derivative and kernel.lacks_derivative_parts(parts)):
             parts = kernel.parts(arg, x64, with_derivative)
         value = _output(kernel.value(arg, x64, parts), x.dtype, kernel.passes_through)
-        derivative = _output(kernel.derivative(arg, x64, parts), x.dtype, kernel.passes_through) if with_derivative else None
+        derivative = (
+            _output(kernel.derivative(arg, x64, parts), x.dtype, kernel.passes_through) if with_derivative else None
+        )
         return value, derivative
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor | None]) -> None:
         x, kernel, arg, _ = inputs
         derivative = output[1]
         if derivative is not None:
@@ -226,7 +243,7 @@ class _SpecialFunction(torch.autograd.Function):
         ctx.kernel, ctx.arg = kernel, arg
 
     @staticmethod
-    def backward(ctx, grad, _):
+    def backward(ctx: Any, grad: torch.Tensor, _: Any) -> tuple[torch.Tensor, None, None, None]:
         x, derivative = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: f' as a differentiable function of x
             derivative = ctx.kernel.graph_derivative(ctx.arg, x)
@@ -236,7 +253,7 @@ class _SpecialFunction(torch.autograd.Function):
         return grad * derivative, None, None, None
 
     @staticmethod
-    def jvp(ctx, x_tangent, *_):
+    def jvp(ctx: Any, x_tangent: torch.Tensor, *_: Any) -> tuple[torch.Tensor, None]:
         (x,) = ctx.saved_tensors
         return x_tangent * ctx.kernel.graph_derivative(ctx.arg, x), None
 
@@ -244,17 +261,21 @@ class _SpecialFunction(torch.autograd.Function):
 _SpecialFunctionWithoutJvp = without_jvp(_SpecialFunction)
 
 
-def _evaluate(kernel: _Kernel, x: torch.Tensor, arg, parts: BesselParts | None = None) -> torch.Tensor:
-    return apply(_SpecialFunction, x, kernel, arg, parts, compiled=_SpecialFunctionWithoutJvp)[0]
+def _evaluate(kernel: _Kernel, x: torch.Tensor, arg: Any, parts: BesselParts | None = None) -> torch.Tensor:
+    value: torch.Tensor = apply(_SpecialFunction, x, kernel, arg, parts, compiled=_SpecialFunctionWithoutJvp)[0]
+    return value
 
 
-def _highest_derivative(derivative: Callable, what: str) -> Callable:
+def _highest_derivative(
+    derivative: Callable[..., torch.Tensor], what: str
+) -> Callable[[Any, torch.Tensor], torch.Tensor]:
     """A ``graph_derivative`` for the highest implemented order: the value of ``derivative`` at x, tied to x
     so that one more derivative in x raises (`vmf_dists._function.Refuse`)."""
 
-    def graph_derivative(arg, x):
+    def graph_derivative(arg: Any, x: torch.Tensor) -> torch.Tensor:
         value = derivative(arg, x.detach().to(torch.float64), None).to(x.dtype)
-        return apply(Refuse, x, value, what, compiled=RefuseWithoutJvp)
+        tied: torch.Tensor = apply(Refuse, x, value, what, compiled=RefuseWithoutJvp)
+        return tied
 
     return graph_derivative
 
@@ -263,27 +284,28 @@ def _nu(dim: int) -> float:
     return dim / 2.0 - 1.0
 
 
-def _identity(arg):
+def _identity(arg: float | torch.Tensor) -> float | torch.Tensor:
     return arg
 
 
-def _v_over_x(v, x64: torch.Tensor) -> torch.Tensor:
+def _v_over_x(v: float | torch.Tensor, x64: torch.Tensor) -> torch.Tensor:
     """v/x, taken as 0 where v = 0 (including at x = 0)."""
     if isinstance(v, torch.Tensor):
         return torch.where(v == 0, 0.0, v / x64)
     return v / x64 if v != 0 else torch.zeros_like(x64)
 
 
-def _log_bessel_value(v, x64, parts):
+def _log_bessel_value(v: float | torch.Tensor, x64: torch.Tensor, parts: BesselParts) -> torch.Tensor:
     # log I_v(x) = G + v log(x/2) − log Γ(v+1) for x ≤ 1 (G keeps relative precision: log I_0(x) ≈ x²/4),
     # L + x + v log x beyond.
+    assert parts.log_series is not None and parts.log_scaled is not None  # _LOG_BESSEL.needs
     lgamma = torch.lgamma(v + 1.0) if isinstance(v, torch.Tensor) else math.lgamma(v + 1.0)
     small = parts.log_series + torch.xlogy(v, 0.5 * x64) - lgamma
     out = torch.where(x64 <= 1.0, small, parts.log_scaled + x64 + torch.xlogy(v, x64))
     return torch.where(torch.isinf(x64), x64, out)
 
 
-def _log_bessel_graph_derivative(v, x):
+def _log_bessel_graph_derivative(v: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return bessel_iv_ratio(v, x, validate_args=False) + _v_over_x(v, x)
 
 
@@ -298,7 +320,7 @@ _RATIO = _Kernel(
 )
 
 
-def _ratio_second_derivative(v, x64: torch.Tensor, parts) -> torch.Tensor:
+def _ratio_second_derivative(v: float | torch.Tensor, x64: torch.Tensor, parts: BesselParts | None) -> torch.Tensor:
     # R_v' is an even function of x, so |x ± h| is fine near 0. It varies on the scale
     # max(x, √(2v+2)), so h = 2e-3·max(x, √(2v+2)): truncation O((h/scale)^4), rounding O(ε·scale/h);
     # ~1e-11 relative (Richardson-extrapolated central differences of the exact R_v').
@@ -307,18 +329,20 @@ def _ratio_second_derivative(v, x64: torch.Tensor, parts) -> torch.Tensor:
     steps = torch.stack([0.5 * h, h])
     points = torch.stack([x64 + steps, (x64 - steps).abs()])  # [2 (sign), 2 (step), ...]
     d = bessel_parts(v if not isinstance(v, torch.Tensor) else v.expand_as(points), points, derivative=True).derivative
+    assert d is not None
     central = (d[0] - d[1]) / (2.0 * steps)
     return (4.0 * central[0] - central[1]) / 3.0
 
 
-_RATIO_DERIVATIVE = _Kernel(
+_RATIO_DERIVATIVE: _Kernel = _Kernel(
     "R_v'", _identity, ("derivative",), lambda v, x64, parts: parts.derivative,
     (), _ratio_second_derivative, _highest_derivative(_ratio_second_derivative, "the Bessel ratio (third derivative)"),
     passes_through=True,
 )
 
 
-def _log_normalizer_value(dim, k64, parts):
+def _log_normalizer_value(dim: int, k64: torch.Tensor, parts: BesselParts) -> torch.Tensor:
+    assert parts.log_scaled is not None  # _LOG_NORMALIZER.needs
     out = -0.5 * dim * _LOG_2PI - parts.log_scaled - k64
     return torch.where(torch.isinf(k64), -k64, out)  # log C_p(∞) = −∞
 
@@ -363,10 +387,14 @@ def log_sphere_area(dim: int) -> float:
     return math.log(2.0) + 0.5 * dim * math.log(math.pi) - math.lgamma(0.5 * dim)
 
 
-def _kl_uniform_value(dim, k64, parts):
+def _kl_uniform_value(dim: int, k64: torch.Tensor, parts: BesselParts) -> torch.Tensor:
     # κA − G near κ = 0 (relative precision, ≈ κ²/(2p)); [log C + κ] + log|S| − κ(1 − A) beyond.
+    assert parts.ratio is not None and parts.log_series is not None  # _KL_UNIFORM.needs
+    assert parts.log_scaled is not None and parts.complement is not None
     near_zero = (k64 * parts.ratio).sub_(parts.log_series)
-    large = torch.addcmul((-0.5 * dim * _LOG_2PI + log_sphere_area(dim)) - parts.log_scaled, k64, parts.complement, value=-1.0)
+    large = torch.addcmul(
+        (-0.5 * dim * _LOG_2PI + log_sphere_area(dim)) - parts.log_scaled, k64, parts.complement, value=-1.0
+    )
     return torch.where(k64 <= math.sqrt(32.0 * dim), near_zero, large).clamp(min=0.0)
 
 
@@ -377,8 +405,9 @@ _KL_UNIFORM = _Kernel(
 )
 
 
-def _entropy_value(dim, k64, parts):
+def _entropy_value(dim: int, k64: torch.Tensor, parts: BesselParts) -> torch.Tensor:
     # −[log C + κ] + κ(1 − A): no terms of size κ cancel
+    assert parts.log_scaled is not None and parts.complement is not None  # _ENTROPY.needs
     return torch.addcmul(parts.log_scaled + 0.5 * dim * _LOG_2PI, k64, parts.complement)
 
 
@@ -411,7 +440,9 @@ def vmf_parts(dim: int, kappa64: torch.Tensor, with_derivative: bool) -> BesselP
 # public functions
 
 
-def log_bessel_iv(v: float | torch.Tensor, x: float | torch.Tensor, *, validate_args: bool | None = None) -> torch.Tensor:
+def log_bessel_iv(
+    v: float | torch.Tensor, x: float | torch.Tensor, *, validate_args: bool | None = None
+) -> torch.Tensor:
     r"""Logarithm of the modified Bessel function of the first kind, $\log I_v(x)$.
 
     Exact in float64 for every real order $v \ge 0$ and every $x \ge 0$ up to the largest float (no
@@ -457,7 +488,9 @@ def log_bessel_iv(v: float | torch.Tensor, x: float | torch.Tensor, *, validate_
     return _evaluate(_LOG_BESSEL, _broadcast_with_order(x, order), _order_on(order, x)).to(dtype)
 
 
-def bessel_iv_ratio(v: float | torch.Tensor, x: float | torch.Tensor, *, validate_args: bool | None = None) -> torch.Tensor:
+def bessel_iv_ratio(
+    v: float | torch.Tensor, x: float | torch.Tensor, *, validate_args: bool | None = None
+) -> torch.Tensor:
     r"""The ratio $R_v(x) = I_{v+1}(x) / I_v(x) \in [0, 1)$, stable for all $x \ge 0$.
 
     Limits: $R_v(x) \approx x/(2v+2)$ as $x \to 0$ and $R_v(x) \to 1$ as $x \to \infty$; it satisfies
@@ -572,7 +605,9 @@ def mean_resultant_length(dim: int, kappa: float | torch.Tensor, *, validate_arg
     return _evaluate(_RATIO, kappa, _nu(dim)).to(dtype)
 
 
-def inverse_mean_resultant_length(dim: int, r: float | torch.Tensor, *, validate_args: bool | None = None) -> torch.Tensor:
+def inverse_mean_resultant_length(
+    dim: int, r: float | torch.Tensor, *, validate_args: bool | None = None
+) -> torch.Tensor:
     r"""The concentration $\kappa$ with $A_p(\kappa) = r$, for $r \in [0, 1)$ (the vMF MLE of $\kappa$).
 
     Given the mean resultant length $\bar r = \|\sum_i x_i\| / n$ of unit vectors, the maximum
@@ -622,32 +657,33 @@ class _InverseMeanResultantLength(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(r: torch.Tensor, dim: int):
+    def forward(r: torch.Tensor, dim: int) -> torch.Tensor:
         return _solve_mean_resultant_length(dim, r.to(torch.float64)).to(r.dtype)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
         r, dim = inputs
         ctx.save_for_backward(r, output)
         ctx.save_for_forward(r, output)
         ctx.dim = dim
 
     @staticmethod
-    def _graph_slope(ctx) -> torch.Tensor:
+    def _graph_slope(ctx: Any) -> torch.Tensor:
         """dκ/dr = 1/A_p'(κ(r)) as a differentiable function of r."""
         r, _ = ctx.saved_tensors
         return 1.0 / mean_resultant_length_derivative(ctx.dim, _inverse(r, ctx.dim))
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         if torch.is_grad_enabled():  # create_graph: κ(r) and A_p'(κ) as differentiable functions of r
             return grad * _InverseMeanResultantLength._graph_slope(ctx), None
         _, kappa = ctx.saved_tensors
         deriv = bessel_parts(_nu(ctx.dim), kappa.to(torch.float64), derivative=True).derivative
+        assert deriv is not None
         return grad / deriv.to(grad.dtype), None
 
     @staticmethod
-    def jvp(ctx, r_tangent, _):
+    def jvp(ctx: Any, r_tangent: torch.Tensor, _: Any) -> torch.Tensor:
         return r_tangent * _InverseMeanResultantLength._graph_slope(ctx)
 
 
@@ -655,7 +691,8 @@ _InverseMeanResultantLengthWithoutJvp = without_jvp(_InverseMeanResultantLength)
 
 
 def _inverse(r: torch.Tensor, dim: int) -> torch.Tensor:
-    return apply(_InverseMeanResultantLength, r, dim, compiled=_InverseMeanResultantLengthWithoutJvp)
+    kappa: torch.Tensor = apply(_InverseMeanResultantLength, r, dim, compiled=_InverseMeanResultantLengthWithoutJvp)
+    return kappa
 
 
 def _invert_amos_bound(r: torch.Tensor, a: float, b: float) -> torch.Tensor:
@@ -677,6 +714,7 @@ def _solve_mean_resultant_length(dim: int, r: torch.Tensor) -> torch.Tensor:
     kappa = torch.minimum(torch.maximum(banerjee, lower), upper)
     for _ in range(_NEWTON_STEPS):
         parts = bessel_parts(nu, kappa, ratio=True, derivative=True)
+        assert parts.ratio is not None and parts.derivative is not None
         step = (parts.ratio - r) / parts.derivative
         kappa = torch.minimum(torch.maximum(kappa - step, lower), upper)
     return torch.where(r == 0, torch.zeros_like(kappa), kappa)

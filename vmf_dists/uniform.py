@@ -19,7 +19,8 @@ def _default_device() -> torch.device:
     get = getattr(torch, "get_default_device", None)
     if get is None or torch.compiler.is_compiling():
         return torch.empty(0).device
-    return get()
+    device: torch.device = get()
+    return device
 
 
 class HypersphericalUniform(TorchDistribution):
@@ -53,7 +54,7 @@ class HypersphericalUniform(TorchDistribution):
         2.531
     """
 
-    arg_constraints: dict = {}
+    arg_constraints: dict[str, constraints.Constraint] = {}
     support = constraints.sphere
     has_rsample = True
 
@@ -65,7 +66,9 @@ class HypersphericalUniform(TorchDistribution):
         super().__init__(torch.Size(batch_shape), torch.Size([self.dim]), validate_args=validate_args)
 
     @classmethod
-    def infer_shapes(cls, dim: int, batch_shape: tuple[int, ...] = ()) -> tuple[torch.Size, torch.Size]:
+    def infer_shapes(  # type: ignore[override]  # Pyro's base is the catch-all (**arg_shapes); this names them
+        cls, dim: int, batch_shape: tuple[int, ...] = ()
+    ) -> tuple[torch.Size, torch.Size]:
         """(batch_shape, event_shape) of ``HypersphericalUniform(dim, batch_shape)`` (Pyro's protocol; this
         distribution has no tensor parameters, so it takes the constructor's own arguments).
 
@@ -91,7 +94,9 @@ class HypersphericalUniform(TorchDistribution):
         """The device on which samples, the entropy and the moments are created."""
         return self._device
 
-    def expand(self, batch_shape: torch.Size | tuple[int, ...], _instance: HypersphericalUniform | None = None) -> HypersphericalUniform:
+    def expand(
+        self, batch_shape: torch.Size | list[int] | tuple[int, ...], _instance: HypersphericalUniform | None = None
+    ) -> HypersphericalUniform:
         """The same distribution with its batch shape expanded (what Pyro's ``plate`` calls).
 
         Args:
@@ -112,7 +117,7 @@ class HypersphericalUniform(TorchDistribution):
             compatible = False
         if not compatible:
             raise ValueError(f"cannot expand batch shape {tuple(self.batch_shape)} to {tuple(batch_shape)}")
-        new = self._get_checked_instance(HypersphericalUniform, _instance)
+        new: HypersphericalUniform = self._get_checked_instance(HypersphericalUniform, _instance)
         new.dim = self.dim
         new._dtype = self._dtype
         new._device = self._device
@@ -120,7 +125,7 @@ class HypersphericalUniform(TorchDistribution):
         new._validate_args = self._validate_args
         return new
 
-    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = torch.Size()) -> torch.Tensor:
+    def rsample(self, sample_shape: torch.Size | list[int] | tuple[int, ...] = torch.Size()) -> torch.Tensor:
         r"""Uniform samples on the sphere: normalised standard Gaussians $g/\|g\|$ (Muller 1959).
 
         There are no parameters, so nothing carries a gradient.
@@ -134,7 +139,9 @@ class HypersphericalUniform(TorchDistribution):
         """
         shape = self._extended_shape(sample_shape)
         g = torch.randn(shape, dtype=self._dtype, device=self._device)
-        return g / torch.linalg.vector_norm(g, dim=-1, keepdim=True).clamp(min=torch.finfo(self._dtype).tiny)
+        norm = torch.linalg.vector_norm(g, dim=-1, keepdim=True).clamp(min=torch.finfo(self._dtype).tiny)
+        unit: torch.Tensor = g / norm
+        return unit
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         r"""The constant log density $-\log|S^{p-1}|$ (`log_sphere_area`).
@@ -175,7 +182,8 @@ class HypersphericalUniform(TorchDistribution):
 
     @property
     def variance(self) -> torch.Tensor:
-        r"""Per-coordinate variances $1/p$ (the diagonal of $\operatorname{Cov}[x] = I/p$), shape ``batch_shape + [p]``."""
+        r"""Per-coordinate variances $1/p$ (the diagonal of $\operatorname{Cov}[x] = I/p$), shape
+        ``batch_shape + [p]``."""
         return torch.full(self._extended_shape(), 1.0 / self.dim, dtype=self._dtype, device=self._device)
 
     def __repr__(self) -> str:

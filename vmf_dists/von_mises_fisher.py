@@ -2,13 +2,14 @@ r"""The von Mises–Fisher distribution on the unit sphere $S^{p-1} \subset \mat
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from pyro.distributions import TorchDistribution, constraints
 from torch.distributions.utils import lazy_property
 
 from vmf_dists._bessel import BesselParts
 from vmf_dists._bessel_table import bessel_parts
-from vmf_dists._function import apply, without_jvp
 from vmf_dists._checks import (
     check_sample_on_sphere,
     check_unit_and_nonnegative,
@@ -16,6 +17,7 @@ from vmf_dists._checks import (
     check_values,
     finite_nonnegative,
 )
+from vmf_dists._function import apply, without_jvp
 from vmf_dists._sampling import rsample_vmf
 from vmf_dists.special import (
     _LOG_2PI,
@@ -35,7 +37,7 @@ __all__ = ["VonMisesFisher"]
 _EXACT_TANGENT_NORM_MAX_DIM = 16
 
 
-def _check_loc(loc) -> None:
+def _check_loc(loc: object) -> None:
     """A floating tensor of shape [..., p] with p ≥ 2, or ValueError (the unit norm is a constraint)."""
     if not isinstance(loc, torch.Tensor) or not loc.is_floating_point():
         raise ValueError("loc must be a floating-point tensor of shape [..., p]")
@@ -50,7 +52,7 @@ def _unit(loc: torch.Tensor) -> torch.Tensor:
     for d, (size, stride) in enumerate(zip(loc.shape[:-1], loc.stride()[:-1])):
         if stride == 0 and size > 1:
             compact = compact.narrow(d, 0, 1)
-    unit = compact / torch.linalg.vector_norm(compact, dim=-1, keepdim=True)
+    unit: torch.Tensor = compact / torch.linalg.vector_norm(compact, dim=-1, keepdim=True)
     return unit.expand(loc.shape)
 
 
@@ -72,7 +74,9 @@ class _LogDensity(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(value, loc, kappa, dim: int, parts):
+    def forward(
+        value: torch.Tensor, loc: torch.Tensor, kappa: torch.Tensor, dim: int, parts: BesselParts | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
         norm = torch.linalg.vector_norm(loc, dim=-1, keepdim=True)
         diff = torch.addcmul(value - loc, 1.0 - torch.reciprocal(norm), loc)  # x − loc/‖loc‖
         sq_dist = diff.square().sum(-1)
@@ -80,12 +84,13 @@ class _LogDensity(torch.autograd.Function):
         if parts is None or (with_complement and parts.complement is None):
             parts = bessel_parts(dim / 2.0 - 1.0, kappa.detach().to(torch.float64), log_scaled=True,
                                  complement=with_complement)
+        assert parts.log_scaled is not None  # requested above, or one of vmf_parts
         mode = (-0.5 * dim * _LOG_2PI - parts.log_scaled).to(kappa.dtype)  # log C_p(κ) + κ
-        complement = parts.complement.to(kappa.dtype) if with_complement else None
+        complement = parts.complement.to(kappa.dtype) if with_complement and parts.complement is not None else None
         return torch.addcmul(mode, kappa, sq_dist, value=-0.5), diff, sq_dist, complement, norm
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor | None, ...]) -> None:
         value, loc, kappa, dim, _ = inputs
         _, diff, sq_dist, complement, norm = output
         ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
@@ -94,7 +99,9 @@ class _LogDensity(torch.autograd.Function):
         ctx.dim = dim
 
     @staticmethod
-    def backward(ctx, grad, *_):
+    def backward(
+        ctx: Any, grad: torch.Tensor, *_: Any
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None, None]:
         value, loc, kappa, diff, sq_dist, complement, norm = ctx.saved_tensors
         need_value, need_loc, need_kappa = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # double backward: the same derivatives, from differentiable operations
@@ -103,6 +110,7 @@ class _LogDensity(torch.autograd.Function):
             complement = mean_resultant_length_complement(ctx.dim, kappa) if need_kappa else None
         elif need_kappa and complement is None:
             complement = bessel_parts(ctx.dim / 2.0 - 1.0, kappa.detach().to(torch.float64), complement=True).complement
+            assert complement is not None
             complement = complement.to(kappa.dtype)
         grad_value = grad_loc = grad_kappa = None
         if need_value or need_loc:
@@ -115,13 +123,22 @@ class _LogDensity(torch.autograd.Function):
         return grad_value, grad_loc, grad_kappa, None, None
 
     @staticmethod
-    def jvp(ctx, value_tangent, loc_tangent, kappa_tangent, *_):
+    def jvp(
+        ctx: Any,
+        value_tangent: torch.Tensor | None,
+        loc_tangent: torch.Tensor | None,
+        kappa_tangent: torch.Tensor | None,
+        *_: Any,
+    ) -> tuple[torch.Tensor | None, None, None, None, None]:
         value, loc, kappa, _, _, _, norm = ctx.saved_tensors
         diff = value - loc / torch.linalg.vector_norm(loc, dim=-1, keepdim=True)
         tangent = None
         if value_tangent is not None or loc_tangent is not None:
             mu_tangent = None if loc_tangent is None else _tangent_part(loc_tangent, loc, norm)
-            moved = value_tangent if mu_tangent is None else (-mu_tangent if value_tangent is None else value_tangent - mu_tangent)
+            if mu_tangent is None:
+                moved = value_tangent
+            else:
+                moved = -mu_tangent if value_tangent is None else value_tangent - mu_tangent
             tangent = -kappa * (diff * moved).sum(-1)
         if kappa_tangent is not None:
             slope = torch.add(mean_resultant_length_complement(ctx.dim, kappa), diff.square().sum(-1), alpha=-0.5)
@@ -239,7 +256,9 @@ class VonMisesFisher(TorchDistribution):
         self._validate_args = validate
 
     @classmethod
-    def infer_shapes(cls, loc: tuple[int, ...], concentration: tuple[int, ...] = ()) -> tuple[torch.Size, torch.Size]:
+    def infer_shapes(  # type: ignore[override]  # Pyro's base is the catch-all (**arg_shapes); this names them
+        cls, loc: tuple[int, ...], concentration: tuple[int, ...] = ()
+    ) -> tuple[torch.Size, torch.Size]:
         """(batch_shape, event_shape) of a distribution built from arguments of these shapes (Pyro's protocol).
 
         Args:
@@ -251,7 +270,9 @@ class VonMisesFisher(TorchDistribution):
         """
         return torch.Size(torch.broadcast_shapes(tuple(loc[:-1]), tuple(concentration))), torch.Size(loc[-1:])
 
-    def expand(self, batch_shape: torch.Size | tuple[int, ...], _instance: VonMisesFisher | None = None) -> VonMisesFisher:
+    def expand(
+        self, batch_shape: torch.Size | list[int] | tuple[int, ...], _instance: VonMisesFisher | None = None
+    ) -> VonMisesFisher:
         """The same distribution with its batch shape expanded (what Pyro's ``plate`` calls).
 
         The parameters are expanded views, not copies, and the validation setting is kept.
@@ -266,7 +287,7 @@ class VonMisesFisher(TorchDistribution):
         Raises:
             RuntimeError: if the current batch shape does not broadcast to ``batch_shape``.
         """
-        new = self._get_checked_instance(VonMisesFisher, _instance)
+        new: VonMisesFisher = self._get_checked_instance(VonMisesFisher, _instance)
         batch_shape = torch.Size(batch_shape)
         new.loc = self.loc.expand(batch_shape + self.event_shape)
         new.concentration = self.concentration.expand(batch_shape)
@@ -331,10 +352,11 @@ class VonMisesFisher(TorchDistribution):
         """
         if self._validate_args:
             check_sample_on_sphere(self, value)
-        return apply(_LogDensity, value, self.loc, self.concentration, self.dim, self._parts(),
-                     compiled=_LogDensityWithoutJvp)[0]
+        log_density: torch.Tensor = apply(_LogDensity, value, self.loc, self.concentration, self.dim, self._parts(),
+                                          compiled=_LogDensityWithoutJvp)[0]
+        return log_density
 
-    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = torch.Size()) -> torch.Tensor:
+    def rsample(self, sample_shape: torch.Size | list[int] | tuple[int, ...] = torch.Size()) -> torch.Tensor:
         r"""Exact, reparameterised samples.
 
         $w = \mu^\top x$ comes from the exact inverse CDF ($p = 3$) or Wood's (1994) rejection
@@ -369,7 +391,7 @@ class VonMisesFisher(TorchDistribution):
         shape = torch.Size(sample_shape) + self.batch_shape
         kappa = self.concentration.expand(shape)
         parts = self._parts() if kappa.requires_grad else None
-        complement = parts.complement.expand(shape) if parts is not None else None
+        complement = parts.complement.expand(shape) if parts is not None and parts.complement is not None else None
         return rsample_vmf(self._unit_loc, kappa, exact_tangent_norm=self.dim <= _EXACT_TANGENT_NORM_MAX_DIM,
                            complement=complement)
 
@@ -386,18 +408,21 @@ class VonMisesFisher(TorchDistribution):
 
     @property
     def mean(self) -> torch.Tensor:
-        r"""The mean $\mathbb{E}[x] = A_p(\kappa)\mu$ (inside the ball: its norm is $A_p(\kappa) < 1$), shape ``batch_shape + [p]``."""
+        r"""The mean $\mathbb{E}[x] = A_p(\kappa)\mu$ (inside the ball: its norm is $A_p(\kappa) < 1$), shape
+        ``batch_shape + [p]``."""
         a = mean_resultant_length(self.dim, self.concentration, validate_args=False)
         return a.unsqueeze(-1) * self._unit_loc
 
     @property
     def mode(self) -> torch.Tensor:
-        """The mode, the mean direction μ, shape ``batch_shape + [p]`` (for κ = 0 every point is a mode; μ is returned)."""
+        """The mode, the mean direction μ, shape ``batch_shape + [p]`` (for κ = 0 every point is a mode; μ is
+        returned)."""
         return self._unit_loc
 
     @property
     def variance(self) -> torch.Tensor:
-        r"""Per-coordinate variances: the diagonal of $\operatorname{Cov}[x] = \rho I + (A_p'(\kappa) - \rho)\mu\mu^\top$.
+        r"""Per-coordinate variances: the diagonal of
+        $\operatorname{Cov}[x] = \rho I + (A_p'(\kappa) - \rho)\mu\mu^\top$.
 
         Here $\rho = A_p(\kappa)/\kappa$ ($1/p$ at $\kappa = 0$); shape ``batch_shape + [p]``, computed
         in float64 as $\rho(1 - \mu_d^2) + A_p'(\kappa)\mu_d^2$ (no cancellation along μ).
@@ -414,7 +439,9 @@ class VonMisesFisher(TorchDistribution):
     # ---------------------------------------------------------------------------------------------
 
     @classmethod
-    def fit(cls, x: torch.Tensor, weights: torch.Tensor | None = None, validate_args: bool | None = None) -> "VonMisesFisher":
+    def fit(
+        cls, x: torch.Tensor, weights: torch.Tensor | None = None, validate_args: bool | None = None
+    ) -> VonMisesFisher:
         r"""Maximum-likelihood vMF for unit vectors ``x`` (optionally weighted).
 
         $\hat\mu = \sum_i w_i x_i / \|\sum_i w_i x_i\|$ and $\hat\kappa = A_p^{-1}(\bar r)$ with

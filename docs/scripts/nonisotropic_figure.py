@@ -57,7 +57,8 @@ def write_png(path: Path, rgb: np.ndarray) -> None:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+    png = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png)
 
 
 def colormap(t: np.ndarray) -> np.ndarray:
@@ -143,7 +144,8 @@ def main() -> None:
     print("μ = (1, 1, 1)/√3")
     for name, d in dists.items():
         print(f"∫ {name} = {integral(d.log_prob):.6f}")
-    print(f"∫ exp(log C(‖θ‖) + θᵀKx/‖Kx‖ + Σ log k − log ‖θ‖), k = {tuple(args.k)}: {integral(paper_form):.4f} (unnormalised form)")
+    print(f"∫ exp(log C(‖θ‖) + θᵀKx/‖Kx‖ + Σ log k − log ‖θ‖), k = {tuple(args.k)}: "
+          f"{integral(paper_form):.4f} (unnormalised form)")
 
     points, _, _ = sphere_grid(width, height)
     grid = torch.from_numpy(points)
@@ -153,8 +155,10 @@ def main() -> None:
     for name, ld in zip(dists, log_densities):
         (r,), (c,) = np.unravel_index([ld.argmax()], ld.shape)
         _, lon, lat = sphere_grid(width, height)
-        print(f"{name}: max log density {ld.max():.2f} at lon {math.degrees(lon[r, c]):.0f}°, lat {math.degrees(lat[r, c]):.0f}°")
-    print(f"colour range [{lo:.2f}, {hi:.2f}]; μ is at lon 45°, lat {math.degrees(math.asin(1 / math.sqrt(3))):.1f}°")
+        print(f"{name}: max log density {ld.max():.2f} at lon {math.degrees(lon[r, c]):.0f}°, "
+              f"lat {math.degrees(lat[r, c]):.0f}°")
+    mu_lat = math.degrees(math.asin(1 / math.sqrt(3)))
+    print(f"colour range [{lo:.2f}, {hi:.2f}]; μ is at lon 45°, lat {mu_lat:.1f}°")
     gap = np.full((8, width, 3), 255, dtype=np.uint8)
     panels = []
     for d, ld in zip(dists.values(), log_densities):

@@ -87,7 +87,7 @@ def test_one_version_and_typed_packages(pyproject):
     import vmf_dists
 
     assert dml.__version__ == vmf_dists.__version__
-    assert (DML / "py.typed").is_file()
+    assert (DML / "py.typed").is_file() and (REPO / "vmf_dists" / "py.typed").is_file()
     assert "py.typed" in pyproject["tool"]["setuptools"]["package-data"]["*"]
 
 
@@ -101,9 +101,9 @@ def test_setup_metadata_is_current(pyproject):
 def test_ruff_and_mypy_are_configured_and_run_by_ci(pyproject):
     tool = pyproject["tool"]
     assert "I" in tool["ruff"]["lint"]["select"] and "F" in tool["ruff"]["lint"]["select"]
-    assert tool["mypy"]["files"] == ["dml"]
+    assert tool["mypy"]["files"] == ["dml", "vmf_dists"]
     assert any(o["module"] == ["vmf_dists.*"] and o["disallow_untyped_defs"] for o in tool["mypy"]["overrides"])
     dev = " ".join(pyproject["project"]["optional-dependencies"]["dev"])
     assert "ruff" in dev and "mypy" in dev
     ci = (REPO / ".ci" / "run").read_text()
-    assert "ruff check" in ci and "mypy" in ci
+    assert "ruff check .\n" in ci and "mypy" in ci
