@@ -26,6 +26,7 @@ Prints a markdown table; the last columns are the ratios to Normal and to PowerS
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import math
 import os
 import platform
@@ -142,8 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     dtype = getattr(torch, args.dtype)
     ps = ""
-    if power_spherical is not None and hasattr(power_spherical, "__version__"):
-        ps = f", power-spherical {power_spherical.__version__}"
+    if power_spherical is not None:  # the package has no __version__
+        ps = f", power-spherical {importlib.metadata.version('power-spherical')}"
     print(f"machine: {platform.machine()} CPU, {os.cpu_count()} cores, 1 thread; torch {torch.__version__}{ps}; "
           f"{args.dtype}; median of {args.rounds} rounds")
     print()
