@@ -133,6 +133,18 @@ def test_rsample_graph_breaks_are_the_documented_ones():
     assert all("item()" in r for r in reasons), reasons
 
 
+def test_compiled_code_builds_the_table_of_an_order_it_has_not_seen():
+    """The Bessel table of a new order is built inside the compiled graph's first call (the custom
+    operator's eager body); that used to crash on the tracer state (caught by the slow inductor test)."""
+    from vmf_dists import _bessel_table
+
+    dim = 777  # an order no other test uses
+    _bessel_table._TABLES.pop((dim / 2.0 - 1.0, torch.device("cpu")), None)
+    dynamo.reset()
+    compiled = torch.compile(lambda k: vmf_log_normalizer(dim, k), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(K), vmf_log_normalizer(dim, K), rtol=0, atol=0)
+
+
 @pytest.mark.slow
 def test_inductor_compile_of_a_training_objective():
     """A real compile (inductor) of log_prob + KL to the uniform, forward and backward, at p = 16."""

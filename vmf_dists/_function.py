@@ -40,12 +40,16 @@ def untraced() -> Iterator[None]:
     """Build cached constants outside a ``torch.jit.trace`` (tensors made during the trace and reused by a
     later operation of it break the tracer), and outside inference mode (so later autograd can save them)."""
     state = torch._C._get_tracing_state()
-    torch._C._set_tracing_state(None)  # type: ignore[attr-defined]  # exists at run time, missing from torch's stubs
+    # Only touch the tracer state when tracing: setting it at all (even to None) is refused inside
+    # compiled code, where a custom operator may build a table on its first call.
+    if state is not None:
+        torch._C._set_tracing_state(None)  # type: ignore[attr-defined]  # exists at run time, missing from torch's stubs
     try:
         with torch.inference_mode(False), torch.no_grad():
             yield
     finally:
-        torch._C._set_tracing_state(state)  # type: ignore[attr-defined]  # (as above)
+        if state is not None:
+            torch._C._set_tracing_state(state)  # type: ignore[attr-defined]  # (as above)
 
 
 def without_jvp(function: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
