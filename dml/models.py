@@ -321,7 +321,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "Unsupported global" not in str(err):  # garbage, not a file of pickled objects
+        # a file of pickled objects: "Unsupported global" (torch >= 2.4) or "Unsupported class" (2.3); else garbage
+        if "Unsupported global" not in str(err) and "Unsupported class" not in str(err):
             raise ModelError(f"cannot read weights file {path}: not a file written by torch.save") from None
         # torch's own message advises weights_only=False, i.e. running code from the file: never do that here
         raise ModelError(f"weights file {path} holds Python objects besides tensors; save only the state dict "
