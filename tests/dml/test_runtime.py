@@ -18,21 +18,24 @@ if sys.argv[1] == "on":
 x = torch.ones(1)
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(2):  # warm up: the heap grows once
+for _ in range(6):  # warm up: the heap settles within the first few blocks (see the test)
     torch.empty(16 * 1024 * 1024).fill_(1.0)
-start = faults()
+counts = []
 for _ in range(20):  # 64 MiB freed and allocated again, as activations are at every step
+    start = faults()
     torch.empty(16 * 1024 * 1024).fill_(1.0)
-print(faults() - start)
+    counts.append(faults() - start)
+print(sum(count > 16000 for count in counts))  # blocks faulted in afresh
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_allocator_settings_stop_the_page_faults():
     """Without the settings every 64 MiB block is a fresh mmap that faults in all its 16384 pages; with
-    them the block is reused from the heap. The fewest faults of three runs per mode: the kernel may
-    reclaim an idle heap page now and then (this VM runs DAMON-based reclaim, kdamond), which faults it
-    in again in about one run in four."""
+    them the block is reused from the heap. With the settings the heap still grows afresh for the first two
+    to four blocks of a process (over 50 processes, torch 2.13 and 2.3; it depends on where the
+    interpreter's small allocations land), so the count starts after six blocks. The fewest of three runs
+    per mode guards against a page the kernel reclaims now and then."""
     counts = {}
     for mode in ("off", "on"):
         runs = []
@@ -42,8 +45,8 @@ def test_allocator_settings_stop_the_page_faults():
             assert result.returncode == 0, result.stderr
             runs.append(int(result.stdout.split()[-1]))
         counts[mode] = min(runs)
-    assert counts["off"] > 20 * 16000  # every block faulted in again
-    assert counts["on"] < counts["off"] / 20, counts
+    assert counts["off"] == 20, counts  # every block faulted in again
+    assert counts["on"] == 0, counts
 
 
 @pytest.mark.parametrize("module", ["dml.train", "dml.evaluate"])
