@@ -55,7 +55,8 @@ def load_data(config: TrainConfig) -> Splits:
     """The run's splits, checked for what training and evaluation need.
 
     Args:
-        config: supplies ``dataset``, ``data_root``, ``val_fraction``, ``split_seed`` and ``batch_size``.
+        config: supplies ``dataset``, ``data_root``, ``emoji_artists``, ``val_fraction``, ``split_seed`` and
+            ``batch_size``.
 
     Returns:
         The splits.
@@ -65,7 +66,8 @@ def load_data(config: TrainConfig) -> Splits:
             the batch is larger than the training split (every image would repeat within a batch).
     """
     splits = load_splits(config.dataset, config.data_root, val_fraction=config.val_fraction,
-                         split_seed=config.split_seed)
+                         split_seed=config.split_seed,
+                         emoji_artists=config.emoji_artists if config.dataset == "emoji" else None)
     for name in ("val", "test"):
         split = getattr(splits, name)
         if len(split) and max(Counter(split.labels).values()) < 2:
@@ -241,6 +243,8 @@ def build_run(config: TrainConfig, splits: Splits, device: torch.device, *, dist
     pipeline_type = _pipeline_type(config, splits, resolution, device)
     log(f"data: {splits.name}: {splits.train.num_classes} train / {splits.val.num_classes} val / "
         f"{splits.test.num_classes} test classes ({len(splits.train)} / {len(splits.val)} / {len(splits.test)} images)")
+    if splits.summary:
+        log(f"data: {splits.summary}")
     log(pipeline_type.describe(model, config, resolution, device))
     if config.trunk == "frozen" and config.weights == "none":
         log("warning: --weights none with a frozen trunk trains the head on features of a random network")

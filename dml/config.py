@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from dml.data.datasets import DATASETS
+from dml.data.datasets import DATASETS, DatasetError
+from dml.data.emoji import DEFAULT_EMOJI_ARTISTS, EMOJI_ARTISTS, parse_artists
 from dml.losses import LOSSES
 from dml.models import BACKBONES, POOLINGS
 
@@ -66,6 +67,8 @@ class TrainConfig:
         output_dir: run directory: config, checkpoints, logs, ``final_metrics.json``. Default ``"runs/demo"``.
         dataset: ``emoji``, ``folder``, ``cub200``, ``cars196`` or ``sop``. Default ``"emoji"``.
         data_root: dataset location (emoji: found automatically after setup). Default None.
+        emoji_artists: emoji only: the artists whose renderings are the images of a class, comma-separated
+            (`dml.data.emoji.EMOJI_ARTISTS`). Default ``"google,twitter,openmoji,fluent"``.
         val_fraction: fraction of the training classes held out for model selection. Default 0.2.
         split_seed: seed of the class split (kept fixed across training seeds). Default 0.
         backbone: ``efficientnet_lite0``, ``resnet50`` or ``tiny``. Default ``"efficientnet_lite0"``.
@@ -119,6 +122,8 @@ class TrainConfig:
     output_dir: str = _opt("runs/demo", "run directory: config, checkpoints, logs, final_metrics.json")
     dataset: str = _opt("emoji", "emoji | folder | cub200 | cars196 | sop")
     data_root: str | None = _opt(None, "dataset location (emoji: found automatically after setup)")
+    emoji_artists: str = _opt(",".join(DEFAULT_EMOJI_ARTISTS), "emoji: the artists whose renderings are a class's "
+                              f"images, comma-separated, at least two of {', '.join(EMOJI_ARTISTS)}")
     val_fraction: float = _opt(0.2, "fraction of the training classes held out for model selection")
     split_seed: int = _opt(0, "seed of the class split (kept fixed across training seeds)")
     backbone: str = _opt("efficientnet_lite0", "efficientnet_lite0 | resnet50 | tiny")
@@ -283,6 +288,10 @@ def validate(config: TrainConfig) -> TrainConfig:
                           f"{config.samples_per_class}")
     if not config.output_dir:
         raise ConfigError("--output-dir must not be empty")
+    try:
+        parse_artists(config.emoji_artists)
+    except DatasetError as err:
+        raise ConfigError(f"--emoji-artists: {str(err).removeprefix('emoji_artists: ')}") from None
     return config
 
 

@@ -11,6 +11,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "torch==2.13.0" -e ".[dml,dev,docs]"
-# The default benchmark's images (two emoji artists) come from the npm registry; nothing downloads at run time.
+# The default benchmark's images (four emoji artists) come from the npm registry; nothing downloads at run time.
 npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
 .venv/bin/python -c "import torch, pyro, vmf_dists, dml; print('setup ok: torch', torch.__version__, '| pyro', pyro.__version__)"

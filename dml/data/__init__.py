@@ -1,9 +1,11 @@
-"""Data for the deep-metric-learning trainer: class-disjoint splits, image decoding and caching,
+"""Data for the deep-metric-learning trainer: class-disjoint splits (the emoji benchmark of four artists
+among them), image decoding and caching,
 torch-only transforms, image degradations, the data fingerprint of a run and class-balanced batch
 sampling."""
 
-from .datasets import DATASETS, DatasetError, Split, Splits, default_emoji_root, load_splits
+from .datasets import DATASETS, DatasetError, Split, Splits, load_splits
 from .device_augment import DeviceImageBank, center_crop, random_resized_crop
+from .emoji import DEFAULT_EMOJI_ARTISTS, EMOJI_ARTISTS, default_emoji_root
 from .fingerprint import data_changes, data_fingerprint
 from .images import ImageDataset, decode_image
 from .sampler import ClassBalancedBatchSampler
@@ -11,6 +13,8 @@ from .transforms import EvalTransform, TrainTransform, eval_resize
 
 __all__ = [
     "DATASETS",
+    "DEFAULT_EMOJI_ARTISTS",
+    "EMOJI_ARTISTS",
     "ClassBalancedBatchSampler",
     "DatasetError",
     "DeviceImageBank",

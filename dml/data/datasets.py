@@ -8,9 +8,7 @@ of the training seed), so a split is reproducible and never depends on the files
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,11 +18,6 @@ DATASETS = ("emoji", "folder", "cub200", "cars196", "sop")
 
 #: file extensions (lower case) that the folder-style loaders treat as images
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"})
-
-#: the two artists whose renderings are the instances of an emoji class
-EMOJI_STYLES = ("google", "twitter")
-
-_EMOJI_SETUP_HINT = "run `bash scripts/setup.sh` (it runs `npm ci`) or pass --data-root"
 
 # how many image paths the big-list loaders check up front (SOP has 120k files)
 _PROBE = 5
@@ -77,6 +70,7 @@ class Splits:
         val: Validation split (classes carved from the training classes; may be empty).
         test: Test split.
         notice: Licence / attribution text to print and save with results (``''`` if none).
+        summary: What the loader kept and left out, for the run's log (``''`` if nothing to say).
     """
 
     name: str
@@ -84,6 +78,7 @@ class Splits:
     val: Split
     test: Split
     notice: str
+    summary: str = ""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -143,6 +138,7 @@ def _build(
     val_fraction: float,
     split_seed: int,
     notice: str,
+    summary: str = "",
 ) -> Splits:
     train_names, val_names = _carve_val(train_names, val_fraction, split_seed)
     return Splits(
@@ -151,6 +147,7 @@ def _build(
         val=_make_split(val_names, items),
         test=_make_split(test_names, items),
         notice=notice,
+        summary=summary,
     )
 
 
@@ -192,138 +189,6 @@ def _need_classes(items: dict[str, list[str]], where: Path, at_least: int = 2) -
             f"{where} has {len(items)} classes with images ({'/'.join(sorted(IMAGE_EXTENSIONS))}); "
             f"need at least {at_least}"
         )
-
-
-# --------------------------------------------------------------------------------------------------
-# emoji
-
-
-def _emoji_node_modules(path: Path) -> Path | None:
-    """``path`` or ``path/node_modules`` if it holds both emoji-datasource packages, else None."""
-    for cand in (path, path / "node_modules"):
-        if all((cand / f"emoji-datasource-{s}" / "emoji.json").is_file() for s in EMOJI_STYLES):
-            return cand
-    return None
-
-
-def default_emoji_root() -> Path | None:
-    """Where the emoji images are installed, or None if nowhere.
-
-    Looks at ``$DML_EMOJI_ROOT``, then ``<repo>/node_modules`` (``<repo>`` is the directory that
-    holds the ``dml`` package), then ``./node_modules``; returns the first that contains both the
-    ``emoji-datasource-google`` and ``emoji-datasource-twitter`` packages.
-
-    Returns:
-        The ``node_modules`` directory, or None.
-    """
-    candidates = []
-    if os.environ.get("DML_EMOJI_ROOT"):
-        candidates.append(Path(os.environ["DML_EMOJI_ROOT"]))
-    candidates.append(Path(__file__).resolve().parents[2] / "node_modules")
-    candidates.append(Path.cwd() / "node_modules")
-    for cand in candidates:
-        found = _emoji_node_modules(cand)
-        if found is not None:
-            return found.absolute()
-    return None
-
-
-def _emoji_notice(versions: dict[str, str]) -> str:
-    v = " / ".join(sorted(set(versions.values())))
-    return (
-        "Emoji images: Google Noto Emoji (https://github.com/googlefonts/noto-emoji), Apache License 2.0; "
-        "Twitter Twemoji (https://github.com/twitter/twemoji), Copyright Twitter, Inc and other contributors, "
-        "CC-BY-4.0 (https://creativecommons.org/licenses/by/4.0/); "
-        f"via the npm packages emoji-datasource-google and emoji-datasource-twitter {v} by iamcal "
-        "(https://github.com/iamcal/emoji-data), MIT License."
-    )
-
-
-def _version_key(added_in: object) -> tuple[int, ...]:
-    try:
-        return tuple(int(p) for p in str(added_in).split("."))
-    except ValueError:
-        return (1 << 30,)
-
-
-def _drop_identical_renderings(
-    names: list[str], files: dict[str, dict[str, Path]], added_in: dict[str, object]
-) -> list[str]:
-    """Keep one class of each set whose renderings are byte-identical in some style.
-
-    Several emoji share one picture in an artist's set (e.g. ``fr`` / ``flag-cp`` / ``flag-mf``, or
-    the gendered family emoji in Twemoji): an identical image under two labels is pure label noise
-    for retrieval, so each such set keeps only its oldest emoji (by ``added_in``, then name).
-    """
-    parent = {n: n for n in names}
-
-    def find(n: str) -> str:
-        while parent[n] != n:
-            parent[n] = parent[parent[n]]
-            n = parent[n]
-        return n
-
-    for style in EMOJI_STYLES:
-        first: dict[bytes, str] = {}
-        for n in names:
-            digest = hashlib.sha256(files[n][style].read_bytes()).digest()
-            if digest in first:
-                a, b = sorted((find(first[digest]), find(n)), key=lambda k: (_version_key(added_in[k]), k))
-                parent[b] = a
-            else:
-                first[digest] = n
-    return [n for n in names if find(n) == n]
-
-
-def _load_emoji(data_root: str | Path | None, val_fraction: float, split_seed: int) -> Splits:
-    if data_root is None:
-        root = default_emoji_root()
-        if root is None:
-            raise DatasetError(
-                "emoji images not found ($DML_EMOJI_ROOT, <repo>/node_modules, ./node_modules): " + _EMOJI_SETUP_HINT
-            )
-    else:
-        given = Path(data_root)
-        _require_dir(given, "data_root")
-        root = _emoji_node_modules(given)
-        if root is None:
-            raise DatasetError(
-                f"data_root {given} holds neither emoji-datasource-google/ and emoji-datasource-twitter/ "
-                f"nor node_modules/ with them: {_EMOJI_SETUP_HINT}"
-            )
-    versions = {}
-    for s in EMOJI_STYLES:
-        try:
-            versions[s] = json.loads((root / f"emoji-datasource-{s}" / "package.json").read_text())["version"]
-        except (OSError, ValueError, KeyError):
-            versions[s] = "(unknown version)"
-    json_path = root / "emoji-datasource-google" / "emoji.json"
-    try:
-        entries = json.loads(json_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise DatasetError(f"cannot read {json_path}: {str(exc).splitlines()[0]}") from None
-
-    files: dict[str, dict[str, Path]] = {}
-    added_in: dict[str, object] = {}
-    for e in entries:
-        # only the base image of each entry: the skin-tone variants (e["skin_variations"]) are dropped
-        image = e.get("image")
-        if not image or not all(e.get(f"has_img_{s}") for s in EMOJI_STYLES):
-            continue
-        paths = {s: root / f"emoji-datasource-{s}" / "img" / s / "64" / image for s in EMOJI_STYLES}
-        if not all(p.is_file() for p in paths.values()):
-            continue
-        name = e.get("short_name") or e.get("unified") or image
-        if name in files:  # never seen in the data, but keep classes unique if it happens
-            name = f"{name} ({e.get('unified', image)})"
-        files[name] = paths
-        added_in[name] = e.get("added_in")
-    names = _drop_identical_renderings(sorted(files), files, added_in)
-    if len(names) < 2:
-        raise DatasetError(f"{json_path} lists {len(names)} emoji with images in both styles; need at least 2")
-    items = {n: [_abs(files[n][s]) for s in EMOJI_STYLES] for n in names}
-    train, test = _half_split(names, split_seed)
-    return _build("emoji", items, train, test, val_fraction, split_seed, _emoji_notice(versions))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -481,6 +346,7 @@ def load_splits(
     *,
     val_fraction: float = 0.2,
     split_seed: int = 0,
+    emoji_artists: str | Sequence[str] | None = None,
 ) -> Splits:
     """Load the class-disjoint train / val / test splits of a dataset.
 
@@ -495,6 +361,8 @@ def load_splits(
             it); None looks it up with `default_emoji_root`. Required for the other datasets.
         val_fraction: Fraction of the training classes moved to validation, in ``[0, 1)``.
         split_seed: Seed of the class permutations (independent of the training seed).
+        emoji_artists: ``emoji`` only: the artists whose renderings are a class's images (names from
+            `dml.data.emoji.EMOJI_ARTISTS`, a comma-separated string or a sequence; None: all four).
 
     Returns:
         The splits and the dataset's licence / attribution notice.
@@ -509,7 +377,12 @@ def load_splits(
     if isinstance(split_seed, bool) or not isinstance(split_seed, int):
         raise DatasetError(f"split_seed must be an int, got {split_seed!r}")
     if dataset == "emoji":
-        return _load_emoji(data_root, val_fraction, split_seed)
+        from .emoji import DEFAULT_EMOJI_ARTISTS, load_emoji  # emoji builds on this module
+
+        return load_emoji(data_root, val_fraction, split_seed,
+                          DEFAULT_EMOJI_ARTISTS if emoji_artists is None else emoji_artists)
+    if emoji_artists is not None:
+        raise DatasetError(f"emoji_artists applies to the emoji dataset only, not {dataset!r}")
     if data_root is None:
         raise DatasetError(f"data_root is required for dataset {dataset!r} (pass --data-root)")
     loader = {"folder": _load_folder, "cub200": _load_cub, "cars196": _load_cars, "sop": _load_sop}[dataset]

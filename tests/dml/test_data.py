@@ -1,9 +1,8 @@
-"""dml.data: dataset splits on tiny synthetic trees (and the real emoji data if installed), image
+"""dml.data: dataset splits on tiny synthetic trees (the emoji benchmark: test_emoji.py), image
 decoding and caching, transforms, and the class-balanced batch sampler."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from pathlib import Path
@@ -22,11 +21,8 @@ from dml.data import (
     Split,
     TrainTransform,
     decode_image,
-    default_emoji_root,
     load_splits,
 )
-
-REPO = Path(__file__).resolve().parents[2]
 
 # --------------------------------------------------------------------------------------------------
 # helpers
@@ -238,116 +234,6 @@ def test_sop(tmp_path):
     with pytest.raises(DatasetError) as e:
         load_splits("sop", tmp_path)
     assert str(tmp_path / "Ebay_test.txt") in one_line(e)
-
-
-# --------------------------------------------------------------------------------------------------
-# emoji (fake tree)
-
-
-def fake_emoji_tree(node_modules: Path) -> None:
-    entries = []
-    for k in range(12):
-        entries.append(
-            {"unified": f"1F6{k:02X}", "short_name": f"emoji_{k}", "image": f"1f6{k:02x}.png",
-             "has_img_google": True, "has_img_twitter": True}
-        )
-    entries[0]["skin_variations"] = {
-        "1F3FB": {"unified": "1F600-1F3FB", "image": "1f600-1f3fb.png", "has_img_google": True, "has_img_twitter": True}
-    }
-    entries[1]["has_img_twitter"] = False  # missing a style: dropped
-    ghost = {"unified": "1F699", "short_name": "ghost", "image": "1f699.png"}
-    entries.append({**ghost, "has_img_google": True, "has_img_twitter": True})  # flags set, no file: dropped
-    for style in ("google", "twitter"):
-        pkg = node_modules / f"emoji-datasource-{style}"
-        pkg.mkdir(parents=True)
-        (pkg / "emoji.json").write_text(json.dumps(entries))
-        (pkg / "package.json").write_text(json.dumps({"name": pkg.name, "version": "16.0.0"}))
-        for k, e in enumerate(entries[:12]):
-            if e[f"has_img_{style}"]:
-                write_image(pkg / "img" / style / "64" / e["image"], seed=k + (50 if style == "twitter" else 0),
-                            size=(16, 16), mode="RGBA")
-        write_image(pkg / "img" / style / "64" / "1f600-1f3fb.png", seed=99, size=(16, 16), mode="RGBA")
-
-
-def test_emoji_fake_tree(tmp_path, monkeypatch):
-    node_modules = tmp_path / "node_modules"
-    fake_emoji_tree(node_modules)
-    for root in (node_modules, tmp_path):  # node_modules itself, or a directory containing it
-        s = load_splits("emoji", root, val_fraction=0.2, split_seed=0)
-        check_splits(s)
-        names = set(s.train.class_names) | set(s.val.class_names) | set(s.test.class_names)
-        assert names == {f"emoji_{k}" for k in range(12)} - {"emoji_1"}
-        assert s.test.num_classes == 5 and s.train.num_classes + s.val.num_classes == 6
-        assert s.val.num_classes == 1
-        for part in (s.train, s.val, s.test):
-            assert Counter(part.labels) == Counter({y: 2 for y in range(part.num_classes)})
-            assert not any("1f3fb" in p for p in part.paths)  # skin tones dropped
-            styles = [Path(p).parts[-3] for p in part.paths]
-            assert styles == ["google", "twitter"] * part.num_classes
-    for needle in ("Noto", "Apache License 2.0", "Twemoji", "Twitter, Inc", "CC-BY-4.0", "iamcal", "MIT", "16.0.0"):
-        assert needle in s.notice
-    assert load_splits("emoji", tmp_path, split_seed=0) == load_splits("emoji", node_modules, split_seed=0)
-    assert any(load_splits("emoji", tmp_path, split_seed=k).test != s.test for k in range(1, 6))
-
-    monkeypatch.setenv("DML_EMOJI_ROOT", str(tmp_path))
-    assert default_emoji_root() == node_modules
-    assert load_splits("emoji", None, split_seed=0) == s
-
-    with pytest.raises(DatasetError) as e:
-        load_splits("emoji", tmp_path / "images_not_here")
-    assert str(tmp_path / "images_not_here") in one_line(e)
-    (tmp_path / "other").mkdir()
-    with pytest.raises(DatasetError) as e:
-        load_splits("emoji", tmp_path / "other")
-    assert "scripts/setup.sh" in one_line(e) and "--data-root" in one_line(e)
-
-
-def test_emoji_identical_renderings_merged(tmp_path):
-    """Two emoji with the same picture in one style are one class (identical images, two labels)."""
-    node_modules = tmp_path / "node_modules"
-    fake_emoji_tree(node_modules)
-    twitter = node_modules / "emoji-datasource-twitter" / "img" / "twitter" / "64"
-    (twitter / "1f605.png").write_bytes((twitter / "1f604.png").read_bytes())
-    s = load_splits("emoji", tmp_path)
-    names = set(s.train.class_names) | set(s.val.class_names) | set(s.test.class_names)
-    assert "emoji_4" in names and "emoji_5" not in names and len(names) == 10  # same age: first name
-    # the oldest emoji of the set is kept
-    for style in ("google", "twitter"):
-        path = node_modules / f"emoji-datasource-{style}" / "emoji.json"
-        entries = json.loads(path.read_text())
-        entries[4]["added_in"], entries[5]["added_in"] = "13.0", "0.6"
-        path.write_text(json.dumps(entries))
-    s = load_splits("emoji", tmp_path)
-    names = set(s.train.class_names) | set(s.val.class_names) | set(s.test.class_names)
-    assert "emoji_5" in names and "emoji_4" not in names and len(names) == 10
-
-
-# --------------------------------------------------------------------------------------------------
-# the real emoji data
-
-
-REAL_EMOJI = REPO / "node_modules" / "emoji-datasource-google"
-
-
-@pytest.mark.skipif(not REAL_EMOJI.is_dir(), reason="emoji-datasource packages not installed (npm ci)")
-def test_real_emoji():
-    s = load_splits("emoji", REPO / "node_modules")
-    check_splits(s)
-    n = s.train.num_classes + s.val.num_classes + s.test.num_classes
-    assert 1800 <= n <= 1911
-    assert abs(s.test.num_classes - n / 2) <= 1
-    for part in (s.train, s.val, s.test):
-        assert len(part) == 2 * part.num_classes
-    assert "CC-BY-4.0" in s.notice and "16.0.0" in s.notice
-    # decode: 64 px RGBA on white; the corner of a typical emoji is transparent
-    path = s.train.paths[0]
-    image = decode_image(path)
-    assert image.dtype == torch.uint8 and image.shape == (3, 64, 64)
-    with Image.open(path) as im:
-        alpha = np.asarray(im.convert("RGBA"))[..., 3]
-    transparent = torch.from_numpy(alpha == 0)
-    assert transparent.any()
-    assert (image[:, transparent] == 255).all()
 
 
 # --------------------------------------------------------------------------------------------------
