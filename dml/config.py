@@ -517,6 +517,27 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
     return validate(TrainConfig(**typed))
 
 
+#: options added after runs were saved, with the value that a run saved without them used (the emoji
+#: benchmark had Google's and Twitter's renderings only before ``emoji_artists``)
+SAVED_RUN_DEFAULTS: dict[str, Any] = {"emoji_artists": "google,twitter"}
+
+
+def saved_run_config(values: dict[str, Any]) -> TrainConfig:
+    """The configuration of a saved run (its ``config.json`` or checkpoint), as `config_from_dict`, with
+    the options it predates set to what it used (`SAVED_RUN_DEFAULTS`), not to today's defaults.
+
+    Args:
+        values: the saved ``{field name: value}``.
+
+    Returns:
+        The `TrainConfig`.
+
+    Raises:
+        ConfigError: as `config_from_dict`.
+    """
+    return config_from_dict({**SAVED_RUN_DEFAULTS, **values})
+
+
 def config_changes(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
     """The options whose values differ between two configuration dicts, as ``"name: old → new"``.
 

@@ -31,7 +31,7 @@ import torch
 
 from dml.build import load_data, make_model, precision
 from dml.checkpoint import atomic_write_json, load_checkpoint
-from dml.config import ConfigError, OneLineParser, TrainConfig, config_from_dict
+from dml.config import ConfigError, OneLineParser, TrainConfig, config_from_dict, saved_run_config
 from dml.final_eval import EvaluateResult, evaluate_final, wants_uncertainty
 from dml.models import EmbeddingModel, ModelError, to_channels_last
 from dml.pipeline import evaluation_embeddings
@@ -102,7 +102,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "best") -> tuple[TrainConfig
         raise RunFailure(f"cannot parse {config_path}: {err}") from None
     if not isinstance(values, dict):
         raise RunFailure(f"{config_path} does not hold a configuration")
-    config = config_from_dict({**values, "output_dir": str(run)})
+    config = saved_run_config({**values, "output_dir": str(run)})
     path = run / f"{checkpoint}.pt"
     if not path.is_file():
         raise ConfigError(f"--run {run}: no checkpoint {path.name} there (training has not finished an epoch?)")

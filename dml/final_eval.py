@@ -10,6 +10,7 @@ with its own settings reproduces the numbers of its training run. Results are ty
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,12 +19,14 @@ import torch
 
 from dml.config import ConfigError, TrainConfig
 from dml.data import DatasetError, Split
-from dml.metrics import evaluate_embeddings
+from dml.metrics import cross_domain_metrics, evaluate_embeddings
 from dml.models import EmbeddingModel
 from dml.uncertainty import UncertaintyDetails, evaluate_uncertainty, kappa_is_concentration
 
 #: the k of Recall@k reported everywhere
 RECALL_KS = (1, 2, 4, 8)
+#: the key suffix of the cross-domain metrics in ``final_metrics.json``
+_CROSS = "_cross_domain"
 
 
 def _rounded(value: float | None, digits: int = 4) -> str:
@@ -46,6 +49,9 @@ class RetrievalMetrics:
         r_precision_euclidean: R-precision (Euclidean).
         num_queries: the queries (images with at least one other image of their class).
         nmi: NMI of k-means clusters, or None when not computed.
+        cross_domain: the cross-domain retrieval metrics (`dml.metrics.cross_domain_metrics`: a query
+            searches only the other domains' images, e.g. the other artists' emoji): ``recall@k``,
+            ``map@r``, ``r_precision``, ``num_queries``; None for data without domains.
     """
 
     recall: dict[int, float]
@@ -56,6 +62,7 @@ class RetrievalMetrics:
     r_precision_euclidean: float
     num_queries: int
     nmi: float | None = None
+    cross_domain: dict[str, float] | None = None
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RetrievalMetrics:
@@ -75,10 +82,13 @@ class RetrievalMetrics:
                    map_at_r_euclidean=float(values.get("map@r_euclidean", math.nan)),
                    r_precision_euclidean=float(values.get("r_precision_euclidean", math.nan)),
                    num_queries=int(values.get("num_queries", 0)),
-                   nmi=None if values.get("nmi") is None else float(values["nmi"]))
+                   nmi=None if values.get("nmi") is None else float(values["nmi"]),
+                   cross_domain={k.removesuffix(_CROSS): float(v) for k, v in values.items() if k.endswith(_CROSS)}
+                   or None)
 
     def to_json(self) -> dict[str, Any]:
-        """The flat JSON form: ``recall@k``, ``map@r``, ``r_precision``, their ``_euclidean`` twins, ``nmi``.
+        """The flat JSON form: ``recall@k``, ``map@r``, ``r_precision``, their ``_euclidean`` twins, ``nmi``,
+        and the cross-domain metrics with the suffix ``_cross_domain``.
 
         Returns:
             A JSON-serialisable dict.
@@ -90,12 +100,18 @@ class RetrievalMetrics:
                     "num_queries": self.num_queries})
         if self.nmi is not None:
             out["nmi"] = self.nmi
+        if self.cross_domain:
+            out.update({k + _CROSS: v for k, v in self.cross_domain.items()})
         return out
 
     def summary(self) -> str:
-        """One console line: R@1, R@4, MAP@R and NMI, rounded to four decimals."""
-        return (f"R@1 {_rounded(self.recall.get(1))}  R@4 {_rounded(self.recall.get(4))}  "
+        """One console line: R@1, R@4, MAP@R and NMI (and cross-domain R@1 and MAP@R), four decimals."""
+        line = (f"R@1 {_rounded(self.recall.get(1))}  R@4 {_rounded(self.recall.get(4))}  "
                 f"MAP@R {_rounded(self.map_at_r)}  NMI {_rounded(self.nmi)}")
+        if self.cross_domain:
+            line += (f"  cross-domain R@1 {_rounded(self.cross_domain.get('recall@1'))}  "
+                     f"MAP@R {_rounded(self.cross_domain.get('map@r'))}")
+        return line
 
 
 @dataclass(frozen=True)
@@ -204,7 +220,7 @@ def wants_uncertainty(loss: str, mode: str = "auto") -> bool:
 
 
 def split_metrics(embeddings: torch.Tensor, labels: torch.Tensor, *, seed: int, with_nmi: bool = True,
-                 split_name: str = "test") -> RetrievalMetrics:
+                  split_name: str = "test", domains: tuple[str, ...] = ()) -> RetrievalMetrics:
     """`dml.metrics.evaluate_embeddings` as typed metrics, a split without queries as a `DatasetError`.
 
     Args:
@@ -213,6 +229,8 @@ def split_metrics(embeddings: torch.Tensor, labels: torch.Tensor, *, seed: int, 
         seed: seed of the k-means initialisation.
         with_nmi: compute the NMI.
         split_name: the split's name for the error message.
+        domains: the domain of each item (`dml.data.Split.domains`); with two or more distinct ones the
+            cross-domain metrics are computed too.
 
     Returns:
         The metrics.
@@ -221,9 +239,18 @@ def split_metrics(embeddings: torch.Tensor, labels: torch.Tensor, *, seed: int, 
         DatasetError: if no class of the split has two images.
     """
     try:
-        return RetrievalMetrics.from_dict(evaluate_embeddings(embeddings, labels, seed=seed, with_nmi=with_nmi))
+        metrics = RetrievalMetrics.from_dict(evaluate_embeddings(embeddings, labels, seed=seed, with_nmi=with_nmi))
     except ValueError as err:
         raise DatasetError(f"{split_name} split: {err}") from None
+    if len(set(domains)) < 2:
+        return metrics
+    index = {d: i for i, d in enumerate(sorted(set(domains)))}
+    ids = torch.tensor([index[d] for d in domains], dtype=torch.int64)
+    try:
+        cross = cross_domain_metrics(embeddings, labels, ids, ks=RECALL_KS)
+    except ValueError:  # no class drawn in two domains: nothing to report
+        return metrics
+    return dataclasses.replace(metrics, cross_domain=cross)
 
 
 def evaluate_final(model: EmbeddingModel, test_split: Split, embeddings: torch.Tensor, labels: torch.Tensor, *,
@@ -248,7 +275,7 @@ def evaluate_final(model: EmbeddingModel, test_split: Split, embeddings: torch.T
     Raises:
         DatasetError: no test class with two images, or a test image that cannot be decoded.
     """
-    metrics = metrics or split_metrics(embeddings, labels, seed=config.seed)
+    metrics = metrics or split_metrics(embeddings, labels, seed=config.seed, domains=test_split.domains)
     if not uncertainty:
         return FinalEvaluation(metrics=metrics, uncertainty=None)
     values, details = evaluate_uncertainty(

@@ -42,7 +42,8 @@ PLOT_NAMES = ("training_curves.png", "kappa_histogram.png", "rejection_curve.png
 
 _METRIC_COLUMNS = (("recall@1", "R@1"), ("recall@2", "R@2"), ("recall@4", "R@4"), ("recall@8", "R@8"),
                    ("map@r", "MAP@R"), ("r_precision", "R-precision"), ("nmi", "NMI"),
-                   ("recall@1_euclidean", "R@1 (Euclidean)"), ("map@r_euclidean", "MAP@R (Euclidean)"))
+                   ("recall@1_euclidean", "R@1 (Euclidean)"), ("map@r_euclidean", "MAP@R (Euclidean)"),
+                   ("recall@1_cross_domain", "R@1 (cross-domain)"), ("map@r_cross_domain", "MAP@R (cross-domain)"))
 _KIND_LABELS = {"blur": "blur", "downsample": "downsample", "occlude": "occlusion"}
 _PARAMETER_TEXT = {"sigma_px": lambda v: f"σ {v:.1f} px", "factor": lambda v: f"÷{v:.2f}",
                    "area_fraction": lambda v: f"{100 * v:.0f}% area"}
@@ -396,7 +397,8 @@ def _metrics_section(inputs: ReportInputs) -> list[str]:
     lines += _table(["", *(name for _, name in columns)],
                     [[label, *(_fmt(m.get(k)) for k, _ in columns)] for label, m in table])
     return lines + ["", "Leave-one-out retrieval over the test classes (never seen in training), cosine similarity "
-                    "unless marked Euclidean; NMI of k-means clusters (`dml.metrics`).", ""]
+                    "unless marked Euclidean; cross-domain: a query searches only the images of the other domains "
+                    "(on emoji: the other artists' pictures); NMI of k-means clusters (`dml.metrics`).", ""]
 
 
 def _training_section(inputs: ReportInputs, figure: _Figures) -> list[str]:

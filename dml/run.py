@@ -17,7 +17,14 @@ from typing import Any
 
 from dml.build import RunParts, build_run, load_data
 from dml.checkpoint import atomic_write_json, atomic_write_text, load_checkpoint
-from dml.config import RESUME_OVERRIDES, ConfigError, TrainConfig, TrainRequest, config_changes, config_from_dict
+from dml.config import (
+    RESUME_OVERRIDES,
+    ConfigError,
+    TrainConfig,
+    TrainRequest,
+    config_changes,
+    saved_run_config,
+)
 from dml.config import resolve as resolve_config
 from dml.data import Splits, data_changes, data_fingerprint
 from dml.distributed import DistContext
@@ -131,7 +138,7 @@ def start(request: TrainRequest, stack: contextlib.ExitStack) -> RunStart:
             verb = "extending" if overrides["epochs"] > saved["epochs"] else "shortening"
             notes.append(f"{verb} the run from {saved['epochs']} to {overrides['epochs']} epochs (the learning-rate "
                          "schedule is recomputed for the new length)")
-    config = config_from_dict({**saved, **overrides})
+    config = saved_run_config({**saved, **overrides})
     return RunStart(config=config, state=state, notes=notes)
 
 
@@ -276,7 +283,8 @@ def _evaluate_selected(parts: RunParts, trainer: Trainer, dist: DistContext) -> 
     parts.model.load_state_dict(best)
     embeddings, labels = parts.pipeline.embed_split("test")  # once: retrieval and uncertainty share them
     config = parts.config
-    metrics = dist.on_main(lambda: split_metrics(embeddings, labels, seed=config.seed))
+    domains = parts.splits.test.domains
+    metrics = dist.on_main(lambda: split_metrics(embeddings, labels, seed=config.seed, domains=domains))
     if not dist.is_main:
         return None
     return evaluate_final(parts.model, parts.splits.test, embeddings, labels, config=config, device=parts.device,

@@ -35,19 +35,24 @@ class Split:
         paths: Absolute image paths.
         labels: Label of each image, contiguous ``0 .. num_classes - 1`` within this split.
         class_names: Name of each class; the index is the label.
+        domains: The domain of each image where a dataset has them (the artist of an emoji picture), for
+            the cross-domain metrics; empty otherwise.
 
     Raises:
-        DatasetError: if ``paths`` and ``labels`` differ in length or a label is outside
-            ``0 .. len(class_names) - 1``.
+        DatasetError: if ``paths`` and ``labels`` (or non-empty ``domains``) differ in length or a label
+            is outside ``0 .. len(class_names) - 1``.
     """
 
     paths: tuple[str, ...]
     labels: tuple[int, ...]
     class_names: tuple[str, ...]
+    domains: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.paths) != len(self.labels):
             raise DatasetError(f"Split has {len(self.paths)} paths but {len(self.labels)} labels")
+        if self.domains and len(self.domains) != len(self.paths):
+            raise DatasetError(f"Split has {len(self.paths)} paths but {len(self.domains)} domains")
         if any(not 0 <= y < len(self.class_names) for y in self.labels):
             raise DatasetError(f"Split labels must lie in 0..{len(self.class_names) - 1}")
 
@@ -120,14 +125,15 @@ def _half_split(names: Sequence[str], seed: int) -> tuple[list[str], list[str]]:
     return sorted(order[n_test:]), sorted(order[:n_test])
 
 
-def _make_split(names: Sequence[str], items: dict[str, list[str]]) -> Split:
-    """A `Split` of the classes ``names`` (label = position in ``names``)."""
+def _make_split(names: Sequence[str], items: dict[str, list[str]], domain_of: dict[str, str] | None = None) -> Split:
+    """A `Split` of the classes ``names`` (label = position in ``names``); ``domain_of`` maps paths to domains."""
     paths: list[str] = []
     labels: list[int] = []
     for label, name in enumerate(names):
         paths.extend(items[name])
         labels.extend([label] * len(items[name]))
-    return Split(tuple(paths), tuple(labels), tuple(names))
+    domains = tuple(domain_of[p] for p in paths) if domain_of else ()
+    return Split(tuple(paths), tuple(labels), tuple(names), domains)
 
 
 def _build(
@@ -139,13 +145,14 @@ def _build(
     split_seed: int,
     notice: str,
     summary: str = "",
+    domain_of: dict[str, str] | None = None,
 ) -> Splits:
     train_names, val_names = _carve_val(train_names, val_fraction, split_seed)
     return Splits(
         name=name,
-        train=_make_split(train_names, items),
-        val=_make_split(val_names, items),
-        test=_make_split(test_names, items),
+        train=_make_split(train_names, items, domain_of),
+        val=_make_split(val_names, items, domain_of),
+        test=_make_split(test_names, items, domain_of),
         notice=notice,
         summary=summary,
     )

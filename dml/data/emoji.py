@@ -427,7 +427,8 @@ def load_emoji(
         artists: the artists whose renderings are a class's images (`parse_artists`).
 
     Returns:
-        The splits; ``summary`` says how many emoji were kept, dropped and merged.
+        The splits; ``summary`` says how many emoji were kept, dropped and merged; each split's
+        ``domains`` are the artists of its images (for the cross-artist metrics).
 
     Raises:
         DatasetError: unknown artists, missing packages, an unreadable list or SVG, or fewer than two classes.
@@ -478,6 +479,7 @@ def load_emoji(
         raise DatasetError(f"{json_path} lists {len(names)} emoji with renderings by at least {need} of the artists "
                            f"{','.join(chosen)}; need at least 2")
     items = {n: [_abs(files[n][a]) for a in chosen if a in files[n]] for n in names}
+    artist_of = {_abs(files[n][a]): a for n in names for a in files[n]}
     counts = Counter(len(items[n]) for n in names)
     summary = (f"{len(names)} emoji drawn by {len(chosen)} artists ({', '.join(chosen)}): "
                + ", ".join(f"{counts[k]} with {k} renderings" for k in sorted(counts, reverse=True))
@@ -486,4 +488,4 @@ def load_emoji(
     if unmatched:
         summary += f"; Fluent names without a CLDR match: {len(unmatched)}"
     train, test = _half_split(names, split_seed)
-    return _build("emoji", items, train, test, val_fraction, split_seed, _notice(root, chosen), summary)
+    return _build("emoji", items, train, test, val_fraction, split_seed, _notice(root, chosen), summary, artist_of)

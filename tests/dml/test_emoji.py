@@ -14,10 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from dml.config import ConfigError, config_from_dict
+from dml.config import ConfigError, config_from_dict, saved_run_config
 from dml.data import DatasetError, decode_image, default_emoji_root, load_splits
 from dml.data import emoji as emoji_module
 from dml.data.emoji import cldr_slug, code_point_key, parse_artists, render_svg
+from tests.dml.tiny_runs import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -245,6 +246,14 @@ def test_bad_artists_are_refused(value, message, tree):
         config_from_dict({"emoji_artists": value})
 
 
+def test_runs_saved_before_the_option_keep_their_two_artists():
+    """A run whose config.json predates --emoji-artists trained on Google and Twitter: resuming or
+    re-evaluating it uses those two, while a new configuration gets all four."""
+    assert config_from_dict({}).emoji_artists == "google,twitter,openmoji,fluent"
+    assert saved_run_config({"dataset": "emoji"}).emoji_artists == "google,twitter"
+    assert saved_run_config({"emoji_artists": "openmoji,fluent"}).emoji_artists == "openmoji,fluent"
+
+
 def test_missing_packages_named(tmp_path, tree):
     (tmp_path / "other").mkdir()
     with pytest.raises(DatasetError) as err:
@@ -261,6 +270,30 @@ def test_default_root_from_environment(tree, monkeypatch):
     monkeypatch.setenv("DML_EMOJI_ROOT", str(tree.parent))
     assert default_emoji_root() == tree
     assert load_splits("emoji", None, split_seed=0) == load_splits("emoji", tree, split_seed=0)
+
+
+def test_training_run_reports_cross_artist_metrics(tree, tmp_path):
+    """A tiny run on the four-artist tree: the log says what the data kept, final_metrics.json and the
+    report carry the cross-domain (cross-artist) metrics, and dml.evaluate reproduces them."""
+    out = tmp_path / "run"
+    args = ["--output-dir", out, "--dataset", "emoji", "--data-root", tree, "--backbone", "tiny", "--weights", "none",
+            "--embed-dim", "8", "--batch-size", "4", "--samples-per-class", "2", "--device", "cpu", "--epochs", "1",
+            "--val-fraction", "0.25", "--eval-batch-size", "16", "--degradation-images", "0"]
+    env = {"DML_CACHE_DIR": str(tmp_path / "cache")}
+    trained = run_cli("dml.train", *args, env=env)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert "data: 11 emoji drawn by 4 artists" in trained.stdout
+    final = json.loads((out / "final_metrics.json").read_text())
+    test_images = 5 * 4  # 5 of the 11 emoji in test, with 3 or 4 renderings each
+    assert final["num_queries"] <= test_images and 0 < final["num_queries_cross_domain"] <= test_images
+    for key in ("recall@1_cross_domain", "recall@8_cross_domain", "map@r_cross_domain", "r_precision_cross_domain"):
+        assert 0.0 <= final[key] <= 1.0, key
+    assert "R@1 (cross-domain)" in (out / "report.md").read_text()
+    assert "cross-domain R@1" in trained.stdout
+    evaluated = run_cli("dml.evaluate", "--run", out, "--device", "cpu", env=env)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    again = json.loads((out / "final_metrics.json").read_text())["evaluate"]
+    assert all(again[k] == final[k] for k in final if k.endswith("_cross_domain"))
 
 
 # --------------------------------------------------------------------------------------------------

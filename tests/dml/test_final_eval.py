@@ -61,7 +61,14 @@ def test_typed_results_round_trip_and_print_rounded():
     assert metrics.recall[4] == 0.7 and metrics.num_queries == 12
     assert RetrievalMetrics.from_dict(metrics.to_json()) == metrics
     assert metrics.to_json() == values
-    assert "MAP@R 0.4123 " in metrics.summary()
+    assert "MAP@R 0.4123 " in metrics.summary() and "cross-domain" not in metrics.summary()
+    crossed = {**values, "recall@1_cross_domain": 0.25, "recall@2_cross_domain": 0.5, "recall@4_cross_domain": 0.6,
+               "recall@8_cross_domain": 0.7, "map@r_cross_domain": 0.2, "r_precision_cross_domain": 0.2,
+               "num_queries_cross_domain": 10}
+    with_cross = RetrievalMetrics.from_dict(crossed)
+    assert with_cross.cross_domain is not None and with_cross.cross_domain["recall@1"] == 0.25
+    assert with_cross.to_json() == crossed and RetrievalMetrics.from_dict(with_cross.to_json()) == with_cross
+    assert "cross-domain R@1 0.2500  MAP@R 0.2000" in with_cross.summary()
     unc = UncertaintyResult(auroc_kappa=None, spearman_kappa_ap=-0.29946175403, mean_kappa=3.0, std_kappa=1.0,
                             mean_kappa_correct=3.0, mean_kappa_wrong=None, recall_at_1=1.0, num_queries=4,
                             num_correct=4, rejection_curve=[[0.0, 1.0]], degradation={"mean_spearman": None})

@@ -10,7 +10,14 @@ import pytest
 import torch
 from sklearn.metrics import normalized_mutual_info_score
 
-from dml.metrics import evaluate_embeddings, kmeans, nmi, normalized_mutual_info, retrieval_metrics
+from dml.metrics import (
+    cross_domain_metrics,
+    evaluate_embeddings,
+    kmeans,
+    nmi,
+    normalized_mutual_info,
+    retrieval_metrics,
+)
 
 # --------------------------------------------------------------------------------------------------
 # brute-force reference: full distance matrix, argsort, one query at a time
@@ -99,6 +106,61 @@ def test_retrieval_matches_brute_force(chunk_size, seed):
     expected_keys |= {"map@r", "r_precision", "map@r_euclidean", "r_precision_euclidean"}
     assert set(got) == expected_keys
     assert all(isinstance(v, float) for v in got.values())
+
+
+def brute_force_cross_domain(emb: np.ndarray, labels: np.ndarray, domains: np.ndarray, ks) -> dict[str, float]:
+    """Cosine retrieval of each query among the items of the other domains only, one query at a time."""
+    x = emb.astype(np.float64)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    dist = 1.0 - x @ x.T
+    recalls = {k: [] for k in ks}
+    aps, rps = [], []
+    for q in range(x.shape[0]):
+        gallery = [j for j in range(x.shape[0]) if domains[j] != domains[q]]
+        r = sum(labels[j] == labels[q] for j in gallery)
+        if r == 0:
+            continue
+        order = [gallery[i] for i in np.argsort(dist[q, gallery])]
+        rel = [labels[j] == labels[q] for j in order]
+        for k in ks:
+            recalls[k].append(1.0 if any(rel[:k]) else 0.0)
+        rps.append(sum(rel[:r]) / r)
+        aps.append(sum(sum(rel[: i + 1]) / (i + 1) for i in range(r) if rel[i]) / r)
+    out = {f"recall@{k}": float(np.mean(recalls[k])) for k in ks}
+    out.update({"map@r": float(np.mean(aps)), "r_precision": float(np.mean(rps)), "num_queries": float(len(aps))})
+    return out
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 1000])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cross_domain_matches_brute_force(chunk_size, seed):
+    emb, labels = random_data(seed)
+    assert min_gap_between_neighbours(emb, "cosine") > MIN_GAP
+    domains = np.random.default_rng(seed + 10).integers(0, 3, size=labels.size)  # some classes in one domain only
+    got = cross_domain_metrics(torch.from_numpy(emb), torch.from_numpy(labels), torch.from_numpy(domains), ks=KS,
+                               chunk_size=chunk_size)
+    ref = brute_force_cross_domain(emb, labels, domains, KS)
+    assert set(got) == set(ref)
+    for name, value in ref.items():
+        assert got[name] == pytest.approx(value, rel=1e-12, abs=1e-12), (name, chunk_size)
+    assert 0 < got["num_queries"] < labels.size
+
+
+def test_cross_domain_ignores_the_same_domain():
+    """Two classes drawn in two styles: within a style the pictures of different classes are nearest
+    (style dominates), across styles the same class is: R@1 is 0 leave-one-out, 1 cross-domain."""
+    emb = torch.tensor([[1.0, 0.1], [1.0, -0.1], [-1.0, 0.3], [-1.0, -0.3]])  # style = sign of x
+    labels = torch.tensor([0, 1, 0, 1])
+    domains = torch.tensor([0, 0, 1, 1])
+    assert retrieval_metrics(emb, labels, ks=(1,))["recall@1"] == 0.0
+    cross = cross_domain_metrics(emb, labels, domains, ks=(1,))
+    assert cross["recall@1"] == 1.0 and cross["map@r"] == 1.0 and cross["num_queries"] == 4.0
+    with pytest.raises(ValueError, match="another domain"):
+        cross_domain_metrics(emb, labels, torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="non-negative"):
+        cross_domain_metrics(emb, labels, torch.tensor([0, -1, 0, 1]))
+    with pytest.raises(ValueError, match="domains must have length"):
+        cross_domain_metrics(emb, labels, torch.tensor([0, 1]))
 
 
 def test_retrieval_dtypes():
