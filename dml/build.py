@@ -19,7 +19,7 @@ from dml.data import ClassBalancedBatchSampler, DatasetError, Splits, load_split
 from dml.distributed import DistContext
 from dml.losses import ProxyLoss, build_loss
 from dml.models import EmbeddingModel, build_model, to_channels_last
-from dml.pipeline import DeviceImagePipeline, FeaturePipeline, ImagePipeline, Pipeline
+from dml.pipeline import DeviceImagePipeline, FeaturePipeline, ImagePipeline, PartialPipeline, Pipeline
 
 
 @dataclass
@@ -113,7 +113,7 @@ def make_model(config: TrainConfig, *, weights: str | None = None) -> EmbeddingM
     """
     return build_model(config.backbone, config.embed_dim, weights=config.weights if weights is None else weights,
                        pooling=config.pooling, freeze_batchnorm=config.freeze_batchnorm,
-                       freeze_trunk=config.trunk == "frozen")
+                       freeze_trunk=config.trunk == "frozen", partial_trunk=config.trunk == "partial")
 
 
 def build_optimizer(config: TrainConfig, model: EmbeddingModel, loss: ProxyLoss) -> torch.optim.Optimizer:
@@ -186,6 +186,8 @@ def _pipeline_type(config: TrainConfig, splits: Splits, resolution: int,
                    device: torch.device) -> type[FeaturePipeline] | type[ImagePipeline]:
     if config.trunk == "frozen":
         return FeaturePipeline
+    if config.trunk == "partial":
+        return PartialPipeline
     if config.device_augment == "on" or (config.device_augment == "auto"
                                          and DeviceImagePipeline.fits(splits, resolution, device)):
         return DeviceImagePipeline
@@ -197,7 +199,7 @@ def build_run(config: TrainConfig, splits: Splits, device: torch.device, *, dist
     """Build the parts of a run from a resolved configuration and its loaded splits.
 
     Seeds every generator with ``config.seed`` first, so that the same configuration builds the same
-    initial model and loss. A frozen-trunk pipeline computes (or loads) its cached features here.
+    initial model and loss. A frozen- or partial-trunk pipeline computes (or loads) its cached features here.
 
     Args:
         config: a resolved configuration (`dml.config.resolve`); it is not changed.
@@ -222,7 +224,7 @@ def build_run(config: TrainConfig, splits: Splits, device: torch.device, *, dist
                           f"number of processes ({dist.world_size})")
     seed_everything(config.seed)
     model = make_model(config).to(device)
-    if dist.enabled and config.trunk == "finetune" and not config.freeze_batchnorm:
+    if dist.enabled and config.trunk in ("finetune", "partial") and not config.freeze_batchnorm:
         if device.type == "cuda":
             torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over all processes
             log("BatchNorm: SyncBatchNorm (statistics over the global batch)")
@@ -246,8 +248,8 @@ def build_run(config: TrainConfig, splits: Splits, device: torch.device, *, dist
     if splits.summary:
         log(f"data: {splits.summary}")
     log(pipeline_type.describe(model, config, resolution, device))
-    if config.trunk == "frozen" and config.weights == "none":
-        log("warning: --weights none with a frozen trunk trains the head on features of a random network")
+    if config.trunk in ("frozen", "partial") and config.weights == "none":
+        log(f"warning: --weights none with a {config.trunk} trunk trains on features of a random network")
     if dist.world_size > 1:
         part = config.batch_size // dist.world_size
         split_groups = "" if part % config.samples_per_class == 0 else (

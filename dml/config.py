@@ -37,7 +37,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dataset": DATASETS,
     "backbone": BACKBONES,
     "pooling": POOLINGS,
-    "trunk": ("auto", "frozen", "finetune"),
+    "trunk": ("auto", "frozen", "partial", "finetune"),
     "amp": ("auto", "bf16", "off"),
     "channels_last": ("auto", "on", "off"),
     "device_augment": ("auto", "on", "off"),
@@ -77,10 +77,11 @@ class TrainConfig:
         embed_dim: embedding dimension $p$. Default 128.
         pooling: ``avg``, ``max`` or ``avgmax``. Default ``"avg"``.
         freeze_batchnorm: keep BatchNorm statistics frozen (as in the paper). Default True.
-        trunk: ``finetune``, ``frozen`` or ``auto`` (frozen with cached features on CPU, finetune on GPU).
-            Default ``"auto"``.
-        feature_views: frozen trunk: views per training image whose features are cached (1: the centre
-            crop only; more add random-resized-crop + flip views). Default 1.
+        trunk: ``finetune`` (the whole network trains), ``partial`` (the trunk's last stage and the head
+            train, on cached activations of the frozen rest), ``frozen`` (only the head trains, on cached
+            features) or ``auto`` (frozen on CPU, finetune on GPU). Default ``"auto"``.
+        feature_views: frozen or partial trunk: views per training image whose features (activations) are
+            cached (1: the centre crop only; more add random-resized-crop + flip views). Default 1.
         amp: mixed precision of the network: ``auto`` (bf16 on CUDA, off on CPU), ``bf16`` or ``off``; the
             embedding head and the vMF parts of the losses run in float32/float64 regardless. Default
             ``"auto"``.
@@ -88,7 +89,7 @@ class TrainConfig:
         device_augment: fine-tuning with the images on the device (`dml.pipeline.DeviceImagePipeline`):
             ``auto`` (on CUDA when they fit), ``on`` or ``off``. Default ``"auto"``.
         compile: ``torch.compile`` the trunk's forward. Default False.
-        feature_cache: frozen trunk: a directory where the trunk features are saved and reused across runs
+        feature_cache: frozen or partial trunk: a directory where the cached features are saved and reused across runs
             (keyed by the image paths, backbone, weights, pooling, resolution, views). Default None.
         resolution: input crop size (0: the backbone's own, 224 for Lite0 / ResNet-50). Default 0.
         loss: a name of `dml.losses.LOSSES` (``el_nivmf``, ``el_nivmf_paper``, ``el_vmf``, ``ppk_vmf``,
@@ -98,7 +99,7 @@ class TrainConfig:
             ``--loss-option guidance_weight=1.0``. Default ``{}``.
         init_norm: initial mean embedding norm κ, set by a fixed head output scale (0: the loss's
             default, 2.5 × ``embed_dim`` for the vMF losses). Default 0.
-        epochs: training epochs (0: a default that fits the device: 40 frozen, 30 fine-tuning). Default 0.
+        epochs: training epochs (0: a default that fits the device: 40 frozen, 30 partial or fine-tuning). Default 0.
         batch_size: images per batch — the global batch under torchrun, split over the processes. Default 112.
         samples_per_class: images of one class per batch group ($m$). Default 2.
         optimizer: ``adamw`` or ``adam``. Default ``"adamw"``.
@@ -131,16 +132,17 @@ class TrainConfig:
     embed_dim: int = _opt(128, "embedding dimension p")
     pooling: str = _opt("avg", "avg | max | avgmax")
     freeze_batchnorm: bool = _opt(True, "keep BatchNorm statistics frozen (as in the paper)")
-    trunk: str = _opt("auto", "finetune | frozen | auto (frozen with cached features on CPU, finetune on GPU)")
-    feature_views: int = _opt(1, "frozen trunk: views per training image whose features are cached (1: the centre "
-                              "crop only; more add random-resized-crop + flip views)")
+    trunk: str = _opt("auto", "finetune | partial | frozen | auto (frozen on CPU, finetune on GPU): partial trains "
+                              "the trunk's last stage and the head on cached activations, frozen only the head")
+    feature_views: int = _opt(1, "frozen or partial trunk: views per training image whose features are cached (1: "
+                              "the centre crop only; more add random-resized-crop + flip views)")
     amp: str = _opt("auto", "mixed precision of the network: auto (bf16 on CUDA, off on CPU) | bf16 | off")
     channels_last: str = _opt("auto", "channels-last memory format for the network: auto (on CUDA) | on | off")
     device_augment: str = _opt("auto", "fine-tuning: images as uint8 on the device, crops by grid_sample: auto (on "
                                        "CUDA when they fit in 40 percent of free memory) | on | off")
     compile: bool = _opt(False, "torch.compile the trunk's forward")
-    feature_cache: str | None = _opt(None, "frozen trunk: directory where cached trunk features are kept and reused "
-                                           "across runs (keyed by data, backbone, weights, resolution, views)")
+    feature_cache: str | None = _opt(None, "frozen or partial trunk: directory where cached features are kept and "
+                                           "reused across runs (keyed by data, backbone, weights, resolution, views)")
     resolution: int = _opt(0, "input crop size (0: the backbone's own, 224 for Lite0 / ResNet-50)")
     loss: str = _opt("el_nivmf", "el_nivmf | el_nivmf_paper | el_vmf | ppk_vmf | kl_vmf | proxy_anchor | proxy_nca | "
                                  "norm_softmax | l2 | cosine")
@@ -148,7 +150,7 @@ class TrainConfig:
         "help": "loss keyword options, e.g. --loss-option guidance_weight=1.0 (repeatable)"})
     init_norm: float = _opt(0.0, "initial mean embedding norm κ, set by a fixed head output scale (0: the loss's "
                             "default, 2.5 × embed_dim for the vMF losses)")
-    epochs: int = _opt(0, "training epochs (0: a default that fits the device: 40 frozen, 30 fine-tuning)")
+    epochs: int = _opt(0, "training epochs (0: a default that fits the device: 40 frozen, 30 partial or fine-tuning)")
     batch_size: int = _opt(112, "images per batch (the global batch under torchrun, split over the processes)")
     samples_per_class: int = _opt(2, "images of one class per batch group (m)")
     optimizer: str = _opt("adamw", "adamw | adam")
@@ -292,6 +294,8 @@ def validate(config: TrainConfig) -> TrainConfig:
         parse_artists(config.emoji_artists)
     except DatasetError as err:
         raise ConfigError(f"--emoji-artists: {str(err).removeprefix('emoji_artists: ')}") from None
+    if config.dataset != "emoji" and config.emoji_artists != _FIELDS["emoji_artists"].default:
+        raise ConfigError(f"--emoji-artists applies to --dataset emoji only, not {config.dataset}")
     return config
 
 
@@ -300,7 +304,7 @@ def resolve(config: TrainConfig, device_type: str) -> TrainConfig:
 
     ``trunk="auto"`` becomes ``finetune`` on CUDA and ``frozen`` elsewhere — but ``finetune`` when
     ``weights="none"``, since a frozen random trunk gives random features; ``epochs`` 0 becomes 40
-    (frozen) or 30 (fine-tuning); ``lr`` 0 becomes 1e-4.
+    (frozen) or 30 (partial or fine-tuning); ``lr`` 0 becomes 1e-4.
 
     Args:
         config: a validated configuration.
@@ -535,6 +539,8 @@ def saved_run_config(values: dict[str, Any]) -> TrainConfig:
     Raises:
         ConfigError: as `config_from_dict`.
     """
+    if values.get("dataset", "emoji") != "emoji":
+        return config_from_dict(values)
     return config_from_dict({**SAVED_RUN_DEFAULTS, **values})
 
 

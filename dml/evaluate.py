@@ -213,7 +213,8 @@ def evaluate_run(run_dir: str | Path, *, checkpoint: str = "best", device: str =
             f"images of {splits.test.num_classes} classes at {resolution} px on {dev}")
         embeddings, labels = evaluation_embeddings(
             model, splits.test, frozen=config.trunk == "frozen", resolution=resolution, device=dev,
-            batch_size=config.eval_batch_size, autocast_dtype=autocast_dtype, channels_last=channels_last)
+            batch_size=config.eval_batch_size, autocast_dtype=autocast_dtype, channels_last=channels_last,
+            partial=config.trunk == "partial")
         final = evaluate_final(model, splits.test, embeddings, labels, config=config, device=dev,
                                resolution=resolution, uncertainty=with_uncertainty)
         result = EvaluateResult(final=final, checkpoint=checkpoint, epoch=state.get("epoch"), device=str(dev),

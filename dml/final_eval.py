@@ -83,8 +83,8 @@ class RetrievalMetrics:
                    r_precision_euclidean=float(values.get("r_precision_euclidean", math.nan)),
                    num_queries=int(values.get("num_queries", 0)),
                    nmi=None if values.get("nmi") is None else float(values["nmi"]),
-                   cross_domain={k.removesuffix(_CROSS): float(v) for k, v in values.items() if k.endswith(_CROSS)}
-                   or None)
+                   cross_domain={k.removesuffix(_CROSS): (int(v) if k.startswith("num_queries") else float(v))
+                                 for k, v in values.items() if k.endswith(_CROSS)} or None)
 
     def to_json(self) -> dict[str, Any]:
         """The flat JSON form: ``recall@k``, ``map@r``, ``r_precision``, their ``_euclidean`` twins, ``nmi``,
@@ -248,8 +248,11 @@ def split_metrics(embeddings: torch.Tensor, labels: torch.Tensor, *, seed: int, 
     ids = torch.tensor([index[d] for d in domains], dtype=torch.int64)
     try:
         cross = cross_domain_metrics(embeddings, labels, ids, ks=RECALL_KS)
-    except ValueError:  # no class drawn in two domains: nothing to report
-        return metrics
+    except ValueError as err:
+        if "another domain" in str(err):  # no class drawn in two domains: nothing to report
+            return metrics
+        raise
+    cross["num_queries"] = int(cross["num_queries"])
     return dataclasses.replace(metrics, cross_domain=cross)
 
 

@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -135,10 +136,42 @@ class EfficientNetLite0(nn.Module):
         Returns:
             ``[B, 1280, ⌈H/32⌉, ⌈W/32⌉]`` feature map (after the head convolution, BN and ReLU6).
         """
+        return self.suffix(self.prefix(x))
+
+    #: the first block of the part that ``--trunk partial`` trains: the last stage (one MBConv, 192 → 320
+    #: channels at stride 32) and the 1 × 1 head convolution, about 1.0 M of the trunk's 3.4 M parameters
+    PARTIAL_FROM = 15
+
+    def prefix(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen part under ``--trunk partial``: stem and blocks ``0 .. PARTIAL_FROM − 1``.
+
+        Args:
+            x: ``[B, 3, H, W]`` normalised images.
+
+        Returns:
+            ``[B, 192, ⌈H/32⌉, ⌈W/32⌉]`` activations.
+        """
         x = F.relu6(self._bn0(self._conv_stem(x)))
-        for block in self._blocks:
+        for block in self._blocks[: self.PARTIAL_FROM]:
+            x = block(x)
+        return x
+
+    def suffix(self, x: torch.Tensor) -> torch.Tensor:
+        """The rest of the trunk (what ``--trunk partial`` trains): ``forward(x) = suffix(prefix(x))``.
+
+        Args:
+            x: activations from `prefix`.
+
+        Returns:
+            The 1280-channel feature map.
+        """
+        for block in self._blocks[self.PARTIAL_FROM :]:
             x = block(x)
         return F.relu6(self._bn1(self._conv_head(x)))
+
+    def suffix_modules(self) -> list[nn.Module]:
+        """The modules whose parameters `suffix` uses."""
+        return [*self._blocks[self.PARTIAL_FROM :], self._conv_head, self._bn1]
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """ImageNet logits (average pooling and ``_fc``), to check the loaded weights.
@@ -234,8 +267,34 @@ class ResNet50(nn.Module):
         Returns:
             ``[B, 2048, H', W']`` feature map (stride 32).
         """
+        return self.suffix(self.prefix(x))
+
+    def prefix(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen part under ``--trunk partial``: everything up to ``layer3`` (stride 16, 1024 channels).
+
+        Args:
+            x: ``[B, 3, H, W]`` normalised images.
+
+        Returns:
+            ``[B, 1024, H/16, W/16]`` activations.
+        """
         x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.layer3(self.layer2(self.layer1(x)))
+
+    def suffix(self, x: torch.Tensor) -> torch.Tensor:
+        """``layer4``, what ``--trunk partial`` trains: ``forward(x) = suffix(prefix(x))``.
+
+        Args:
+            x: activations from `prefix`.
+
+        Returns:
+            The 2048-channel feature map.
+        """
+        return self.layer4(x)
+
+    def suffix_modules(self) -> list[nn.Module]:
+        """The modules whose parameters `suffix` uses."""
+        return [self.layer4]
 
 
 class TinyConvNet(nn.Module):
@@ -260,7 +319,19 @@ class TinyConvNet(nn.Module):
         Returns:
             ``[B, 64, ⌈H/16⌉, ⌈W/16⌉]`` feature map.
         """
-        return self.body(x)
+        return self.suffix(self.prefix(x))
+
+    def prefix(self, x: torch.Tensor) -> torch.Tensor:
+        """The first three layers (frozen under ``--trunk partial``)."""
+        return self.body[:9](x)
+
+    def suffix(self, x: torch.Tensor) -> torch.Tensor:
+        """The last layer (trained under ``--trunk partial``): ``forward(x) = suffix(prefix(x))``."""
+        return self.body[9:](x)
+
+    def suffix_modules(self) -> list[nn.Module]:
+        """The modules whose parameters `suffix` uses."""
+        return list(self.body[9:])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -421,9 +492,12 @@ class EmbeddingModel(nn.Module):
             parameters still train), as in the paper — small class-balanced batches make batch statistics
             noisy.
         freeze_trunk: no gradient to the trunk at all (head-only training).
+        partial_trunk: train only the trunk's last part (its ``suffix``) and the head; the ``prefix`` is
+            frozen, BatchNorm included, so that its activations can be cached (``--trunk partial``).
 
     Raises:
-        ModelError: if ``pooling`` is not one of the three or ``embed_dim`` < 2.
+        ModelError: if ``pooling`` is not one of the three, ``embed_dim`` < 2, or ``partial_trunk`` is
+            asked of a trunk without a ``prefix`` / ``suffix`` split or together with ``freeze_trunk``.
 
     References:
         M. Kirchhof, K. Roth, Z. Akata, E. Kasneci, "A Non-isotropic Probabilistic Take on Proxy-based
@@ -437,23 +511,29 @@ class EmbeddingModel(nn.Module):
     std: torch.Tensor
 
     def __init__(self, trunk: nn.Module, spec: BackboneSpec, embed_dim: int, *, pooling: str = "avg",
-                 freeze_batchnorm: bool = True, freeze_trunk: bool = False):
+                 freeze_batchnorm: bool = True, freeze_trunk: bool = False, partial_trunk: bool = False):
         super().__init__()
         if pooling not in POOLINGS:
             raise ModelError(f"pooling must be 'avg', 'max' or 'avgmax', got {pooling!r}")
         if embed_dim < 2:
             raise ModelError(f"embed_dim must be at least 2, got {embed_dim}")
+        if partial_trunk and (freeze_trunk or not supports_partial(trunk)):
+            raise ModelError("partial_trunk needs a trunk with prefix / suffix methods and freeze_trunk=False")
         self.trunk = trunk
         self.spec = spec
         self.pooling = pooling
         self.freeze_batchnorm = freeze_batchnorm
         self.freeze_trunk = freeze_trunk
+        self.partial_trunk = partial_trunk
         self.head = nn.Linear(spec.feature_dim, embed_dim)
         self.register_buffer("output_scale", torch.tensor(1.0))  # fixed; see calibrate_head
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
-        if freeze_trunk:
+        if freeze_trunk or partial_trunk:
             self.trunk.requires_grad_(False)
+        if partial_trunk:
+            for module in _split_trunk(trunk).suffix_modules():
+                module.requires_grad_(True)
         self.train()
 
     @property
@@ -471,9 +551,12 @@ class EmbeddingModel(nn.Module):
             The model itself.
         """
         super().train(mode)
-        if mode and (self.freeze_batchnorm or self.freeze_trunk):
+        if mode and (self.freeze_batchnorm or self.freeze_trunk or self.partial_trunk):
+            trained = set()
+            if self.partial_trunk and not self.freeze_batchnorm:  # the prefix's statistics stay fixed
+                trained = {id(m) for module in _split_trunk(self.trunk).suffix_modules() for m in module.modules()}
             for m in self.trunk.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in trained:
                     m.eval()
         return self
 
@@ -486,7 +569,31 @@ class EmbeddingModel(nn.Module):
         Returns:
             ``[B, feature_dim]`` pooled features (``avg``, ``max`` or their sum, per ``pooling``).
         """
-        fmap = self.trunk((images - self.mean) / self.std)
+        return self._pool(self.trunk((images - self.mean) / self.std))
+
+    def prefix_activations(self, images: torch.Tensor) -> torch.Tensor:
+        """The trunk's frozen part under ``--trunk partial`` (what the partial pipeline caches).
+
+        Args:
+            images: ``[B, 3, H, W]`` float images in [0, 1].
+
+        Returns:
+            The trunk's ``prefix`` activations.
+        """
+        return _split_trunk(self.trunk).prefix((images - self.mean) / self.std)
+
+    def features_from_prefix(self, activations: torch.Tensor) -> torch.Tensor:
+        """Pooled features from `prefix_activations`: ``features(x) = features_from_prefix(prefix_activations(x))``.
+
+        Args:
+            activations: the trunk's ``prefix`` activations.
+
+        Returns:
+            ``[B, feature_dim]`` pooled features.
+        """
+        return self._pool(_split_trunk(self.trunk).suffix(activations))
+
+    def _pool(self, fmap: torch.Tensor) -> torch.Tensor:
         if self.pooling == "avg":
             return fmap.mean((-2, -1))
         if self.pooling == "max":
@@ -565,8 +672,29 @@ class EmbeddingModel(nn.Module):
         return groups
 
 
+class PartialTrunk(Protocol):
+    """A trunk that ``--trunk partial`` can train in part: ``forward(x) = suffix(prefix(x))``."""
+
+    def prefix(self, x: torch.Tensor) -> torch.Tensor: ...  # the frozen part
+
+    def suffix(self, x: torch.Tensor) -> torch.Tensor: ...  # the trained part
+
+    def suffix_modules(self) -> list[nn.Module]: ...  # the modules of the trained part
+
+
+def _split_trunk(trunk: nn.Module) -> PartialTrunk:
+    return cast(PartialTrunk, trunk)
+
+
+def supports_partial(trunk: nn.Module) -> bool:
+    """Whether a trunk can be trained in part (``--trunk partial``): it has ``prefix``, ``suffix`` and
+    ``suffix_modules`` (every built-in backbone does)."""
+    return all(callable(getattr(trunk, name, None)) for name in ("prefix", "suffix", "suffix_modules"))
+
+
 def build_model(backbone: str = "efficientnet_lite0", embed_dim: int = 128, *, weights: str | Path | None = "default",
-                pooling: str = "avg", freeze_batchnorm: bool = True, freeze_trunk: bool = False) -> EmbeddingModel:
+                pooling: str = "avg", freeze_batchnorm: bool = True, freeze_trunk: bool = False,
+                partial_trunk: bool = False) -> EmbeddingModel:
     r"""Build an `EmbeddingModel` (see `build_backbone` for ``weights``).
 
     Args:
@@ -576,6 +704,7 @@ def build_model(backbone: str = "efficientnet_lite0", embed_dim: int = 128, *, w
         pooling: ``"avg"``, ``"max"`` or ``"avgmax"``.
         freeze_batchnorm: keep the trunk's BatchNorm statistics fixed.
         freeze_trunk: train only the head.
+        partial_trunk: train the trunk's last part and the head (`EmbeddingModel`).
 
     Returns:
         The model, on the CPU, in training mode.
@@ -592,7 +721,7 @@ def build_model(backbone: str = "efficientnet_lite0", embed_dim: int = 128, *, w
     """
     trunk, spec = build_backbone(backbone, weights)
     return EmbeddingModel(trunk, spec, embed_dim, pooling=pooling, freeze_batchnorm=freeze_batchnorm,
-                          freeze_trunk=freeze_trunk)
+                          freeze_trunk=freeze_trunk, partial_trunk=partial_trunk)
 
 
 def to_channels_last(module: nn.Module) -> None:

@@ -1,5 +1,6 @@
 """How training batches and evaluation embeddings are produced: from images (fine-tuning the whole
-network) or from cached features of a frozen trunk (head-only training, the CPU default).
+network), from cached activations of the trunk's frozen part (its last part and the head train: the CPU
+default) or from cached features of a frozen trunk (head-only training).
 
 Under DDP (`dml.distributed`) a pipeline takes the *global* batches and keeps its process's contiguous
 part of each (the split `dml.data.ClassBalancedBatchSampler` makes), drawing the augmentation as a single
@@ -100,7 +101,7 @@ CPU_FORWARD_IMAGES = 64
 @torch.no_grad()
 def network_outputs(model: EmbeddingModel, images_of: Callable[[int, int], torch.Tensor], count: int, *,
                     batch_size: int, starts: Sequence[int] | None = None, autocast_dtype: torch.dtype | None = None,
-                    channels_last: bool = False, features: bool = False) -> torch.Tensor:
+                    channels_last: bool = False, features: bool = False, prefix: bool = False) -> torch.Tensor:
     """The network's outputs for images ``0 .. count - 1`` in batches of ``batch_size`` (model in eval mode).
 
     The one place where evaluation images go through the network: the pipelines and ``dml.evaluate``
@@ -116,9 +117,12 @@ def network_outputs(model: EmbeddingModel, images_of: Callable[[int, int], torch
         autocast_dtype: autocast dtype of the forward pass (None: off).
         channels_last: feed the images in channels-last memory format.
         features: return the pooled trunk features instead of the embeddings.
+        prefix: return the activations of the trunk's frozen part under ``--trunk partial``
+            (`dml.models.EmbeddingModel.prefix_activations`) instead.
 
     Returns:
-        ``[n, embed_dim]`` (or ``[n, feature_dim]``) float32 outputs of the batches run, concatenated.
+        ``[n, embed_dim]`` (or ``[n, feature_dim]``, or ``[n, C, h, w]`` activations) float32 outputs of
+        the batches run, concatenated (activations in channels-last memory format).
     """
     was_training = model.training
     model.eval()
@@ -131,11 +135,18 @@ def network_outputs(model: EmbeddingModel, images_of: Callable[[int, int], torch
         images = _layout(images_of(start, min(start + batch_size, count)), channels_last)
         for part in images.split(step):
             with _autocast(model, autocast_dtype):
-                chunks.append((model.features(part) if features else model(part)).float())
+                if prefix:
+                    chunks.append(model.prefix_activations(part).float())
+                else:
+                    chunks.append((model.features(part) if features else model(part)).float())
     model.train(was_training)
     if not chunks:
+        if prefix:
+            raise ValueError("network_outputs: no image to compute prefix activations of")
         width = model.spec.feature_dim if features else model.embed_dim
         return torch.zeros(0, width, device=device)
+    if prefix:
+        return torch.cat(chunks).contiguous(memory_format=torch.channels_last)
     return torch.cat(chunks)
 
 
@@ -149,8 +160,9 @@ def _loader(dataset: ImageDataset, device: torch.device,
 
 
 def split_features(model: EmbeddingModel, split: Split, resolution: int, device: torch.device,
-                   batch_size: int) -> torch.Tensor:
-    """Pooled trunk features of the evaluation crops of a split, as the frozen-trunk pipeline caches them.
+                   batch_size: int, *, prefix: bool = False) -> torch.Tensor:
+    """Pooled trunk features of the evaluation crops of a split, as the frozen-trunk pipeline caches them
+    (with ``prefix``: the activations of the trunk's frozen part, as the partial pipeline caches them).
 
     The model is put in channels-last memory format (1.4-2x faster convolutions on CPU with oneDNN).
 
@@ -160,24 +172,55 @@ def split_features(model: EmbeddingModel, split: Split, resolution: int, device:
         resolution: the crop size.
         device: the model's device.
         batch_size: images per batch.
+        prefix: return the prefix activations instead of the pooled features.
 
     Returns:
-        ``[N, feature_dim]`` float32 features.
+        ``[N, feature_dim]`` float32 features (``[N, C, h, w]`` activations with ``prefix``).
     """
     to_channels_last(model)
     dataset = ImageDataset(split, EvalTransform(resolution), max_side=eval_resize(resolution), cache=False)
     return network_outputs(model, _loader(dataset, device), len(dataset), batch_size=batch_size,
-                           channels_last=True, features=True)
+                           channels_last=True, features=not prefix, prefix=prefix)
+
+
+@torch.no_grad()
+def embeddings_from_prefix(model: EmbeddingModel, activations: torch.Tensor, batch_size: int, *,
+                           features: bool = False) -> torch.Tensor:
+    """Embeddings (or pooled features) of cached prefix activations, in batches (model in eval mode).
+
+    The one place where cached activations of ``--trunk partial`` are finished: the partial pipeline and
+    ``dml.evaluate`` both call it, so they get the same numbers.
+
+    Args:
+        model: the embedding model.
+        activations: ``[N, C, h, w]`` activations (`split_features` with ``prefix=True``).
+        batch_size: activations per batch.
+        features: return the pooled trunk features instead of the embeddings.
+
+    Returns:
+        ``[N, embed_dim]`` (or ``[N, feature_dim]``) float32 outputs.
+    """
+    was_training = model.training
+    model.eval()
+    out = []
+    for part in activations.split(batch_size):
+        pooled = model.features_from_prefix(part.contiguous(memory_format=torch.channels_last))
+        out.append((pooled if features else model.embed(pooled)).float())
+    model.train(was_training)
+    if not out:
+        return torch.zeros(0, model.spec.feature_dim if features else model.embed_dim, device=activations.device)
+    return torch.cat(out)
 
 
 @torch.no_grad()
 def evaluation_embeddings(model: EmbeddingModel, split: Split, *, frozen: bool, resolution: int,
                           device: torch.device, batch_size: int, autocast_dtype: torch.dtype | None = None,
-                          channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                          channels_last: bool = False, partial: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings and labels of a split exactly as a single-process training run evaluates it.
 
-    Frozen trunk: the head on `split_features` (what `FeaturePipeline` caches); fine-tuning: the whole
-    network on the evaluation crops (what `ImagePipeline` runs). ``dml.evaluate`` uses it to reproduce
+    Frozen trunk: the head on `split_features` (what `FeaturePipeline` caches); partial: the trunk's
+    trained part and the head on its cached prefix activations (what `PartialPipeline` runs); fine-tuning:
+    the whole network on the evaluation crops (what `ImagePipeline` runs). ``dml.evaluate`` uses it to reproduce
     the training run's numbers.
 
     Args:
@@ -189,11 +232,15 @@ def evaluation_embeddings(model: EmbeddingModel, split: Split, *, frozen: bool, 
         batch_size: images per batch (the run's ``eval_batch_size``).
         autocast_dtype: the run's autocast dtype (fine-tuning).
         channels_last: the run's memory format (fine-tuning).
+        partial: whether the run trained the trunk in part (``--trunk partial``).
 
     Returns:
         ``(embeddings [N, embed_dim] float32, labels [N] int64)`` on ``device``.
     """
-    if frozen:
+    if partial:
+        activations = split_features(model, split, resolution, device, batch_size, prefix=True)
+        embeddings = embeddings_from_prefix(model, activations, batch_size)
+    elif frozen:
         embeddings = model.eval().embed(split_features(model, split, resolution, device, batch_size))
     else:
         dataset = ImageDataset(split, EvalTransform(resolution), max_side=eval_resize(resolution), cache=False)
@@ -205,7 +252,8 @@ def evaluation_embeddings(model: EmbeddingModel, split: Split, *, frozen: bool, 
 class Pipeline:
     """Interface used by the trainer: training batches, training embeddings and evaluation embeddings.
 
-    Implemented by `ImagePipeline` (fine-tuning) and `FeaturePipeline` (frozen trunk); the methods
+    Implemented by `ImagePipeline` (fine-tuning), `PartialPipeline` (partial trunk) and `FeaturePipeline`
+    (frozen trunk); the methods
     here raise `NotImplementedError`.
 
     Attributes:
@@ -518,8 +566,18 @@ class FeaturePipeline(Pipeline):
         DatasetError: if an image cannot be decoded.
     """
 
+    #: what is cached: the pooled trunk features (False) or the prefix activations (`PartialPipeline`)
+    _prefix = False
+
+    def _cached(self, split: Split) -> torch.Tensor:
+        """The cached outputs of a split's evaluation crops (an empty tensor for an empty split)."""
+        if not len(split):
+            return torch.zeros(0, device=self.device)
+        return split_features(self.model, split, self.resolution, self.device, self.config.eval_batch_size,
+                              prefix=self._prefix)
+
     def _prepare(self, log: Callable[[str], None]) -> None:
-        model, splits, config, resolution, device = self.model, self.splits, self.config, self.resolution, self.device
+        splits, config, resolution, device = self.splits, self.config, self.resolution, self.device
         self.views = max(1, int(config.feature_views))
         generator = torch.Generator().manual_seed(10_007 * config.seed + 1)
         train_transform = TrainTransform(resolution, generator=generator)
@@ -530,15 +588,15 @@ class FeaturePipeline(Pipeline):
             self.train_features, self.eval_features = stored["train"], {k: stored[k] for k in ("val", "test")}
         else:
             views = "the centre crop" if self.views == 1 else f"{self.views} views (centre crop + random crops)"
-            log(f"caching frozen-trunk features: {len(splits.train)} training images × {views}, "
+            what = "the frozen part's activations" if self._prefix else "frozen-trunk features"
+            log(f"caching {what}: {len(splits.train)} training images × {views}, "
                 f"{len(splits.val) + len(splits.test)} evaluation images, {resolution} px, on {device}")
-            features = [split_features(model, splits.train, resolution, device, config.eval_batch_size)]
+            features = [self._cached(splits.train)]
             raw_train = ImageDataset(splits.train, None, max_side=eval_resize(resolution))
             for _ in range(1, self.views):  # view 0 (above): the plain centre crop
                 features.append(self._features(raw_train, train_transform))
-            self.train_features = torch.stack(features, dim=1)  # [N, V, F]
-            self.eval_features = {name: split_features(model, getattr(splits, name), resolution, device,
-                                                       config.eval_batch_size) for name in ("val", "test")}
+            self.train_features = torch.stack(features, dim=1)  # [N, V, F] or [N, V, C, h, w]
+            self.eval_features = {name: self._cached(getattr(splits, name)) for name in ("val", "test")}
             if cache is not None and self.dist.is_main:
                 save_checkpoint(cache, {"train": self.train_features.cpu(),
                                         **{k: v.cpu() for k, v in self.eval_features.items()}})
@@ -565,6 +623,8 @@ class FeaturePipeline(Pipeline):
             "backbone": config.backbone, "weights": weights, "pooling": config.pooling, "resolution": resolution,
             "views": self.views, "seed": config.seed if self.views > 1 else None, "torch": torch.__version__,
         }
+        if self._prefix:  # older keys unchanged: their cached files stay valid
+            key["prefix"] = "partial"
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
         return Path(cache_dir) / f"{splits.name}-{config.backbone}-{resolution}px-{digest}.pt"
 
@@ -572,7 +632,8 @@ class FeaturePipeline(Pipeline):
         """Features of one random view of every image of ``raw`` (the transform draws the crops in order)."""
         to_channels_last(self.model)
         return network_outputs(self.model, _loader(raw, self.device, transform), len(raw),
-                               batch_size=self.config.eval_batch_size, channels_last=True, features=True)
+                               batch_size=self.config.eval_batch_size, channels_last=True, features=not self._prefix,
+                               prefix=self._prefix)
 
     def train_batches(self, batches, epoch, start=0):
         """See `Pipeline.train_batches`."""
@@ -606,3 +667,55 @@ class FeaturePipeline(Pipeline):
         return (f"trunk: FROZEN {model.spec.name} at {resolution} px on {device}: only the embedding head trains, on "
                 "cached trunk features (the CPU default; on a GPU, or with --trunk finetune, the whole network "
                 "is fine-tuned)")
+
+
+class PartialPipeline(FeaturePipeline):
+    """Partial trunk (``--trunk partial``): the activations of the trunk's frozen part are cached once, and
+    training runs its last part (`dml.models.EmbeddingModel.features_from_prefix`: on EfficientNet-Lite0
+    the last stage and the head convolution), the pooling and the head on them.
+
+    The caching is `FeaturePipeline`'s (the same views, the same ``--feature-cache`` folder under another
+    key), so a run costs one pass of the frozen part over the data and then a few small convolutions per
+    step: on a CPU the trunk's last stage adapts to the data at a small fraction of fine-tuning's cost (on
+    the emoji benchmark it has not beaten the frozen trunk yet: see the DML guide).
+    Evaluation embeds the cached activations of the evaluation crops (`embeddings_from_prefix`, also used
+    by ``dml.evaluate``).
+
+    Args:
+        model: the embedding model, built with ``partial_trunk=True`` (moved to ``device`` by the caller).
+        splits: the dataset's train / val / test splits.
+        config: the run's `dml.config.TrainConfig`.
+        resolution: the crop size in pixels.
+        device: where batches and embeddings live.
+        log: receives progress lines.
+        dist: the `dml.distributed.DistContext` (default: a single process).
+
+    Raises:
+        DatasetError: if an image cannot be decoded.
+    """
+
+    _prefix = True
+
+    def embed_train(self, inputs):
+        """See `Pipeline.embed_train`."""
+        return self.model.embed(self.model.features_from_prefix(inputs.contiguous(memory_format=torch.channels_last)))
+
+    def embed_split(self, name):
+        """See `Pipeline.embed_split`."""
+        activations = self.eval_features[name]
+        if not activations.numel():
+            return torch.zeros(0, self.model.embed_dim, device=self.device), self.eval_labels[name]
+        return embeddings_from_prefix(self.model, activations, self.config.eval_batch_size), self.eval_labels[name]
+
+    def calibration_features(self):
+        """See `Pipeline.calibration_features`."""
+        return embeddings_from_prefix(self.model, self.train_features[:, 0], self.config.eval_batch_size,
+                                      features=True)
+
+    @staticmethod
+    def describe(model: EmbeddingModel, config: TrainConfig, resolution: int, device: torch.device) -> str:
+        """See `Pipeline.describe`."""
+        trained = sum(p.numel() for p in model.trunk.parameters() if p.requires_grad)
+        return (f"trunk: PARTIAL {model.spec.name} at {resolution} px on {device}: its last part "
+                f"({trained / 1e6:.2f} M parameters) and the embedding head train, on cached activations of the "
+                "frozen part (--trunk finetune trains the whole network, --trunk frozen only the head)")

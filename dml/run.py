@@ -19,6 +19,7 @@ from dml.build import RunParts, build_run, load_data
 from dml.checkpoint import atomic_write_json, atomic_write_text, load_checkpoint
 from dml.config import (
     RESUME_OVERRIDES,
+    SAVED_RUN_DEFAULTS,
     ConfigError,
     TrainConfig,
     TrainRequest,
@@ -124,7 +125,8 @@ def start(request: TrainRequest, stack: contextlib.ExitStack) -> RunStart:
             on_disk = json.loads(config_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ConfigError(f"{config_path} is not valid JSON ({err}); restore it to resume the run") from None
-        changed = config_changes(saved, dict(on_disk, output_dir=str(directory)), ignore=("epochs",))
+        changed = config_changes({**SAVED_RUN_DEFAULTS, **saved},
+                                 {**SAVED_RUN_DEFAULTS, **on_disk, "output_dir": str(directory)}, ignore=("epochs",))
         if changed:
             raise ConfigError(f"{config_path} was edited since the run started ({'; '.join(changed)}); a run resumes "
                               "with its own configuration: undo the edit, or start a new run with --config")

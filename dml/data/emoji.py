@@ -73,7 +73,7 @@ ARTISTS: dict[str, Artist] = {a.name: a for a in (
            "64 px PNG by resvg"),
 )}
 
-#: every artist, in the order of the images within a class
+#: every artist (a class's images come in the order of ``--emoji-artists``)
 EMOJI_ARTISTS: tuple[str, ...] = tuple(ARTISTS)
 #: the artists of the default benchmark
 DEFAULT_EMOJI_ARTISTS: tuple[str, ...] = EMOJI_ARTISTS
@@ -138,9 +138,9 @@ def find_node_modules(path: Path, artists: Sequence[str] = DEFAULT_EMOJI_ARTISTS
 def default_emoji_root(artists: Sequence[str] = DEFAULT_EMOJI_ARTISTS) -> Path | None:
     """Where the emoji packages are installed, or None if nowhere.
 
-    Looks at ``$DML_EMOJI_ROOT``, then ``<repo>/node_modules`` (``<repo>`` is the directory that
-    holds the ``dml`` package), then ``./node_modules``; returns the first that holds the packages of
-    ``artists`` (and ``emoji-datasource-google``, whose ``emoji.json`` lists the emoji).
+    ``$DML_EMOJI_ROOT`` if set (None if it lacks the packages), else ``<repo>/node_modules`` (``<repo>``
+    is the directory that holds the ``dml`` package), then ``./node_modules``: the first that holds the
+    packages of ``artists`` (and ``emoji-datasource-google``, whose ``emoji.json`` lists the emoji).
 
     Args:
         artists: the artists whose packages must be there.
@@ -148,10 +148,10 @@ def default_emoji_root(artists: Sequence[str] = DEFAULT_EMOJI_ARTISTS) -> Path |
     Returns:
         The ``node_modules`` directory, or None.
     """
-    candidates = []
-    if os.environ.get("DML_EMOJI_ROOT"):
-        candidates.append(Path(os.environ["DML_EMOJI_ROOT"]))
-    candidates.append(Path(__file__).resolve().parents[2] / "node_modules")
+    if os.environ.get("DML_EMOJI_ROOT"):  # the user's choice: never silently replaced by another tree
+        found = find_node_modules(Path(os.environ["DML_EMOJI_ROOT"]).expanduser(), artists)
+        return None if found is None else found.absolute()
+    candidates = [Path(__file__).resolve().parents[2] / "node_modules"]
     candidates.append(Path.cwd() / "node_modules")
     for cand in candidates:
         found = find_node_modules(cand, artists)
@@ -284,8 +284,9 @@ def render_svg(path: Path, size: int = RENDER_SIZE) -> bytes:
 def rendered(svgs: dict[str, Path], folder: Path, what: str) -> dict[str, Path]:
     """PNG renderings of ``svgs`` in ``folder``, made once: files already there are reused.
 
-    Each PNG is written to a temporary name and renamed, so an interrupted or concurrent render never
-    leaves a partial file behind. A progress bar shows on a terminal.
+    Each PNG is named after its SVG file (not the emoji it is matched to, so a changed name table never
+    reuses another emoji's picture), written to a temporary name and renamed, so an interrupted or
+    concurrent render never leaves a partial file behind. A progress bar shows on a terminal.
 
     Args:
         svgs: {key: SVG path}.
@@ -298,7 +299,7 @@ def rendered(svgs: dict[str, Path], folder: Path, what: str) -> dict[str, Path]:
     Raises:
         DatasetError: the folder cannot be written, or an SVG cannot be rendered.
     """
-    targets = {k: folder / f"{k}.png" for k in svgs}
+    targets = {k: folder / f"{svg.stem}.png" for k, svg in svgs.items()}
     todo = [k for k in svgs if not targets[k].is_file()]
     if todo:
         try:
@@ -310,14 +311,15 @@ def rendered(svgs: dict[str, Path], folder: Path, what: str) -> dict[str, Path]:
 
         for k in tqdm(todo, desc=what, unit="image", file=sys.stderr, leave=False, disable=None):
             png = render_svg(svgs[k])
-            partial = targets[k].with_name(f".{k}.{os.getpid()}.tmp")
+            partial = targets[k].with_name(f".{targets[k].stem}.{os.getpid()}.tmp")
             try:
                 partial.write_bytes(png)
                 os.replace(partial, targets[k])
             except OSError as err:
-                partial.unlink(missing_ok=True)
                 raise DatasetError(f"cannot write {targets[k]}: {err.strerror}; set $DML_CACHE_DIR to a writable "
                                    "directory") from None
+            finally:  # also on Ctrl-C between the write and the rename
+                partial.unlink(missing_ok=True)
     return targets
 
 
@@ -400,8 +402,9 @@ def _locate(data_root: str | Path | None, artists: Sequence[str]) -> Path:
     if data_root is None:
         root = default_emoji_root(artists)
         if root is None:
-            raise DatasetError("emoji packages not found ($DML_EMOJI_ROOT, <repo>/node_modules, ./node_modules) for "
-                               f"the artists {','.join(artists)}: {SETUP_HINT}")
+            where = (f"$DML_EMOJI_ROOT={os.environ['DML_EMOJI_ROOT']}" if os.environ.get("DML_EMOJI_ROOT")
+                     else "<repo>/node_modules, ./node_modules")
+            raise DatasetError(f"emoji packages ({', '.join(_packages(artists))}) not found in {where}: {SETUP_HINT}")
         return root
     given = Path(data_root).expanduser()
     _require_dir(given, "data_root")

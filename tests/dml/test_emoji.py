@@ -146,6 +146,8 @@ def test_two_artists_need_both(tree):
 
 
 def test_svgs_rendered_once_deterministically_and_atomically(tree, monkeypatch):
+    """Rendered once (a second load renders nothing), byte for byte as a fresh render, into the cache
+    folder of the artist, package version and renderer; a failed write leaves nothing behind."""
     calls: list[Path] = []
     real = emoji_module.render_svg
     monkeypatch.setattr(emoji_module, "render_svg", lambda path, size=64: calls.append(path) or real(path, size))
@@ -169,6 +171,39 @@ def test_svgs_rendered_once_deterministically_and_atomically(tree, monkeypatch):
     monkeypatch.setenv("DML_CACHE_DIR", str(tree.parent / "elsewhere"))
     load_splits("emoji", tree)
     assert len(list((tree.parent / "elsewhere" / "emoji").rglob("*.png"))) == 20
+
+    # a render that fails between writing and renaming leaves neither a PNG nor a temporary file
+    monkeypatch.setenv("DML_CACHE_DIR", str(tree.parent / "failing"))
+
+    def no_rename(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(emoji_module.os, "replace", no_rename)
+    with pytest.raises(DatasetError, match="No space left"):
+        load_splits("emoji", tree)
+    assert [p for p in (tree.parent / "failing").rglob("*") if p.is_file()] == []
+
+
+def test_cached_pngs_follow_the_svg_not_the_name_table(tree):
+    """Renderings are cached under their SVG's name: when the CLDR name table maps a Fluent file to
+    another emoji, that emoji gets the file's picture, never a stale one cached under its code points."""
+    first = load_splits("emoji", tree, emoji_artists="google,fluent")
+    csv_path = tree / "openmoji" / "data" / "openmoji.csv"
+    text = csv_path.read_text(encoding="utf-8")
+    csv_path.write_text(text.replace("face 6,", "face X,").replace("face 7,", "face 6,").replace("face X,", "face 7,"),
+                        encoding="utf-8")
+    second = load_splits("emoji", tree, emoji_artists="google,fluent")
+
+    def fluent_picture(s, name):
+        for part in (s.train, s.val, s.test):
+            for path, label in zip(part.paths, part.labels):
+                if part.class_names[label] == name and "/fluent-" in path:
+                    return Path(path).read_bytes()
+        raise AssertionError(name)
+
+    assert fluent_picture(second, "emoji_6") == fluent_picture(first, "emoji_7")
+    assert fluent_picture(second, "emoji_7") == fluent_picture(first, "emoji_6")
+    assert fluent_picture(second, "emoji_6") == render_svg(tree / "fluentui-emoji" / "icons" / "flat" / "face-7.svg")
 
 
 def test_unwritable_cache_is_one_clear_error(tree, monkeypatch):
@@ -248,10 +283,14 @@ def test_bad_artists_are_refused(value, message, tree):
 
 def test_runs_saved_before_the_option_keep_their_two_artists():
     """A run whose config.json predates --emoji-artists trained on Google and Twitter: resuming or
-    re-evaluating it uses those two, while a new configuration gets all four."""
+    re-evaluating it uses those two, while a new configuration gets all four; the option belongs to the
+    emoji dataset only."""
     assert config_from_dict({}).emoji_artists == "google,twitter,openmoji,fluent"
     assert saved_run_config({"dataset": "emoji"}).emoji_artists == "google,twitter"
     assert saved_run_config({"emoji_artists": "openmoji,fluent"}).emoji_artists == "openmoji,fluent"
+    assert saved_run_config({"dataset": "folder", "data_root": "x"}).dataset == "folder"
+    with pytest.raises(ConfigError, match="emoji only"):
+        config_from_dict({"dataset": "folder", "emoji_artists": "google,twitter"})
 
 
 def test_missing_packages_named(tmp_path, tree):
@@ -270,6 +309,11 @@ def test_default_root_from_environment(tree, monkeypatch):
     monkeypatch.setenv("DML_EMOJI_ROOT", str(tree.parent))
     assert default_emoji_root() == tree
     assert load_splits("emoji", None, split_seed=0) == load_splits("emoji", tree, split_seed=0)
+    # a $DML_EMOJI_ROOT without the packages is an error, not a silent fall-back to the repository's
+    monkeypatch.setenv("DML_EMOJI_ROOT", str(tree.parent / "nothing_here"))
+    assert default_emoji_root() is None
+    with pytest.raises(DatasetError, match="DML_EMOJI_ROOT="):
+        load_splits("emoji", None)
 
 
 def test_training_run_reports_cross_artist_metrics(tree, tmp_path):
@@ -313,8 +357,10 @@ def test_real_emoji_benchmark():
         per_class.update(Counter(part.labels).values())
     assert set(per_class) <= {3, 4} and per_class[4] >= 1500  # Fluent lacks most flags
     # known matches through the CLDR names: grinning face, A button (blood type), 1st place medal
-    fluent = {Path(p).stem for part in (s.train, s.val, s.test) for p in part.paths if "/fluent-" in p}
-    assert {"1F600", "1F170", "1F947"} <= fluent
+    fluent = {part.class_names[label]: Path(path).stem for part in (s.train, s.val, s.test)
+              for path, label in zip(part.paths, part.labels) if "/fluent-" in path}
+    assert fluent["grinning"] == "grinning-face" and fluent["a"] == "a-button-blood-type"
+    assert fluent["first_place_medal"] == "1st-place-medal" and fluent["mans_shoe"] == "mans-shoe"
     for needle in ("CC-BY-4.0", "CC-BY-SA-4.0", "Microsoft", "16.0.0", "17.0.0", "1.3.0"):
         assert needle in s.notice
     # a rendered SVG decodes as the PNGs do: 64 px, transparent corners on white

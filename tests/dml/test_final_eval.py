@@ -17,7 +17,7 @@ def data_root(tmp_path_factory):
     return make_folder_dataset(tmp_path_factory.mktemp("final_eval_data"))
 
 
-@pytest.mark.parametrize("trunk", ["frozen", "finetune"])
+@pytest.mark.parametrize("trunk", ["frozen", "finetune", "partial"])
 def test_evaluate_reproduces_the_training_run(data_root, tmp_path, trunk):
     out = tmp_path / "run"
     trained = run_cli("dml.train", *tiny_args(data_root, out, "--trunk", trunk, "--epochs", "1"))

@@ -116,6 +116,35 @@ def test_frozen_trunk_trains_only_the_head():
     assert names == ["head"]
 
 
+@pytest.mark.parametrize("backbone, size", [("tiny", 32), ("efficientnet_lite0", 64), ("resnet50", 64)])
+def test_partial_trunk_splits_the_forward_and_trains_only_the_suffix(backbone, size):
+    """forward = suffix ∘ prefix exactly; under partial_trunk only the suffix and the head get gradients,
+    and the prefix's BatchNorm statistics stay fixed even with freeze_batchnorm=False."""
+    torch.manual_seed(0)
+    model = build_model(backbone, 8, weights=None, freeze_batchnorm=False, partial_trunk=True).train()
+    images = torch.rand(2, 3, size, size)
+    with torch.no_grad():
+        model.eval()
+        assert torch.equal(model.features_from_prefix(model.prefix_activations(images)), model.features(images))
+    model.train()
+    suffix = {id(p) for m in model.trunk.suffix_modules() for p in m.parameters()}
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running_mean" in k}
+    model.embed(model.features_from_prefix(model.prefix_activations(images))).sum().backward()
+    for p in model.trunk.parameters():
+        assert (p.grad is not None) == (id(p) in suffix)
+    assert model.head.weight.grad is not None
+    after = model.state_dict()
+    suffix_names = {n for n, p in model.named_parameters() if id(p) in suffix}
+    suffix_prefixes = {n.rsplit(".", 1)[0] for n in suffix_names}
+    for key in before:
+        trained_bn = key.rsplit(".", 1)[0] in suffix_prefixes
+        assert torch.equal(before[key], after[key]) != trained_bn, key  # only the suffix's statistics move
+    groups = model.parameter_groups(1e-3, head_lr_mult=10)
+    assert [g["name"] for g in groups] == ["trunk", "head"] and {id(p) for p in groups[0]["params"]} == suffix
+    with pytest.raises(ModelError, match="partial_trunk"):
+        build_model(backbone, 8, weights=None, freeze_trunk=True, partial_trunk=True)
+
+
 @pytest.mark.parametrize("pooling", ["avg", "max", "avgmax"])
 def test_embedding_shapes_and_calibration(pooling):
     torch.manual_seed(0)

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from dml import trainer as train_module
-from dml.checkpoint import load_checkpoint
+from dml.checkpoint import load_checkpoint, seed_everything
 from dml.config import ConfigError, parse_config
+from dml.models import build_model
 from dml.train import main
 from tests.dml.tiny_runs import make_folder_dataset, signal_after_first_epoch
 from tests.dml.tiny_runs import tiny_args as _args
@@ -22,7 +23,7 @@ def data_root(tmp_path_factory):
     return make_folder_dataset(tmp_path_factory.mktemp("tinydata"))
 
 
-@pytest.mark.parametrize("loss,trunk", [("el_nivmf", "finetune"), ("proxy_anchor", "frozen")])
+@pytest.mark.parametrize("loss,trunk", [("el_nivmf", "finetune"), ("proxy_anchor", "frozen"), ("el_nivmf", "partial")])
 def test_one_epoch_run_writes_every_file(data_root, tmp_path, loss, trunk, capsys):
     out = tmp_path / "run"
     code = main(_args(data_root, out, "--loss", loss, "--trunk", trunk, "--epochs", "1", "--feature-views", "2"))
@@ -43,8 +44,14 @@ def test_one_epoch_run_writes_every_file(data_root, tmp_path, loss, trunk, capsy
     assert config["loss"] == loss and config["epochs"] == 1
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert len(history) == 1 and np.isfinite(history[0]["train"]["loss"])
-    if trunk == "frozen":
-        assert "FROZEN" in capsys.readouterr().out
+    if trunk != "finetune":
+        assert trunk.upper() in capsys.readouterr().out
+    if trunk == "partial":  # the prefix stays as it was, the suffix trained
+        seed_everything(3)  # as the run did (tiny_args: seed 3) before building its model
+        initial = build_model("tiny", 16, weights=None, partial_trunk=True).state_dict()
+        trained = load_checkpoint(out / "best.pt")["model"]
+        assert torch.equal(trained["trunk.body.0.weight"], initial["trunk.body.0.weight"])
+        assert not torch.equal(trained["trunk.body.9.weight"], initial["trunk.body.9.weight"])
 
 
 def _weights(path):
@@ -64,15 +71,16 @@ def _assert_same_state(a, b):
                 assert torch.equal(va, vb), key
 
 
-@pytest.mark.parametrize("interrupt_at", [(1, 0), (0, 2)], ids=["after-epoch-1", "mid-epoch"])
-def test_resume_equals_uninterrupted(data_root, tmp_path, monkeypatch, interrupt_at):
+@pytest.mark.parametrize("interrupt_at, trunk", [((1, 0), "finetune"), ((0, 2), "finetune"), ((0, 2), "partial")],
+                         ids=["after-epoch-1", "mid-epoch", "mid-epoch-partial"])
+def test_resume_equals_uninterrupted(data_root, tmp_path, monkeypatch, interrupt_at, trunk):
     """A Ctrl-C (a real SIGINT to this process) during the step before ``interrupt_at`` = (epoch, step):
     the step completes, last.pt is written at the boundary, and --resume ends with the same weights,
     optimizer state, history and metrics as the uninterrupted run."""
     import os
     import signal
 
-    extra = ["--loss", "el_nivmf", "--trunk", "finetune", "--epochs", "2"]
+    extra = ["--loss", "el_nivmf", "--trunk", trunk, "--epochs", "2"]
     assert main(_args(data_root, tmp_path / "straight", *extra)) == 0
 
     original = train_module.Trainer.train_epoch
