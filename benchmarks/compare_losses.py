@@ -20,6 +20,10 @@ All runs share one ``--feature-cache`` (default ``OUTPUT/features``): with a fro
 features of every image are computed by the first run and loaded by all the others (the cache key does
 not depend on the seed when ``--feature-views`` is 1, the default).
 
+A loss may be a variant with its own loss options, ``LOSS:KEY=VALUE,KEY=VALUE`` (e.g. the ablation
+``el_nivmf:guidance_weight=0``): the run gets ``--loss LOSS --loss-option KEY=VALUE …`` and its own
+directory (``OUTPUT/el_nivmf+guidance_weight=0``) and table row.
+
 Resuming: a run whose directory holds ``final_metrics.json`` is skipped; one that holds ``last.pt`` but
 no ``final_metrics.json`` (interrupted) is continued with ``--resume``. So the same command, run again,
 finishes what is missing and rebuilds the table.
@@ -63,6 +67,7 @@ METRICS: tuple[tuple[str, str], ...] = (
     ("recall@1", "test R@1"),
     ("recall@4", "R@4"),
     ("map@r", "MAP@R"),
+    ("recall@1_cross_domain", "cross-domain R@1"),
     ("auroc_kappa", "AUROC(κ)"),
     ("degradation_spearman", "degradation Spearman"),
 )
@@ -97,14 +102,30 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return mean, (statistics.stdev(values) if len(values) > 1 else None)
 
 
+def parse_variant(spec: str) -> tuple[str, list[str]]:
+    """A loss or a variant ``LOSS:KEY=VALUE,KEY=VALUE`` as (the loss, its ``--loss-option`` flags).
+
+    Raises:
+        ValueError: an option without ``=``.
+    """
+    loss, _, options = spec.partition(":")
+    flags: list[str] = []
+    for option in filter(None, (o.strip() for o in options.split(","))):
+        if "=" not in option:
+            raise ValueError(f"loss variant {spec!r}: option {option!r} is not KEY=VALUE")
+        flags += ["--loss-option", option]
+    return loss, flags
+
+
 def run_dir(output: Path, loss: str, seed: int) -> Path:
-    """``OUTPUT/<loss>/seed<k>``: the directory of one run."""
-    return output / loss / f"seed{seed}"
+    """``OUTPUT/<loss>/seed<k>``: the directory of one run (a variant's ``:`` and ``,`` become ``+``)."""
+    return output / loss.replace(":", "+").replace(",", "+") / f"seed{seed}"
 
 
 def train_argv(args: argparse.Namespace, loss: str, seed: int, extra: list[str]) -> list[str]:
     """The ``dml.train`` arguments of one new run (the shared protocol plus ``--loss`` and ``--seed``)."""
-    argv = ["--output-dir", str(run_dir(args.output_dir, loss, seed)), "--loss", loss, "--seed", str(seed),
+    base, options = parse_variant(loss)
+    argv = ["--output-dir", str(run_dir(args.output_dir, loss, seed)), "--loss", base, *options, "--seed", str(seed),
             "--trunk", args.trunk, "--epochs", str(args.epochs), "--dataset", args.dataset,
             "--feature-cache", str(args.feature_cache)]
     if args.data_root is not None:
@@ -182,7 +203,7 @@ def aggregate(output: Path, losses: list[str], seeds: list[int]) -> dict[str, An
         if not runs:
             continue
         metrics = {}
-        concentration = kappa_is_concentration(loss)
+        concentration = kappa_is_concentration(parse_variant(loss)[0])
         for key, _ in METRICS:
             values = [r[key] for r in runs.values() if r[key] is not None]
             if key in ("auroc_kappa", "degradation_spearman") and not concentration:
@@ -321,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         for loss in args.losses:
-            kappa_is_concentration(loss)  # unknown loss names fail here, before anything runs
+            kappa_is_concentration(parse_variant(loss)[0])  # unknown losses and bad variants fail here
     except ValueError as err:
         parser.error(str(err))
     if args.feature_cache is None:
