@@ -14,7 +14,7 @@ classes never seen in training), called in this process through `dml.train.main`
 ``--loss NAME --seed K --output-dir OUTPUT/NAME/seedK`` plus the flags given here; flags this script does
 not know (``--backbone tiny``, ``--embed-dim 512``, ``--loss-option …``) are passed on to every run.
 ``--trunk auto`` is dml.train's default: frozen trunk with cached features on a CPU, fine-tuning on a GPU;
-``--epochs 0`` is its default too (40 frozen, 30 fine-tuning).
+``--epochs 0`` is its default too (40 frozen, 20 partial, 30 fine-tuning).
 
 All runs share one ``--feature-cache`` (default ``OUTPUT/features``): with a frozen trunk the trunk
 features of every image are computed by the first run and loaded by all the others (the cache key does
@@ -313,10 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "test metrics (mean ± std). Unknown flags are passed on to every dml.train run.")
     parser.add_argument("--losses", nargs="+", default=list(DEFAULT_LOSSES), help="losses to compare")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS), help="training seeds")
-    parser.add_argument("--trunk", default="auto", choices=("auto", "frozen", "finetune"),
+    parser.add_argument("--trunk", default="auto", choices=("auto", "frozen", "partial", "finetune"),
                         help="dml.train --trunk (auto: frozen on CPU, fine-tuning on GPU)")
-    parser.add_argument("--epochs", type=int, default=0, help="dml.train --epochs (0: its default, 40 frozen / 30 "
-                                                              "fine-tuning)")
+    parser.add_argument("--epochs", type=int, default=0, help="dml.train --epochs (0: its default, 40 frozen / 20 "
+                                                              "partial / 30 fine-tuning)")
     parser.add_argument("--dataset", default="emoji", help="dml.train --dataset")
     parser.add_argument("--data-root", default=None, help="dml.train --data-root")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/compare"),

@@ -120,7 +120,7 @@ def build_optimizer(config: TrainConfig, model: EmbeddingModel, loss: ProxyLoss)
     """AdamW/Adam over the network's groups (with weight decay) and the loss's groups (without).
 
     Args:
-        config: supplies ``optimizer``, ``lr``, ``head_lr_mult`` and ``weight_decay``.
+        config: supplies ``optimizer``, ``lr``, ``head_lr_mult``, ``trunk_lr_mult`` and ``weight_decay``.
         model: the embedding model (`dml.models.EmbeddingModel.parameter_groups`).
         loss: the loss module (`dml.losses.ProxyLoss.param_groups`: proxies, concentrations,
             temperature with their own learning-rate multipliers).
@@ -128,7 +128,7 @@ def build_optimizer(config: TrainConfig, model: EmbeddingModel, loss: ProxyLoss)
     Returns:
         The optimizer; every group keeps its ``name``.
     """
-    groups = model.parameter_groups(config.lr, head_lr_mult=config.head_lr_mult)
+    groups = model.parameter_groups(config.lr, head_lr_mult=config.head_lr_mult, trunk_lr_mult=config.trunk_lr_mult)
     for g in groups:
         g["weight_decay"] = config.weight_decay
     for g in loss.param_groups(config.lr):

@@ -653,12 +653,13 @@ class EmbeddingModel(nn.Module):
         current = self.embed(features.to(self.head.weight.dtype)).norm(dim=-1).mean()
         self.output_scale.fill_(float(target_norm / current.clamp(min=1e-12)))
 
-    def parameter_groups(self, lr: float, *, head_lr_mult: float = 1.0) -> list[dict]:
-        """Optimizer groups: trainable trunk parameters at ``lr``, the head at ``lr × head_lr_mult``.
+    def parameter_groups(self, lr: float, *, head_lr_mult: float = 1.0, trunk_lr_mult: float = 1.0) -> list[dict]:
+        """Optimizer groups: trainable trunk parameters at ``lr × trunk_lr_mult``, the head at ``lr × head_lr_mult``.
 
         Args:
             lr: the base learning rate.
             head_lr_mult: the head's learning-rate multiplier.
+            trunk_lr_mult: the trainable trunk parameters' learning-rate multiplier.
 
         Returns:
             ``[{'params', 'lr', 'name': 'trunk'}, {'params', 'lr', 'name': 'head'}]`` (no trunk group
@@ -667,7 +668,7 @@ class EmbeddingModel(nn.Module):
         groups = []
         trunk = [p for p in self.trunk.parameters() if p.requires_grad]
         if trunk:
-            groups.append({"params": trunk, "lr": lr, "name": "trunk"})
+            groups.append({"params": trunk, "lr": lr * trunk_lr_mult, "name": "trunk"})
         groups.append({"params": list(self.head.parameters()), "lr": lr * head_lr_mult, "name": "head"})
         return groups
 

@@ -665,8 +665,8 @@ class FeaturePipeline(Pipeline):
     def describe(model: EmbeddingModel, config: TrainConfig, resolution: int, device: torch.device) -> str:
         """See `Pipeline.describe`."""
         return (f"trunk: FROZEN {model.spec.name} at {resolution} px on {device}: only the embedding head trains, on "
-                "cached trunk features (the CPU default; on a GPU, or with --trunk finetune, the whole network "
-                "is fine-tuned)")
+                "cached trunk features (the CPU default; --trunk partial also trains the trunk's last stage, "
+                "--trunk finetune the whole network)")
 
 
 class PartialPipeline(FeaturePipeline):
@@ -677,7 +677,7 @@ class PartialPipeline(FeaturePipeline):
     The caching is `FeaturePipeline`'s (the same views, the same ``--feature-cache`` folder under another
     key), so a run costs one pass of the frozen part over the data and then a few small convolutions per
     step: on a CPU the trunk's last stage adapts to the data at a small fraction of fine-tuning's cost (on
-    the emoji benchmark it has not beaten the frozen trunk yet: see the DML guide).
+    the emoji benchmark not yet clearly better than the frozen trunk: see the DML guide).
     Evaluation embeds the cached activations of the evaluation crops (`embeddings_from_prefix`, also used
     by ``dml.evaluate``).
 

@@ -3,7 +3,8 @@ validation classes, and report it on test classes never seen in training.
 
 The default run (no flags) trains the probabilistic EL-nivMF loss on the offline emoji benchmark with an
 ImageNet EfficientNet-Lite0. On a CPU it freezes the trunk and trains the embedding head on cached
-trunk features (it says so); on a GPU it fine-tunes the whole network.
+trunk features (it says so; ``--trunk partial`` also trains the trunk's last stage); on a GPU it
+fine-tunes the whole network.
 
 Run directory (``--output-dir``): ``config.json`` (the effective configuration), ``history.jsonl`` (one
 line per epoch), ``last.pt`` (everything needed to resume), ``best.pt`` (the validation-selected

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 
+import pytest
 import torch
 
 from dml.build import RunParts, build_optimizer, build_run, build_scheduler, load_data
@@ -95,6 +96,22 @@ def test_restore_continues_exactly(tmp_path):
         assert torch.equal(value, resumed.model.state_dict()[key]), key
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in straight.history]
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in resumed.history]
+
+
+def test_resolve_sets_the_trunk_learning_rate_of_a_partial_trunk():
+    """--trunk partial trains its few trunk layers at 3 × lr by default (PARTIAL_TRUNK_LR_MULT); the
+    optimizer's trunk group gets exactly that rate, the head lr × head_lr_mult; other trunks 1 ×."""
+    from dml.build import make_model
+    from dml.config import PARTIAL_TRUNK_LR_MULT
+    from dml.losses import build_loss
+
+    partial = resolve(TrainConfig(backbone="tiny", weights="none", embed_dim=8, trunk="partial"), "cpu")
+    assert partial.trunk_lr_mult == PARTIAL_TRUNK_LR_MULT == 3.0 and partial.lr == 1e-4
+    assert resolve(TrainConfig(trunk="finetune"), "cpu").trunk_lr_mult == 1.0
+    assert resolve(TrainConfig(trunk="partial", trunk_lr_mult=2.0), "cpu").trunk_lr_mult == 2.0
+    optimizer = build_optimizer(partial, make_model(partial), build_loss("norm_softmax", num_classes=3, embed_dim=8))
+    rates = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert rates["trunk"] == pytest.approx(3e-4) and rates["head"] == pytest.approx(1e-3)
 
 
 def test_build_run_does_not_change_the_config(tmp_path):
