@@ -191,6 +191,27 @@ def average_precision_at_r(rel: torch.Tensor, rq: torch.Tensor, acc: torch.dtype
     return (precision_at * rel_f * within_r).sum(dim=1) / rq.to(acc)
 
 
+def _retrieval_names(ks: Sequence[int]) -> list[str]:
+    """The names of the values `_chunk_totals` sums, in its order."""
+    return [f"recall@{k}" for k in ks] + ["map@r", "r_precision"]
+
+
+def _chunk_totals(rel: torch.Tensor, rq: torch.Tensor, ranks: torch.Tensor, ks: Sequence[int],
+                  acc: torch.dtype) -> torch.Tensor:
+    """Sums over a chunk of queries of Recall@k (each k), AP@R and R-precision (`_retrieval_names`).
+
+    Args:
+        rel: ``[c, top]`` whether the neighbour at each rank is relevant.
+        rq: ``[c]`` R of each query.
+        ranks: ``1 .. top``.
+        ks: the k of Recall@k.
+        acc: the accumulator dtype.
+    """
+    recalls = [rel[:, :k].any(dim=1).to(acc).sum() for k in ks]
+    hits_in_r = (rel.to(acc) * (ranks.unsqueeze(0) <= rq.unsqueeze(1))).sum(dim=1)
+    return torch.stack([*recalls, average_precision_at_r(rel, rq, acc).sum(), (hits_in_r / rq.to(acc)).sum()])
+
+
 def _retrieval(
     embeddings: torch.Tensor, labels: torch.Tensor, ks: Sequence[int], chunk_size: int
 ) -> tuple[dict[str, float], int]:
@@ -223,16 +244,11 @@ def _retrieval(
     for suffix, scores_of in score_fns.items():  # one [c, N] block at a time
         total = torch.zeros(len(ks) + 2, dtype=acc, device=device)
         for q, _, rel in ranked_chunks(scores_of, y, queries, top, chunk_size):
-            rq = r_all[q]
-            recalls = [rel[:, :k].any(dim=1).to(acc).sum() for k in ks]
-            hits_in_r = (rel.to(acc) * (ranks.unsqueeze(0) <= rq.unsqueeze(1))).sum(dim=1)
-            map_r = average_precision_at_r(rel, rq, acc)
-            r_precision = hits_in_r / rq.to(acc)
-            total += torch.stack([*recalls, map_r.sum(), r_precision.sum()])
+            total += _chunk_totals(rel, r_all[q], ranks, ks, acc)
         totals[suffix] = total
 
     values = torch.cat([totals[""], totals["_euclidean"]]).cpu().tolist()  # the one sync at the end
-    names = [f"recall@{k}" for k in ks] + ["map@r", "r_precision"]
+    names = _retrieval_names(ks)
     out: dict[str, float] = {}
     for offset, suffix in ((0, ""), (len(names), "_euclidean")):
         for i, name in enumerate(names):
@@ -348,14 +364,11 @@ def cross_domain_metrics(
         scores.masked_fill_(d[q].unsqueeze(1) == d.unsqueeze(0), -math.inf)  # the query's own domain, itself too
         values, nearest = scores.topk(top, dim=1)
         del scores
-        rel = (y[nearest] == y[q].unsqueeze(1)) & (values > -math.inf)  # a masked item is never relevant
-        rq = r_all[q]
-        recalls = [rel[:, :k].any(dim=1).to(acc).sum() for k in ks]
-        hits_in_r = (rel.to(acc) * (ranks.unsqueeze(0) <= rq.unsqueeze(1))).sum(dim=1)
-        total += torch.stack([*recalls, average_precision_at_r(rel, rq, acc).sum(), (hits_in_r / rq.to(acc)).sum()])
+        # a masked item is never relevant (ranked last when the gallery is smaller than top)
+        rel = (y[nearest] == y[q].unsqueeze(1)) & (values > -math.inf)
+        total += _chunk_totals(rel, r_all[q], ranks, ks, acc)
     values_out = (total / queries.numel()).cpu().tolist()  # the one sync at the end
-    names = [f"recall@{k}" for k in ks] + ["map@r", "r_precision"]
-    out = {name: float(v) for name, v in zip(names, values_out)}
+    out = {name: float(v) for name, v in zip(_retrieval_names(ks), values_out)}
     out["num_queries"] = float(queries.numel())
     return out
 

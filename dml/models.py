@@ -321,17 +321,20 @@ class TinyConvNet(nn.Module):
         """
         return self.suffix(self.prefix(x))
 
+    #: where ``body`` splits under ``--trunk partial``: three conv + BN + ReLU layers before, one after
+    PARTIAL_FROM = 9
+
     def prefix(self, x: torch.Tensor) -> torch.Tensor:
         """The first three layers (frozen under ``--trunk partial``)."""
-        return self.body[:9](x)
+        return self.body[: self.PARTIAL_FROM](x)
 
     def suffix(self, x: torch.Tensor) -> torch.Tensor:
         """The last layer (trained under ``--trunk partial``): ``forward(x) = suffix(prefix(x))``."""
-        return self.body[9:](x)
+        return self.body[self.PARTIAL_FROM :](x)
 
     def suffix_modules(self) -> list[nn.Module]:
         """The modules whose parameters `suffix` uses."""
-        return list(self.body[9:])
+        return list(self.body[self.PARTIAL_FROM :])
 
 
 # --------------------------------------------------------------------------------------------------

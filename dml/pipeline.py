@@ -1,6 +1,6 @@
 """How training batches and evaluation embeddings are produced: from images (fine-tuning the whole
-network), from cached activations of the trunk's frozen part (its last part and the head train: the CPU
-default) or from cached features of a frozen trunk (head-only training).
+network), from cached activations of the trunk's frozen part (its last part and the head train) or from
+cached features of a frozen trunk (head-only training, the CPU default).
 
 Under DDP (`dml.distributed`) a pipeline takes the *global* batches and keeps its process's contiguous
 part of each (the split `dml.data.ClassBalancedBatchSampler` makes), drawing the augmentation as a single
@@ -200,6 +200,8 @@ def embeddings_from_prefix(model: EmbeddingModel, activations: torch.Tensor, bat
     Returns:
         ``[N, embed_dim]`` (or ``[N, feature_dim]``) float32 outputs.
     """
+    if not activations.numel():  # an empty split (cached as an empty tensor)
+        return torch.zeros(0, model.spec.feature_dim if features else model.embed_dim, device=activations.device)
     was_training = model.training
     model.eval()
     out = []
@@ -207,8 +209,6 @@ def embeddings_from_prefix(model: EmbeddingModel, activations: torch.Tensor, bat
         pooled = model.features_from_prefix(part.contiguous(memory_format=torch.channels_last))
         out.append((pooled if features else model.embed(pooled)).float())
     model.train(was_training)
-    if not out:
-        return torch.zeros(0, model.spec.feature_dim if features else model.embed_dim, device=activations.device)
     return torch.cat(out)
 
 
@@ -702,10 +702,8 @@ class PartialPipeline(FeaturePipeline):
 
     def embed_split(self, name):
         """See `Pipeline.embed_split`."""
-        activations = self.eval_features[name]
-        if not activations.numel():
-            return torch.zeros(0, self.model.embed_dim, device=self.device), self.eval_labels[name]
-        return embeddings_from_prefix(self.model, activations, self.config.eval_batch_size), self.eval_labels[name]
+        return embeddings_from_prefix(self.model, self.eval_features[name], self.config.eval_batch_size), \
+            self.eval_labels[name]
 
     def calibration_features(self):
         """See `Pipeline.calibration_features`."""

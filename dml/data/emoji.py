@@ -384,15 +384,15 @@ def merge_identical_renderings(
     return [n for n in names if find(n) == n]
 
 
-def _notice(root: Path, artists: Sequence[str]) -> str:
+def _notice(versions: dict[str, str]) -> str:
+    """The attribution of the artists in ``versions`` ({artist: its package's version})."""
     lines = ["Emoji images:"]
-    for a in artists:
-        artist = ARTISTS[a]
-        lines.append(f"- {artist.attribution} (npm {artist.package} {_version(root, artist.package)}).")
-    if {"google", "twitter"} & set(artists):
+    for a, version in versions.items():
+        lines.append(f"- {ARTISTS[a].attribution} (npm {ARTISTS[a].package} {version}).")
+    if {"google", "twitter"} & set(versions):
         lines.append("- The Google and Twitter images via the npm packages emoji-datasource-google / -twitter by "
                      "iamcal (https://github.com/iamcal/emoji-data), MIT License.")
-    if "fluent" in artists:
+    if "fluent" in versions:
         lines.append("- Fluent's emoji names matched to code points through OpenMoji's CLDR annotations "
                      "(data/openmoji.csv, CC-BY-SA-4.0).")
     return "\n".join(lines)
@@ -446,18 +446,18 @@ def load_emoji(
 
     images: dict[str, dict[str, Path]] = {}
     unmatched: list[str] = []
+    versions = {a: _version(root, ARTISTS[a].package) for a in chosen}
     cache = render_cache_dir(root)
     renderer = _renderer_version()
+    wanted = {code_point_key(e["unified"]) for e in entries if e.get("unified")}  # only these are rendered
     for a in chosen:
         if a in ("google", "twitter"):
             images[a] = _datasource_images(root, a, entries)
             continue
         svgs, missed = _fluent_svgs(root) if a == "fluent" else (_openmoji_svgs(root), [])
         unmatched += missed
-        # only what some class uses is rendered
-        wanted = {code_point_key(e["unified"]) for e in entries if e.get("unified")}
         svgs = {k: p for k, p in svgs.items() if k in wanted}
-        folder = cache / f"{a}-{_version(root, ARTISTS[a].package)}-{RENDER_SIZE}px-resvg-{renderer}"
+        folder = cache / f"{a}-{versions[a]}-{RENDER_SIZE}px-resvg-{renderer}"
         images[a] = rendered(svgs, folder, f"rendering {a} emoji once")
 
     need = min(3, len(chosen))
@@ -491,4 +491,4 @@ def load_emoji(
     if unmatched:
         summary += f"; Fluent names without a CLDR match: {len(unmatched)}"
     train, test = _half_split(names, split_seed)
-    return _build("emoji", items, train, test, val_fraction, split_seed, _notice(root, chosen), summary, artist_of)
+    return _build("emoji", items, train, test, val_fraction, split_seed, _notice(versions), summary, artist_of)
