@@ -4,6 +4,7 @@
         [--losses el_nivmf el_nivmf_paper proxy_anchor proxy_nca norm_softmax] [--seeds 0 1 2]
         [--trunk auto|frozen|finetune] [--epochs 0] [--dataset emoji] [--data-root DIR]
         [--output-dir runs/compare] [--feature-cache DIR] [--docs docs/results.md] [--no-train]
+        [--search-lr 5e-5 1e-4 2e-4 4e-4] [--search-seed 0]
         [any other dml.train flag …]
 
 (Use ``OMP_NUM_THREADS=1`` when another process shares the cores: two threads per process on two busy
@@ -23,6 +24,15 @@ not depend on the seed when ``--feature-views`` is 1, the default).
 A loss may be a variant with its own loss options, ``LOSS:KEY=VALUE,KEY=VALUE`` (e.g. the ablation
 ``el_nivmf:guidance_weight=0``): the run gets ``--loss LOSS --loss-option KEY=VALUE …`` and its own
 directory (``OUTPUT/el_nivmf+guidance_weight=0``) and table row.
+
+Hyperparameter search (``--search-lr LR …``): before the seeds, every loss is trained once per listed
+base learning rate (``dml.train --lr``; the head, the trunk and the loss's own groups scale with it) with
+``--search-seed`` and its default options, in ``OUTPUT/search/<loss>/lr<LR>``; the learning rate whose
+run reached the highest **validation** R@1 (at its selected epoch; ties go to the smaller rate) is the
+one its seeds are trained with. The test split plays no part in the choice. Every loss gets the same
+budget, one run per listed rate. A variant ``LOSS:KEY=VALUE`` is not searched: it takes the rate chosen
+for ``LOSS`` (an ablation changes one thing of the tuned loss). The search is a table of its own in
+the output.
 
 Resuming: a run whose directory holds ``final_metrics.json`` is skipped; one that holds ``last.pt`` but
 no ``final_metrics.json`` (interrupted) is continued with ``--resume``. So the same command, run again,
@@ -61,6 +71,8 @@ DEFAULT_SEEDS = (0, 1, 2)
 BEGIN, END = "<!-- compare_losses:begin -->", "<!-- compare_losses:end -->"
 # flags this script sets per run itself: passing them through would contradict the protocol
 RESERVED = ("--loss", "--seed", "--output-dir", "--resume", "--config")
+# a flag the search sets per run: passing it through as well would contradict the search
+SEARCHED = ("--lr",)
 
 # (key in results.json, column header, how to read it from final_metrics.json)
 METRICS: tuple[tuple[str, str], ...] = (
@@ -94,6 +106,26 @@ def read_metric(final: dict[str, Any], key: str) -> float | None:
     return None if value is None else float(value)
 
 
+#: rejected fractions shown in the accuracy–rejection table (points of the runs' ``rejection_curve``)
+REJECTION_POINTS = (0.0, 0.2, 0.5, 0.8)
+#: corruption kinds of the degradation test, in table order
+DEGRADATIONS = ("blur", "downsample", "occlude")
+
+
+def uncertainty_details(final: dict[str, Any]) -> dict[str, float | None]:
+    """Recall@1 after rejecting the `REJECTION_POINTS` fractions of least-confident queries
+    (``rejection@F``) and the Spearman ρ of κ with each corruption's strength (``spearman_<kind>``);
+    None where the run has no uncertainty evaluation or no such point."""
+    uncertainty = final.get("uncertainty") or {}
+    curve = {round(float(f), 6): float(r) for f, r in uncertainty.get("rejection_curve") or []}
+    kinds = (uncertainty.get("degradation") or {}).get("kinds") or {}
+    row: dict[str, float | None] = {f"rejection@{f:g}": curve.get(round(f, 6)) for f in REJECTION_POINTS}
+    for kind in DEGRADATIONS:
+        value = (kinds.get(kind) or {}).get("spearman")
+        row[f"spearman_{kind}"] = None if value is None else float(value)
+    return row
+
+
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     """Mean and sample standard deviation (n − 1; None for fewer than two values) of ``values``."""
     if not values:
@@ -122,52 +154,139 @@ def run_dir(output: Path, loss: str, seed: int) -> Path:
     return output / loss.replace(":", "+").replace(",", "+") / f"seed{seed}"
 
 
-def train_argv(args: argparse.Namespace, loss: str, seed: int, extra: list[str]) -> list[str]:
-    """The ``dml.train`` arguments of one new run (the shared protocol plus ``--loss`` and ``--seed``)."""
+def search_dir(output: Path, loss: str, lr: float) -> Path:
+    """``OUTPUT/search/<loss>/lr<LR>``: the directory of one search run."""
+    return output / "search" / loss / f"lr{lr:g}"
+
+
+def train_argv(args: argparse.Namespace, loss: str, seed: int, extra: list[str], *,
+               directory: Path | None = None, lr: float | None = None) -> list[str]:
+    """The ``dml.train`` arguments of one new run (the shared protocol plus ``--loss``, ``--seed`` and,
+    when searched, ``--lr``); ``directory`` defaults to `run_dir`."""
     base, options = parse_variant(loss)
-    argv = ["--output-dir", str(run_dir(args.output_dir, loss, seed)), "--loss", base, *options, "--seed", str(seed),
+    directory = run_dir(args.output_dir, loss, seed) if directory is None else directory
+    argv = ["--output-dir", str(directory), "--loss", base, *options, "--seed", str(seed),
             "--trunk", args.trunk, "--epochs", str(args.epochs), "--dataset", args.dataset,
             "--feature-cache", str(args.feature_cache)]
     if args.data_root is not None:
         argv += ["--data-root", str(args.data_root)]
+    if lr is not None:
+        argv += ["--lr", f"{lr:g}"]
     return argv + list(extra)
 
 
-def run_all(args: argparse.Namespace, extra: list[str]) -> dict[str, list[str]]:
-    """Train every (loss, seed) that has no ``final_metrics.json`` yet.
+def validation_score(directory: Path) -> float | None:
+    """The validation R@1 of a finished run at its selected epoch (None if the run has not finished).
 
-    Returns:
-        ``{"trained": [...], "resumed": [...], "skipped": [...], "failed": [...]}``: run names
-        ``loss/seedK`` (a failed one with its exit code).
+    Read from ``history.jsonl`` (the per-epoch validation metrics) at ``final_metrics.json``'s
+    ``selected_epoch``: the number the run's own checkpoint selection maximised.
     """
+    final_path = directory / "final_metrics.json"
+    if not final_path.is_file():
+        return None
+    epoch = json.loads(final_path.read_text()).get("selected_epoch")
+    for line in (directory / "history.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record.get("epoch") == epoch and record.get("val"):
+            return float(record["val"]["recall@1"])
+    return None
+
+
+def choose_lr(scores: dict[float, float | None]) -> float | None:
+    """The rate with the highest validation score (ties: the smaller rate); None if no run finished."""
+    finished = [(score, lr) for lr, score in scores.items() if score is not None]
+    if not finished:
+        return None
+    return max(finished, key=lambda item: (item[0], -item[1]))[1]
+
+
+def searched_losses(losses: list[str]) -> list[str]:
+    """The losses the search trains: the base loss of every entry of ``losses``, once each, in order."""
+    return list(dict.fromkeys(parse_variant(loss)[0] for loss in losses))
+
+
+def _train_once(name: str, prefix: str, directory: Path, argv: list[str], done: dict[str, list[str]]) -> None:
+    """Train (or resume, or skip) one run into ``directory`` and record the outcome in ``done``."""
     from dml.train import main as train_main
 
-    done: dict[str, list[str]] = {"trained": [], "resumed": [], "skipped": [], "failed": []}
+    if (directory / "final_metrics.json").is_file():
+        print(f"{prefix} {name}: finished before, skipped", flush=True)
+        done["skipped"].append(name)
+        return
+    if (directory / "last.pt").is_file():
+        print(f"{prefix} {name}: interrupted before, resuming", flush=True)
+        argv, kind = ["--resume", str(directory)], "resumed"
+    else:
+        print(f"{prefix} {name}: training", flush=True)
+        kind = "trained"
+    t0 = time.time()
+    code = train_main(argv)
+    if code != 0:
+        print(f"{prefix} {name}: dml.train exited with {code}", file=sys.stderr, flush=True)
+        done["failed"].append(f"{name} (exit {code})")
+        if code == 130:  # Ctrl-C: stop here (the same command resumes)
+            raise KeyboardInterrupt
+        return
+    print(f"{prefix} {name}: done in {time.time() - t0:.0f} s", flush=True)
+    done[kind].append(name)
+
+
+def new_outcomes() -> dict[str, list[str]]:
+    """An empty record of what an invocation trained, resumed, skipped and failed."""
+    return {"trained": [], "resumed": [], "skipped": [], "failed": []}
+
+
+def run_search(args: argparse.Namespace, extra: list[str], done: dict[str, list[str]]) -> dict[str, Any]:
+    """Train every (base loss, learning rate) of the search not finished yet (none with ``--no-train``)
+    and choose each loss's rate.
+
+    Returns:
+        ``{loss: {"trials": {lr: validation R@1 or None}, "chosen": lr or None}}`` per base loss.
+    """
+    losses = searched_losses(args.losses)
+    runs = [(loss, lr) for loss in losses for lr in args.search_lr]
+    for i, (loss, lr) in enumerate(runs, 1):
+        if args.no_train:
+            break
+        directory = search_dir(args.output_dir, loss, lr)
+        _train_once(f"search {loss}/lr{lr:g}", f"[search {i}/{len(runs)}]", directory,
+                    train_argv(args, loss, args.search_seed, extra, directory=directory, lr=lr), done)
+    search: dict[str, Any] = {}
+    for loss in losses:
+        trials = {lr: validation_score(search_dir(args.output_dir, loss, lr)) for lr in args.search_lr}
+        search[loss] = {"trials": trials, "chosen": choose_lr(trials)}
+    return search
+
+
+def run_all(args: argparse.Namespace, extra: list[str], done: dict[str, list[str]],
+            search: dict[str, Any] | None = None) -> None:
+    """Train every (loss, seed) that has no ``final_metrics.json`` yet, with the searched rate if any;
+    record the outcomes (run names ``loss/seedK``, a failed one with its exit code) in ``done``."""
     runs = [(loss, seed) for loss in args.losses for seed in args.seeds]
     for i, (loss, seed) in enumerate(runs, 1):
+        lr = None
+        if search is not None:
+            lr = search[parse_variant(loss)[0]]["chosen"]
+            if lr is None:
+                print(f"[{i}/{len(runs)}] {loss}/seed{seed}: no search run of its loss finished, not trained",
+                      file=sys.stderr, flush=True)
+                done["failed"].append(f"{loss}/seed{seed} (no finished search run)")
+                continue
         directory = run_dir(args.output_dir, loss, seed)
-        name = f"{loss}/seed{seed}"
-        if (directory / "final_metrics.json").is_file():
-            print(f"[{i}/{len(runs)}] {name}: finished before, skipped", flush=True)
-            done["skipped"].append(name)
+        trained_lr = _config_lr(directory)
+        if lr is not None and trained_lr is not None and trained_lr != lr:
+            print(f"[{i}/{len(runs)}] {loss}/seed{seed}: trained before with lr {trained_lr:g}, but the search "
+                  f"chose {lr:g}: use another --output-dir", file=sys.stderr, flush=True)
+            done["failed"].append(f"{loss}/seed{seed} (lr {trained_lr:g} is not the searched {lr:g})")
             continue
-        if (directory / "last.pt").is_file():
-            print(f"[{i}/{len(runs)}] {name}: interrupted before, resuming", flush=True)
-            argv, kind = ["--resume", str(directory)], "resumed"
-        else:
-            print(f"[{i}/{len(runs)}] {name}: training", flush=True)
-            argv, kind = train_argv(args, loss, seed, extra), "trained"
-        t0 = time.time()
-        code = train_main(argv)
-        if code != 0:
-            print(f"[{i}/{len(runs)}] {name}: dml.train exited with {code}", file=sys.stderr, flush=True)
-            done["failed"].append(f"{name} (exit {code})")
-            if code == 130:  # Ctrl-C: stop here (the same command resumes)
-                raise KeyboardInterrupt
-            continue
-        print(f"[{i}/{len(runs)}] {name}: done in {time.time() - t0:.0f} s", flush=True)
-        done[kind].append(name)
-    return done
+        _train_once(f"{loss}/seed{seed}", f"[{i}/{len(runs)}]", directory,
+                    train_argv(args, loss, seed, extra, lr=lr), done)
+
+
+def _config_lr(directory: Path) -> float | None:
+    """The base learning rate a run in ``directory`` was started with (None: no run there yet)."""
+    path = directory / "config.json"
+    return float(json.loads(path.read_text())["lr"]) if path.is_file() else None
 
 
 def aggregate(output: Path, losses: list[str], seeds: list[int]) -> dict[str, Any]:
@@ -194,6 +313,7 @@ def aggregate(output: Path, losses: list[str], seeds: list[int]) -> dict[str, An
                 continue
             final = json.loads(path.read_text())
             row = {key: read_metric(final, key) for key, _ in METRICS}
+            row.update(uncertainty_details(final))
             row.update({"recall@1_initial": final.get("recall@1_initial"),
                         "selected_epoch": final.get("selected_epoch"),
                         "last_epoch_recall@1": (final.get("last_epoch") or {}).get("recall@1"),
@@ -204,9 +324,10 @@ def aggregate(output: Path, losses: list[str], seeds: list[int]) -> dict[str, An
             continue
         metrics = {}
         concentration = kappa_is_concentration(parse_variant(loss)[0])
-        for key, _ in METRICS:
+        detail_keys = [f"rejection@{f:g}" for f in REJECTION_POINTS] + [f"spearman_{k}" for k in DEGRADATIONS]
+        for key in [k for k, _ in METRICS] + detail_keys:
             values = [r[key] for r in runs.values() if r[key] is not None]
-            if key in ("auroc_kappa", "degradation_spearman") and not concentration:
+            if (key in ("auroc_kappa", "degradation_spearman") or key in detail_keys) and not concentration:
                 values = []  # the norm of a non-vMF loss is not an uncertainty
             mean, std = mean_std(values)
             metrics[key] = {"mean": mean, "std": std, "n": len(values), "values": values}
@@ -241,6 +362,25 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_uncertainty(results: dict[str, Any]) -> str:
+    """The uncertainty table of the vMF losses: Recall@1 of the queries kept after rejecting the least
+    confident fractions, and the Spearman ρ of κ with each corruption's strength (mean ± std over seeds);
+    empty if no loss has an uncertainty evaluation."""
+    rows = []
+    for loss, entry in results["losses"].items():
+        metrics = entry["metrics"]
+        if metrics.get("rejection@0", {}).get("mean") is None:
+            continue
+        cells = [_cell(metrics[f"rejection@{f:g}"]) for f in REJECTION_POINTS]
+        cells += [_cell(metrics[f"spearman_{k}"]) for k in DEGRADATIONS]
+        rows.append(f"| `{loss}` | " + " | ".join(cells) + " |")
+    if not rows:
+        return ""
+    header = ("| `--loss` | " + " | ".join(f"R@1, {f:.0%} rejected" for f in REJECTION_POINTS) + " | "
+              + " | ".join(f"ρ(κ, {k})" for k in DEGRADATIONS) + " |")
+    return "\n".join([header, "|---|" + "---|" * (len(REJECTION_POINTS) + len(DEGRADATIONS)), *rows])
+
+
 def format_runs(results: dict[str, Any]) -> str:
     """Per-run details: test R@1 per seed, before training, selected epoch, wall time."""
     lines = ["| `--loss` | seed | test R@1 | before training | selected epoch | R@1 of the last epoch | wall time |",
@@ -256,15 +396,42 @@ def format_runs(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_search(search: dict[str, Any], seed: int) -> str:
+    """The search table: validation R@1 per loss and learning rate (bold: the chosen rate)."""
+    rates = sorted({float(lr) for entry in search.values() for lr in entry["trials"]})
+    lines = [f"Learning-rate search (seed {seed}; validation R@1 at the selected epoch; bold: the rate the seeds "
+             f"used):", "",
+             "| `--loss` | " + " | ".join(f"lr {lr:g}" for lr in rates) + " |", "|---|" + "---|" * len(rates)]
+    for loss, entry in search.items():
+        trials = {float(lr): score for lr, score in entry["trials"].items()}
+        cells = []
+        for lr in rates:
+            score = trials.get(lr)
+            cell = "—" if score is None else f"{score:.3f}"
+            cells.append(f"**{cell}**" if entry["chosen"] is not None and float(entry["chosen"]) == lr else cell)
+        lines.append(f"| `{loss}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def render(results: dict[str, Any]) -> str:
     """The block written to ``OUTPUT/results.md`` and between the markers of ``docs/results.md``."""
     meta = results["meta"]
+    uncertainty = format_uncertainty(results)
+    if uncertainty:
+        uncertainty = (f"Uncertainty (vMF losses): test Recall@1 of the queries kept after rejecting the given "
+                       f"fraction with the lowest κ (accuracy–rejection curve), and the Spearman ρ of κ with the "
+                       f"strength of each corruption (negative: κ falls as the image degrades):\n\n"
+                       f"{uncertainty}\n\n")
+    search = ""
+    if results.get("search"):
+        search = f"{format_search(results['search'], meta['search_seed'])}\n\n"
     return (
-        f"{format_table(results)}\n\n"
+        f"{search}{format_table(results)}\n\n"
         f"Mean ± sample standard deviation over the seeds; test split, validation-selected checkpoint; "
         f"trunk `{meta['trunk']}` on `{meta['device']}`, epochs: {meta['epochs']}; AUROC(κ) and the degradation "
         f"Spearman only where κ = ‖e‖ is a vMF concentration. Generated by `benchmarks/compare_losses.py` "
         f"on {meta['date']}.\n\n"
+        f"{uncertainty}"
         f"Per run:\n\n{format_runs(results)}\n"
     )
 
@@ -327,6 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="replace the marked section of --docs with the table")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "results.md", help="the page --write-docs edits")
     parser.add_argument("--no-train", action="store_true", help="only aggregate the finished runs")
+    parser.add_argument("--search-lr", nargs="+", type=float, default=None, metavar="LR",
+                        help="search these base learning rates per loss on the validation split before the seeds")
+    parser.add_argument("--search-seed", type=int, default=0, help="the seed of the search runs")
     return parser
 
 
@@ -338,6 +508,11 @@ def main(argv: list[str] | None = None) -> int:
     bad = [a for a in extra if a.split("=")[0] in RESERVED]
     if bad:
         parser.error(f"{', '.join(bad)}: set by this script for every run")
+    searched = [a for a in extra if a.split("=")[0] in SEARCHED] if args.search_lr else []
+    if searched:
+        parser.error(f"{', '.join(searched)}: chosen per loss by --search-lr")
+    if args.search_lr and any(not lr > 0 for lr in args.search_lr):
+        parser.error(f"--search-lr: every rate must be > 0, got {args.search_lr}")
     from dml.uncertainty import kappa_is_concentration
 
     try:
@@ -349,18 +524,25 @@ def main(argv: list[str] | None = None) -> int:
         args.feature_cache = args.output_dir / "features"
     args.output_dir.mkdir(parents=True, exist_ok=True)
 
-    done = {"trained": [], "resumed": [], "skipped": [], "failed": []}
-    if not args.no_train:
-        try:
-            done = run_all(args, extra)
-        except KeyboardInterrupt:
-            print("\ninterrupted: run the same command again to continue where it stopped", file=sys.stderr)
-            return 130
+    done = new_outcomes()
+    search = None
+    try:
+        if args.search_lr:
+            search = run_search(args, extra, done)
+        if not args.no_train:
+            run_all(args, extra, done, search)
+    except KeyboardInterrupt:
+        print("\ninterrupted: run the same command again to continue where it stopped", file=sys.stderr)
+        return 130
     results = aggregate(args.output_dir, list(args.losses), list(args.seeds))
     if not results["losses"]:
         print("no finished run to tabulate", file=sys.stderr)
         return 1
+    if search is not None:
+        results["search"] = {loss: {"trials": {f"{lr:g}": v for lr, v in entry["trials"].items()},
+                                    "chosen": entry["chosen"]} for loss, entry in search.items()}
     results["meta"] = _meta(args, results, extra, started)
+    results["meta"]["search_seed"] = args.search_seed if search is not None else None
     results["meta"]["runs"] = done
     block = render(results)
     print("\n" + block)
@@ -376,8 +558,9 @@ def main(argv: list[str] | None = None) -> int:
                if not (run_dir(args.output_dir, loss, s) / "final_metrics.json").is_file()]
     if missing:
         print(f"not finished: {', '.join(missing)}", file=sys.stderr)
-        return 1
-    return 0
+    if done["failed"]:
+        print(f"failed: {', '.join(done['failed'])}", file=sys.stderr)
+    return 1 if missing or done["failed"] else 0
 
 
 if __name__ == "__main__":

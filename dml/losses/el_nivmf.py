@@ -60,6 +60,10 @@ class ELNivMFLoss(VMFProxyLoss):
         proxy_lr_mult: learning-rate multiplier of the proxy directions (default 100).
         concentration_lr_mult: learning-rate multiplier of $\log k_c$ (default 100).
         temperature_lr_mult: learning-rate multiplier of $\log T$ (default 10; 0 keeps $T$ fixed).
+        isotropic_proxies: the ablation with one concentration per class, $k_c = \kappa_c \mathbf{1}$
+            (default False). A nivMF with equal concentrations is exactly $\mathrm{vMF}(\mu_c, \kappa_c)$,
+            so this changes the proxy family only: the logits are the same Monte-Carlo estimate, the
+            guidance term is unchanged.
 
     Raises:
         ValueError: if ``num_classes`` < 1, ``embed_dim`` < 2, ``num_samples`` is not a positive integer,
@@ -89,7 +93,10 @@ class ELNivMFLoss(VMFProxyLoss):
         proxy_lr_mult: float = 100.0,
         concentration_lr_mult: float = 100.0,
         temperature_lr_mult: float = 10.0,
+        isotropic_proxies: bool = False,
     ) -> None:
+        if not isinstance(isotropic_proxies, bool):
+            raise ValueError(f"isotropic_proxies must be True or False, got {isotropic_proxies!r}")
         super().__init__(
             num_classes,
             embed_dim,
@@ -98,8 +105,9 @@ class ELNivMFLoss(VMFProxyLoss):
             proxy_lr_mult=proxy_lr_mult,
             concentration_lr_mult=concentration_lr_mult,
             temperature_lr_mult=temperature_lr_mult,
-            per_dimension=True,
+            per_dimension=not isotropic_proxies,
         )
+        self.isotropic_proxies = isotropic_proxies
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
         self.num_samples = num_samples
@@ -115,12 +123,15 @@ class ELNivMFLoss(VMFProxyLoss):
 
         Returns:
             ``NonIsotropicVMF(normalize(proxies), exp(log_concentration))``, batch shape ``[C]``, event
-            shape ``[p]``, without argument validation.
+            shape ``[p]``, without argument validation (with ``isotropic_proxies``, each class's one
+            concentration repeated over the ``p`` dimensions).
         """
         directions: torch.Tensor = self.proxies
         log_k: torch.Tensor = self.log_concentration
         if like is not None:
             directions, log_k = self._param(directions, like), self._param(log_k, like)
+        if self.isotropic_proxies:
+            log_k = log_k.unsqueeze(-1).expand_as(directions)
         return NonIsotropicVMF(F.normalize(directions, dim=-1), log_k.exp(), validate_args=False)
 
     def _logits(self, embeddings: torch.Tensor) -> torch.Tensor:

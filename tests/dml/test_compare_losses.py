@@ -85,6 +85,19 @@ def test_compare_losses_end_to_end(compare, tmp_path, capsys):
         assert f"{statistics.fmean(r1):.3f} ± {statistics.stdev(r1):.3f}" in row
         if loss == "proxy_anchor":
             assert row.rstrip().endswith("| — | — |")
+    # the uncertainty table: the accuracy–rejection points and per-corruption ρ, for the vMF loss only
+    finals = [json.loads((out / "el_nivmf" / f"seed{s}" / "final_metrics.json").read_text()) for s in SEEDS]
+    at_half = [dict(map(tuple, f["uncertainty"]["rejection_curve"]))[0.5] for f in finals]
+    occlude = [f["uncertainty"]["degradation"]["kinds"]["occlude"]["spearman"] for f in finals]
+    assert results["losses"]["el_nivmf"]["metrics"]["rejection@0.5"]["values"] == at_half
+    assert results["losses"]["el_nivmf"]["metrics"]["spearman_occlude"]["values"] == occlude
+    assert results["losses"]["proxy_anchor"]["metrics"]["rejection@0.5"]["mean"] is None
+    row = next(line for line in table.splitlines() if line.startswith("| `el_nivmf` | 0.")
+               and "rejected" not in line)
+    cells = row.split(" | ")
+    assert cells[3] == f"{statistics.fmean(at_half):.3f} ± {statistics.stdev(at_half):.3f}"
+    assert cells[-1].rstrip(" |") == f"{statistics.fmean(occlude):.3f} ± {statistics.stdev(occlude):.3f}"
+    assert not any(line.startswith("| `proxy_anchor` | 0.") for line in table.splitlines())
     text = docs.read_text()
     assert text.startswith("# Results\n\nintro\n\n") and text.endswith("\n\n## Other\n\nkept\n")
     assert "old table" not in text and compare.format_table(results) in text
@@ -127,6 +140,47 @@ def test_loss_variants_get_their_options_and_directories(compare, tmp_path):
     assert f"| `{variant}` | 0 |" in (out / "results.md").read_text()
     with pytest.raises(SystemExit):
         compare.main(["--losses", "el_nivmf:oops", "--output-dir", str(tmp_path / "x")])
+
+
+def test_learning_rate_search_chooses_on_validation_and_variants_inherit(compare, tmp_path, capsys):
+    """--search-lr: one run per (base loss, rate) with the search seed; each loss's seeds train with the
+    rate of the best validation R@1 (read here from the runs' history), its variants with the same rate."""
+    data_root = make_folder_dataset(tmp_path / "data")
+    out = tmp_path / "compare"
+    rates = ("1e-05", "0.01")
+    argv = ["--losses", "proxy_anchor", "proxy_anchor:alpha=16", "--seeds", "0", "--search-lr", *rates,
+            "--search-seed", "5", "--dataset", "folder", "--data-root", str(data_root), "--output-dir", str(out),
+            "--epochs", "2", "--trunk", "frozen", "--backbone", "tiny", "--weights", "none", "--embed-dim", "16",
+            "--batch-size", "8", "--eval-batch-size", "16", "--val-fraction", "0.25", "--device", "cpu",
+            "--degradation-images", "0"]
+    assert compare.main(argv) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in (out / "search").iterdir()) == ["proxy_anchor"]  # the variant is not searched
+    scores = {}
+    for rate in rates:
+        run = out / "search" / "proxy_anchor" / f"lr{float(rate):g}"
+        config = json.loads((run / "config.json").read_text())
+        assert config["seed"] == 5 and config["lr"] == float(rate) and config["loss_options"] == {}
+        history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+        scores[float(rate)] = max(h["val"]["recall@1"] for h in history)  # the selected epoch's value
+    best = max(scores.values())
+    chosen = min(rate for rate, score in scores.items() if score == best)
+    for loss in ("proxy_anchor", "proxy_anchor+alpha=16"):
+        assert json.loads((out / loss / "seed0" / "config.json").read_text())["lr"] == chosen
+    results = json.loads((out / "results.json").read_text())
+    assert results["search"]["proxy_anchor"]["chosen"] == chosen
+    assert results["search"]["proxy_anchor"]["trials"] == {f"{r:g}": s for r, s in scores.items()}
+    table = (out / "results.md").read_text()
+    assert "Learning-rate search (seed 5" in table and f"**{best:.3f}**" in table
+    # the rate is the search's to set, and a finished run with another rate is not silently reused
+    with pytest.raises(SystemExit):
+        compare.main([*argv, "--lr", "1e-3"])
+    other = [r for r in scores if r != chosen][0]
+    config_path = out / "proxy_anchor" / "seed0" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "lr": other}))
+    assert compare.main(argv) == 1
+    assert "but the search chose" in capsys.readouterr().err
 
 
 def test_reserved_flags_and_markers(compare, tmp_path):

@@ -316,6 +316,30 @@ def test_el_nivmf_guidance_adds_weight_times_proxy_anchor():
     torch.testing.assert_close(b - a, weight * proxy_anchor_loss(cos_sim, labels), rtol=1e-10, atol=1e-10)
 
 
+def test_el_nivmf_isotropic_proxies_are_vmf_proxies_under_the_same_estimate():
+    """The ablation: one concentration per class; the logits are the log-mean-exp of the tempered vMF
+    log-density over the loss's own samples, the oracle being `VonMisesFisher.log_prob`."""
+    loss = make_loss("el_nivmf", isotropic_proxies=True)
+    assert loss.log_concentration.shape == (C,)
+    emb, S = make_embeddings(), OPTIONS["el_nivmf"]["num_samples"]
+    torch.manual_seed(11)
+    logits = loss.logits(emb)
+    torch.manual_seed(11)
+    mu, kappa = emb / emb.norm(dim=1, keepdim=True), emb.norm(dim=1)
+    x = VonMisesFisher(mu, kappa, validate_args=False).rsample((S,))  # [S, B, p], as the loss draws them
+    t = loss.log_temperature.exp()
+    expected = torch.empty(B, C, dtype=torch.float64)
+    for c in range(C):
+        proxy = VonMisesFisher(unit(loss.proxies[c]), loss.log_concentration[c].exp())
+        expected[:, c] = torch.logsumexp(proxy.log_prob(x) / t, dim=0) - math.log(S)
+    torch.testing.assert_close(logits, expected.detach(), rtol=1e-9, atol=1e-10)
+    labels = torch.tensor(LABELS)
+    loss(emb, labels).backward()
+    assert loss.log_concentration.grad.shape == (C,) and loss.log_concentration.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="isotropic_proxies"):
+        build_loss("el_nivmf", num_classes=C, embed_dim=D, isotropic_proxies="yes")
+
+
 def test_el_nivmf_samples_are_fresh_each_call():
     loss, emb = make_loss("el_nivmf"), make_embeddings()
     assert not torch.equal(loss.logits(emb), loss.logits(emb))
