@@ -6,7 +6,9 @@ that the parts are built from), trains, or touches the run directory.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,11 +16,11 @@ from dataclasses import dataclass
 import torch
 
 from dml.checkpoint import seed_everything
-from dml.config import ConfigError, TrainConfig
+from dml.config import ConfigError, TrainConfig, resolve
 from dml.data import ClassBalancedBatchSampler, DatasetError, Splits, load_splits
 from dml.distributed import DistContext
 from dml.losses import ProxyLoss, build_loss
-from dml.models import EmbeddingModel, build_model, to_channels_last
+from dml.models import EmbeddingModel, backbone_spec, build_model, to_channels_last
 from dml.pipeline import DeviceImagePipeline, FeaturePipeline, ImagePipeline, PartialPipeline, Pipeline
 
 
@@ -180,6 +182,58 @@ def build_scheduler(
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+#: the share of the machine's memory that ``--trunk auto`` lets the partial trunk's activation cache take
+AUTO_PARTIAL_MEMORY_FRACTION = 0.25
+
+
+def machine_memory_bytes() -> int | None:
+    """The machine's physical memory in bytes (None where the platform does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def partial_cache_bytes(config: TrainConfig, splits: Splits) -> int:
+    """Bytes of the activation cache of ``--trunk partial``: ``--feature-views`` per training image and
+    one per evaluation image, float32 (`dml.models.BackboneSpec.prefix_bytes`)."""
+    spec = backbone_spec(config.backbone)
+    images = len(splits.train) * max(1, int(config.feature_views)) + len(splits.val) + len(splits.test)
+    return images * spec.prefix_bytes(config.resolution or spec.resolution)
+
+
+def fit_auto_trunk(requested: TrainConfig, resolved: TrainConfig, splits: Splits, device_type: str,
+                   processes: int = 1, log: Callable[[str], None] = print) -> TrainConfig:
+    """``--trunk auto`` resolved to ``partial`` (a CPU), checked against the machine's memory.
+
+    The partial trunk caches activations of its frozen part, ~37 KB per image for EfficientNet-Lite0 at
+    224 px and ~800 KB for ResNet-50; while the cache is assembled it is held twice, by every process.
+    If that exceeds `AUTO_PARTIAL_MEMORY_FRACTION` of the memory, the run takes the frozen trunk (pooled
+    features, a few KB per image) instead and says why; ``--trunk partial`` asks for it regardless.
+
+    Args:
+        requested: the configuration as given (``trunk`` ``"auto"`` for the check to apply).
+        resolved: ``dml.config.resolve(requested, device_type)``.
+        splits: the loaded splits.
+        device_type: the run's device type.
+        processes: the processes on this machine that each hold the cache.
+        log: receives the line that explains a fallback.
+
+    Returns:
+        ``resolved``, or ``requested`` resolved with the frozen trunk.
+    """
+    memory = machine_memory_bytes()
+    if requested.trunk != "auto" or resolved.trunk != "partial" or memory is None:
+        return resolved
+    needed = 2 * processes * partial_cache_bytes(resolved, splits)
+    if needed <= AUTO_PARTIAL_MEMORY_FRACTION * memory:
+        return resolved
+    log(f"trunk: auto chose FROZEN, not partial: the partial trunk's cached activations would take "
+        f"{needed / 2**30:.1f} GiB while they are assembled, over {AUTO_PARTIAL_MEMORY_FRACTION:.0%} of this "
+        f"machine's {memory / 2**30:.1f} GiB (--trunk partial asks for it regardless)")
+    return resolve(dataclasses.replace(requested, trunk="frozen"), device_type)
 
 
 def _pipeline_type(config: TrainConfig, splits: Splits, resolution: int,

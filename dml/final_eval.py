@@ -299,7 +299,7 @@ class TrainingResult:
         last_epoch: the test metrics of the last epoch's weights.
         selected_epoch: the epoch of the selected checkpoint.
         selection: how it was selected.
-        trunk: ``frozen`` or ``finetune``.
+        trunk: ``frozen``, ``partial`` or ``finetune``.
         device: the run's device.
         wall_time_s: this invocation's wall time (a resumed run: since resuming).
         world_size: the number of processes (1 without DDP).

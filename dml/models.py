@@ -351,6 +351,8 @@ class BackboneSpec:
         mean: per-channel mean subtracted from images in [0, 1].
         std: per-channel divisor applied after the mean.
         feature_dim: channels of the trunk's feature map (the pooled feature size).
+        prefix_channels: channels of the activations of the frozen part under ``--trunk partial``.
+        prefix_stride: their stride (a ``[H, W]`` crop gives ``⌈H/stride⌉ × ⌈W/stride⌉`` activations).
     """
 
     name: str
@@ -358,12 +360,19 @@ class BackboneSpec:
     mean: tuple[float, float, float]  # input normalisation of [0, 1] images
     std: tuple[float, float, float]
     feature_dim: int
+    prefix_channels: int
+    prefix_stride: int
+
+    def prefix_bytes(self, resolution: int) -> int:
+        """Bytes of one image's cached float32 prefix activations (``--trunk partial``) at ``resolution``."""
+        side = -(-resolution // self.prefix_stride)
+        return 4 * self.prefix_channels * side * side
 
 
 _SPECS = {
-    "efficientnet_lite0": BackboneSpec("efficientnet_lite0", 224, (127 / 255,) * 3, (128 / 255,) * 3, 1280),
-    "resnet50": BackboneSpec("resnet50", 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 2048),
-    "tiny": BackboneSpec("tiny", 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 64),
+    "efficientnet_lite0": BackboneSpec("efficientnet_lite0", 224, (127 / 255,) * 3, (128 / 255,) * 3, 1280, 192, 32),
+    "resnet50": BackboneSpec("resnet50", 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 2048, 1024, 16),
+    "tiny": BackboneSpec("tiny", 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 64, 64, 8),
 }
 
 

@@ -1,6 +1,6 @@
 """How training batches and evaluation embeddings are produced: from images (fine-tuning the whole
 network), from cached activations of the trunk's frozen part (its last part and the head train) or from
-cached features of a frozen trunk (head-only training, the CPU default).
+cached features of a frozen trunk (head-only training). The CPU default is the partial trunk.
 
 Under DDP (`dml.distributed`) a pipeline takes the *global* batches and keeps its process's contiguous
 part of each (the split `dml.data.ClassBalancedBatchSampler` makes), drawing the augmentation as a single
@@ -582,13 +582,13 @@ class FeaturePipeline(Pipeline):
         generator = torch.Generator().manual_seed(10_007 * config.seed + 1)
         train_transform = TrainTransform(resolution, generator=generator)
         cache = self._cache_path(splits, config, resolution)
+        what = "the frozen part's activations" if self._prefix else "frozen-trunk features"
         if cache is not None and cache.is_file():
-            log(f"loading cached frozen-trunk features from {cache}")
+            log(f"loading cached {what} from {cache}")
             stored = torch.load(cache, map_location=device, weights_only=True)
             self.train_features, self.eval_features = stored["train"], {k: stored[k] for k in ("val", "test")}
         else:
             views = "the centre crop" if self.views == 1 else f"{self.views} views (centre crop + random crops)"
-            what = "the frozen part's activations" if self._prefix else "frozen-trunk features"
             log(f"caching {what}: {len(splits.train)} training images × {views}, "
                 f"{len(splits.val) + len(splits.test)} evaluation images, {resolution} px, on {device}")
             features = [self._cached(splits.train)]
@@ -665,7 +665,7 @@ class FeaturePipeline(Pipeline):
     def describe(model: EmbeddingModel, config: TrainConfig, resolution: int, device: torch.device) -> str:
         """See `Pipeline.describe`."""
         return (f"trunk: FROZEN {model.spec.name} at {resolution} px on {device}: only the embedding head trains, on "
-                "cached trunk features (the CPU default; --trunk partial also trains the trunk's last stage, "
+                "cached trunk features (--trunk partial, the CPU default, also trains the trunk's last stage, "
                 "--trunk finetune the whole network)")
 
 
@@ -676,8 +676,8 @@ class PartialPipeline(FeaturePipeline):
 
     The caching is `FeaturePipeline`'s (the same views, the same ``--feature-cache`` folder under another
     key), so a run costs one pass of the frozen part over the data and then a few small convolutions per
-    step: on a CPU the trunk's last stage adapts to the data at a small fraction of fine-tuning's cost (on
-    the emoji benchmark not yet clearly better than the frozen trunk: see the DML guide).
+    step: on a CPU the trunk's last stage adapts to the data at a small fraction of fine-tuning's cost (the
+    CPU default: on the emoji benchmark 3 points of test R@1 above the frozen trunk; see the DML guide).
     Evaluation embeds the cached activations of the evaluation crops (`embeddings_from_prefix`, also used
     by ``dml.evaluate``).
 
@@ -716,4 +716,5 @@ class PartialPipeline(FeaturePipeline):
         trained = sum(p.numel() for p in model.trunk.parameters() if p.requires_grad)
         return (f"trunk: PARTIAL {model.spec.name} at {resolution} px on {device}: its last part "
                 f"({trained / 1e6:.2f} M parameters) and the embedding head train, on cached activations of the "
-                "frozen part (--trunk finetune trains the whole network, --trunk frozen only the head)")
+                "frozen part (the CPU default; --trunk finetune trains the whole network, --trunk frozen only the "
+                "head)")

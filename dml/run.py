@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dml.build import RunParts, build_run, load_data
+from dml.build import RunParts, build_run, fit_auto_trunk, load_data
 from dml.checkpoint import atomic_write_json, atomic_write_text, load_checkpoint
 from dml.config import (
     RESUME_OVERRIDES,
@@ -214,6 +214,7 @@ def train_run(begin: RunStart, *, dist: DistContext | None = None, quiet: bool =
             torch.cuda.set_device(device)
         config = resolve_config(begin.config, device.type)
         splits = load_data(config)
+        config = fit_auto_trunk(begin.config, config, splits, device.type, dist.world_size, log)
         fingerprint = data_fingerprint(splits)
         if state is not None:
             check_same_data(state, fingerprint, out)

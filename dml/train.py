@@ -2,8 +2,8 @@
 validation classes, and report it on test classes never seen in training.
 
 The default run (no flags) trains the probabilistic EL-nivMF loss on the offline emoji benchmark with an
-ImageNet EfficientNet-Lite0. On a CPU it freezes the trunk and trains the embedding head on cached
-trunk features (it says so; ``--trunk partial`` also trains the trunk's last stage); on a GPU it
+ImageNet EfficientNet-Lite0. On a CPU it trains the trunk's last stage and the embedding head on cached
+activations of the trunk's frozen rest (it says so; ``--trunk frozen`` trains only the head); on a GPU it
 fine-tunes the whole network.
 
 Run directory (``--output-dir``): ``config.json`` (the effective configuration), ``history.jsonl`` (one

@@ -126,6 +126,10 @@ def test_partial_trunk_splits_the_forward_and_trains_only_the_suffix(backbone, s
     with torch.no_grad():
         model.eval()
         assert torch.equal(model.features_from_prefix(model.prefix_activations(images)), model.features(images))
+        # the spec's size of the cached activations (what --trunk auto checks against the memory)
+        for side in (size, size + 5):
+            activations = model.prefix_activations(torch.rand(1, 3, side, side))
+            assert activations.numel() * 4 == model.spec.prefix_bytes(side)
     model.train()
     suffix = {id(p) for m in model.trunk.suffix_modules() for p in m.parameters()}
     before = {k: v.clone() for k, v in model.state_dict().items() if "running_mean" in k}

@@ -114,6 +114,46 @@ def test_resolve_sets_the_trunk_learning_rate_of_a_partial_trunk():
     assert rates["trunk"] == pytest.approx(3e-4) and rates["head"] == pytest.approx(1e-3)
 
 
+def test_auto_trunk_is_partial_on_cpu_and_finetune_on_gpu():
+    """--trunk auto: the partial trunk on a CPU (20 epochs, trunk at 3 × lr), fine-tuning on CUDA, and
+    fine-tuning wherever the weights are random (a frozen random trunk gives random features)."""
+    cpu = resolve(TrainConfig(), "cpu")
+    assert (cpu.trunk, cpu.epochs, cpu.trunk_lr_mult) == ("partial", 20, 3.0)
+    gpu = resolve(TrainConfig(), "cuda")
+    assert (gpu.trunk, gpu.epochs, gpu.trunk_lr_mult) == ("finetune", 30, 1.0)
+    assert resolve(TrainConfig(weights="none"), "cpu").trunk == "finetune"
+    assert resolve(TrainConfig(trunk="frozen"), "cpu").epochs == 40
+
+
+def test_auto_trunk_falls_back_to_frozen_when_the_activation_cache_would_not_fit(tmp_path, monkeypatch):
+    """--trunk auto → partial only if twice its activation cache (per process) fits in a quarter of the
+    memory; otherwise frozen, with its own default epochs, and a line saying why. --trunk partial is
+    never overridden."""
+    import dml.build
+    from dml.build import AUTO_PARTIAL_MEMORY_FRACTION, fit_auto_trunk, partial_cache_bytes
+
+    data = make_folder_dataset(tmp_path / "data", classes=8)
+    requested = TrainConfig(dataset="folder", data_root=str(data), backbone="resnet50", batch_size=4,
+                            output_dir=str(tmp_path / "r"))
+    resolved = resolve(requested, "cpu")
+    splits = load_data(resolved)
+    assert resolved.trunk == "partial"
+    images = len(splits.train) + len(splits.val) + len(splits.test)
+    assert partial_cache_bytes(resolved, splits) == images * 4 * 1024 * 14 * 14  # ResNet-50 at 224 px
+    needed = 2 * 2 * partial_cache_bytes(resolved, splits)  # two processes
+    lines = []
+    monkeypatch.setattr(dml.build, "machine_memory_bytes", lambda: int(needed / AUTO_PARTIAL_MEMORY_FRACTION))
+    assert fit_auto_trunk(requested, resolved, splits, "cpu", 2, lines.append) is resolved and not lines
+    monkeypatch.setattr(dml.build, "machine_memory_bytes", lambda: int(needed / AUTO_PARTIAL_MEMORY_FRACTION) - 1)
+    frozen = fit_auto_trunk(requested, resolved, splits, "cpu", 2, lines.append)
+    assert (frozen.trunk, frozen.epochs, frozen.trunk_lr_mult) == ("frozen", 40, 1.0)
+    assert len(lines) == 1 and "auto chose FROZEN" in lines[0] and "--trunk partial" in lines[0]
+    explicit = dataclasses.replace(requested, trunk="partial", epochs=7)
+    assert fit_auto_trunk(explicit, resolve(explicit, "cpu"), splits, "cpu", 2, lines.append).trunk == "partial"
+    assert fit_auto_trunk(dataclasses.replace(requested, epochs=7), dataclasses.replace(resolved, epochs=7),
+                          splits, "cpu", 2, lines.append).epochs == 7  # an explicit --epochs is kept
+
+
 def test_build_run_does_not_change_the_config(tmp_path):
     data = make_folder_dataset(tmp_path / "data", classes=8)
     config = resolve(TrainConfig(dataset="folder", data_root=str(data), backbone="tiny", weights="none", embed_dim=8,
