@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/compare_losses.py [--write-docs]
         [--losses el_nivmf el_nivmf_paper proxy_anchor proxy_nca norm_softmax] [--seeds 0 1 2]
-        [--trunk auto|frozen|finetune] [--epochs 0] [--dataset emoji] [--data-root DIR]
+        [--trunk auto|frozen|partial|finetune] [--epochs 0] [--dataset emoji] [--data-root DIR]
         [--output-dir runs/compare] [--feature-cache DIR] [--docs docs/results.md] [--no-train]
         [--search-lr 5e-5 1e-4 2e-4 4e-4] [--search-seed 0]
         [any other dml.train flag …]
@@ -14,10 +14,11 @@ Every run is ``python -m dml.train`` with its defaults (validation-selected chec
 classes never seen in training), called in this process through `dml.train.main` with
 ``--loss NAME --seed K --output-dir OUTPUT/NAME/seedK`` plus the flags given here; flags this script does
 not know (``--backbone tiny``, ``--embed-dim 512``, ``--loss-option …``) are passed on to every run.
-``--trunk auto`` is dml.train's default: frozen trunk with cached features on a CPU, fine-tuning on a GPU;
+``--trunk auto`` is dml.train's default: the partial trunk (last stage and head on cached activations) on a
+CPU, fine-tuning on a GPU;
 ``--epochs 0`` is its default too (40 frozen, 20 partial, 30 fine-tuning).
 
-All runs share one ``--feature-cache`` (default ``OUTPUT/features``): with a frozen trunk the trunk
+All runs share one ``--feature-cache`` (default ``OUTPUT/features``): with a frozen or partial trunk the trunk
 features of every image are computed by the first run and loaded by all the others (the cache key does
 not depend on the seed when ``--feature-views`` is 1, the default).
 
@@ -156,7 +157,7 @@ def run_dir(output: Path, loss: str, seed: int) -> Path:
 
 def search_dir(output: Path, loss: str, lr: float) -> Path:
     """``OUTPUT/search/<loss>/lr<LR>``: the directory of one search run."""
-    return output / "search" / loss / f"lr{lr:g}"
+    return output / "search" / loss / f"lr{lr!r}"
 
 
 def train_argv(args: argparse.Namespace, loss: str, seed: int, extra: list[str], *,
@@ -171,25 +172,42 @@ def train_argv(args: argparse.Namespace, loss: str, seed: int, extra: list[str],
     if args.data_root is not None:
         argv += ["--data-root", str(args.data_root)]
     if lr is not None:
-        argv += ["--lr", f"{lr:g}"]
+        argv += ["--lr", repr(lr)]  # every digit: the run's config.json must hold this very rate
     return argv + list(extra)
 
 
-def validation_score(directory: Path) -> float | None:
-    """The validation R@1 of a finished run at its selected epoch (None if the run has not finished).
+#: the file a failed search run leaves (its exit code): it counts as finished, without a score
+FAILED_MARKER = "search_failed.json"
 
-    Read from ``history.jsonl`` (the per-epoch validation metrics) at ``final_metrics.json``'s
-    ``selected_epoch``: the number the run's own checkpoint selection maximised.
+
+def validation_score(directory: Path) -> float | None:
+    """The validation score of a finished run at its selected epoch (None: not finished, or failed).
+
+    The score is the run's ``--selection-metric`` (``config.json``; default R@1) read from
+    ``history.jsonl`` (the per-epoch validation metrics) at ``final_metrics.json``'s ``selected_epoch``:
+    the number the run's own checkpoint selection maximised.
+
+    Raises:
+        ValueError: the run finished but has no validation metrics at its selected epoch (e.g. it had no
+            validation split, ``--val-fraction 0``; a search needs one).
     """
     final_path = directory / "final_metrics.json"
     if not final_path.is_file():
         return None
     epoch = json.loads(final_path.read_text()).get("selected_epoch")
-    for line in (directory / "history.jsonl").read_text().splitlines():
+    metric = json.loads((directory / "config.json").read_text()).get("selection_metric", "recall@1")
+    history = directory / "history.jsonl"
+    for line in (history.read_text().splitlines() if history.is_file() else []):
         record = json.loads(line)
-        if record.get("epoch") == epoch and record.get("val"):
-            return float(record["val"]["recall@1"])
-    return None
+        if record.get("epoch") == epoch and (record.get("val") or {}).get(metric) is not None:
+            return float(record["val"][metric])
+    raise ValueError(f"{directory}: no validation {metric} at the selected epoch {epoch}; the learning-rate search "
+                     "needs a validation split (--val-fraction > 0)")
+
+
+def search_finished(directory: Path) -> bool:
+    """Whether a search run is over: it finished, or it failed (`FAILED_MARKER`)."""
+    return (directory / "final_metrics.json").is_file() or (directory / FAILED_MARKER).is_file()
 
 
 def choose_lr(scores: dict[float, float | None]) -> float | None:
@@ -205,14 +223,15 @@ def searched_losses(losses: list[str]) -> list[str]:
     return list(dict.fromkeys(parse_variant(loss)[0] for loss in losses))
 
 
-def _train_once(name: str, prefix: str, directory: Path, argv: list[str], done: dict[str, list[str]]) -> None:
-    """Train (or resume, or skip) one run into ``directory`` and record the outcome in ``done``."""
+def _train_once(name: str, prefix: str, directory: Path, argv: list[str], done: dict[str, list[str]]) -> int:
+    """Train (or resume, or skip) one run into ``directory`` and record the outcome in ``done``;
+    returns dml.train's exit code (0 for a skipped run)."""
     from dml.train import main as train_main
 
     if (directory / "final_metrics.json").is_file():
         print(f"{prefix} {name}: finished before, skipped", flush=True)
         done["skipped"].append(name)
-        return
+        return 0
     if (directory / "last.pt").is_file():
         print(f"{prefix} {name}: interrupted before, resuming", flush=True)
         argv, kind = ["--resume", str(directory)], "resumed"
@@ -226,9 +245,10 @@ def _train_once(name: str, prefix: str, directory: Path, argv: list[str], done: 
         done["failed"].append(f"{name} (exit {code})")
         if code == 130:  # Ctrl-C: stop here (the same command resumes)
             raise KeyboardInterrupt
-        return
+        return code
     print(f"{prefix} {name}: done in {time.time() - t0:.0f} s", flush=True)
     done[kind].append(name)
+    return 0
 
 
 def new_outcomes() -> dict[str, list[str]]:
@@ -249,12 +269,20 @@ def run_search(args: argparse.Namespace, extra: list[str], done: dict[str, list[
         if args.no_train:
             break
         directory = search_dir(args.output_dir, loss, lr)
-        _train_once(f"search {loss}/lr{lr:g}", f"[search {i}/{len(runs)}]", directory,
-                    train_argv(args, loss, args.search_seed, extra, directory=directory, lr=lr), done)
+        name = f"search {loss}/lr{lr!r}"
+        if (directory / FAILED_MARKER).is_file():
+            print(f"[search {i}/{len(runs)}] {name}: failed before, not retried (delete {directory} to retry)")
+            continue
+        code = _train_once(name, f"[search {i}/{len(runs)}]", directory,
+                           train_argv(args, loss, args.search_seed, extra, directory=directory, lr=lr), done)
+        if code != 0:  # e.g. diverged: a finding of the search, not something to redo on every call
+            (directory / FAILED_MARKER).write_text(json.dumps({"exit_code": code}) + "\n")
     search: dict[str, Any] = {}
     for loss in losses:
-        trials = {lr: validation_score(search_dir(args.output_dir, loss, lr)) for lr in args.search_lr}
-        search[loss] = {"trials": trials, "chosen": choose_lr(trials)}
+        directories = {lr: search_dir(args.output_dir, loss, lr) for lr in args.search_lr}
+        trials = {lr: validation_score(d) for lr, d in directories.items()}
+        complete = all(search_finished(d) for d in directories.values())  # choose among all rates, or not yet
+        search[loss] = {"trials": trials, "chosen": choose_lr(trials) if complete else None}
     return search
 
 
@@ -268,16 +296,16 @@ def run_all(args: argparse.Namespace, extra: list[str], done: dict[str, list[str
         if search is not None:
             lr = search[parse_variant(loss)[0]]["chosen"]
             if lr is None:
-                print(f"[{i}/{len(runs)}] {loss}/seed{seed}: no search run of its loss finished, not trained",
+                print(f"[{i}/{len(runs)}] {loss}/seed{seed}: the search of its loss is not complete, not trained",
                       file=sys.stderr, flush=True)
-                done["failed"].append(f"{loss}/seed{seed} (no finished search run)")
+                done["failed"].append(f"{loss}/seed{seed} (search not complete)")
                 continue
         directory = run_dir(args.output_dir, loss, seed)
         trained_lr = _config_lr(directory)
         if lr is not None and trained_lr is not None and trained_lr != lr:
-            print(f"[{i}/{len(runs)}] {loss}/seed{seed}: trained before with lr {trained_lr:g}, but the search "
-                  f"chose {lr:g}: use another --output-dir", file=sys.stderr, flush=True)
-            done["failed"].append(f"{loss}/seed{seed} (lr {trained_lr:g} is not the searched {lr:g})")
+            print(f"[{i}/{len(runs)}] {loss}/seed{seed}: trained before with lr {trained_lr!r}, but the search "
+                  f"chose {lr!r}: use another --output-dir", file=sys.stderr, flush=True)
+            done["failed"].append(f"{loss}/seed{seed} (lr {trained_lr!r} is not the searched {lr!r})")
             continue
         _train_once(f"{loss}/seed{seed}", f"[{i}/{len(runs)}]", directory,
                     train_argv(args, loss, seed, extra, lr=lr), done)
@@ -289,13 +317,16 @@ def _config_lr(directory: Path) -> float | None:
     return float(json.loads(path.read_text())["lr"]) if path.is_file() else None
 
 
-def aggregate(output: Path, losses: list[str], seeds: list[int]) -> dict[str, Any]:
+def aggregate(output: Path, losses: list[str], seeds: list[int],
+              chosen: dict[str, float | None] | None = None) -> dict[str, Any]:
     """Collect the finished runs' ``final_metrics.json`` into per-loss means and standard deviations.
 
     Args:
         output: the comparison's output directory.
         losses: the losses, in table order.
         seeds: the seeds.
+        chosen: after a search, the rate chosen per base loss: only runs trained with it are counted
+            (none of a loss whose search is not complete).
 
     Returns:
         ``{"losses": {loss: {"seeds": [...], "runs": {seed: {metric: value, ...}},
@@ -311,8 +342,12 @@ def aggregate(output: Path, losses: list[str], seeds: list[int]) -> dict[str, An
             path = run_dir(output, loss, seed) / "final_metrics.json"
             if not path.is_file():
                 continue
+            lr = _config_lr(path.parent)
+            if chosen is not None and lr != chosen.get(parse_variant(loss)[0]):
+                continue  # not trained with the searched rate (run_all reported it)
             final = json.loads(path.read_text())
             row = {key: read_metric(final, key) for key, _ in METRICS}
+            row["lr"] = lr
             row.update(uncertainty_details(final))
             row.update({"recall@1_initial": final.get("recall@1_initial"),
                         "selected_epoch": final.get("selected_epoch"),
@@ -382,25 +417,26 @@ def format_uncertainty(results: dict[str, Any]) -> str:
 
 
 def format_runs(results: dict[str, Any]) -> str:
-    """Per-run details: test R@1 per seed, before training, selected epoch, wall time."""
-    lines = ["| `--loss` | seed | test R@1 | before training | selected epoch | R@1 of the last epoch | wall time |",
-             "|---|---|---|---|---|---|---|"]
+    """Per-run details: base learning rate, test R@1 per seed, before training, selected epoch, wall time."""
+    lines = ["| `--loss` | seed | lr | test R@1 | before training | selected epoch | R@1 of the last epoch "
+             "| wall time |", "|---|---|---|---|---|---|---|---|"]
     for loss, entry in results["losses"].items():
         for seed, run in entry["runs"].items():
             def fmt(v):
                 return "—" if v is None else f"{v:.3f}"
             wall = run.get("wall_time_s")
-            lines.append(f"| `{loss}` | {seed} | {fmt(run['recall@1'])} | {fmt(run['recall@1_initial'])} | "
+            lr = "—" if run.get("lr") is None else f"{run['lr']:g}"
+            lines.append(f"| `{loss}` | {seed} | {lr} | {fmt(run['recall@1'])} | {fmt(run['recall@1_initial'])} | "
                          f"{run['selected_epoch']} | {fmt(run['last_epoch_recall@1'])} | "
                          f"{'—' if wall is None else f'{wall:.0f} s'} |")
     return "\n".join(lines)
 
 
 def format_search(search: dict[str, Any], seed: int) -> str:
-    """The search table: validation R@1 per loss and learning rate (bold: the chosen rate)."""
+    """The search table: the validation score per loss and learning rate (bold: the chosen rate)."""
     rates = sorted({float(lr) for entry in search.values() for lr in entry["trials"]})
-    lines = [f"Learning-rate search (seed {seed}; validation R@1 at the selected epoch; bold: the rate the seeds "
-             f"used):", "",
+    lines = [f"Learning-rate search (seed {seed}; the validation score — the runs' `--selection-metric`, R@1 by "
+             f"default — at the selected epoch; bold: the rate the seeds used; —: failed or not finished):", "",
              "| `--loss` | " + " | ".join(f"lr {lr:g}" for lr in rates) + " |", "|---|" + "---|" * len(rates)]
     for loss, entry in search.items():
         trials = {float(lr): score for lr, score in entry["trials"].items()}
@@ -481,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--losses", nargs="+", default=list(DEFAULT_LOSSES), help="losses to compare")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS), help="training seeds")
     parser.add_argument("--trunk", default="auto", choices=("auto", "frozen", "partial", "finetune"),
-                        help="dml.train --trunk (auto: frozen on CPU, fine-tuning on GPU)")
+                        help="dml.train --trunk (auto: partial on CPU, fine-tuning on GPU)")
     parser.add_argument("--epochs", type=int, default=0, help="dml.train --epochs (0: its default, 40 frozen / 20 "
                                                               "partial / 30 fine-tuning)")
     parser.add_argument("--dataset", default="emoji", help="dml.train --dataset")
@@ -489,7 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", type=Path, default=Path("runs/compare"),
                         help="runs go to OUTPUT/<loss>/seed<k>; results.md and results.json to OUTPUT")
     parser.add_argument("--feature-cache", type=Path, default=None,
-                        help="shared frozen-trunk feature cache (default OUTPUT/features)")
+                        help="shared cache of frozen-trunk features or partial-trunk activations "
+                             "(default OUTPUT/features)")
     parser.add_argument("--write-docs", action="store_true",
                         help="replace the marked section of --docs with the table")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "results.md", help="the page --write-docs edits")
@@ -513,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{', '.join(searched)}: chosen per loss by --search-lr")
     if args.search_lr and any(not lr > 0 for lr in args.search_lr):
         parser.error(f"--search-lr: every rate must be > 0, got {args.search_lr}")
+    if args.search_lr:
+        args.search_lr = sorted(set(args.search_lr))
     from dml.uncertainty import kappa_is_concentration
 
     try:
@@ -528,18 +567,23 @@ def main(argv: list[str] | None = None) -> int:
     search = None
     try:
         if args.search_lr:
-            search = run_search(args, extra, done)
+            try:
+                search = run_search(args, extra, done)
+            except ValueError as err:  # a run without validation metrics: the search cannot choose
+                print(f"error: {err}", file=sys.stderr)
+                return 2
         if not args.no_train:
             run_all(args, extra, done, search)
     except KeyboardInterrupt:
         print("\ninterrupted: run the same command again to continue where it stopped", file=sys.stderr)
         return 130
-    results = aggregate(args.output_dir, list(args.losses), list(args.seeds))
+    chosen = None if search is None else {loss: entry["chosen"] for loss, entry in search.items()}
+    results = aggregate(args.output_dir, list(args.losses), list(args.seeds), chosen)
     if not results["losses"]:
         print("no finished run to tabulate", file=sys.stderr)
         return 1
     if search is not None:
-        results["search"] = {loss: {"trials": {f"{lr:g}": v for lr, v in entry["trials"].items()},
+        results["search"] = {loss: {"trials": {repr(lr): v for lr, v in entry["trials"].items()},
                                     "chosen": entry["chosen"]} for loss, entry in search.items()}
     results["meta"] = _meta(args, results, extra, started)
     results["meta"]["search_seed"] = args.search_seed if search is not None else None
@@ -550,12 +594,14 @@ def main(argv: list[str] | None = None) -> int:
         f"# Loss comparison\n\n`{results['meta']['command']}`\n\n{block}", encoding="utf-8")
     (args.output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.output_dir / 'results.md'} and {args.output_dir / 'results.json'}")
-    if args.write_docs:
+    missing = [f"{loss}/seed{s}" for loss in args.losses for s in args.seeds
+               if str(s) not in (results["losses"].get(loss) or {}).get("runs", {})]
+    if args.write_docs and not (missing or done["failed"]):
         text = args.docs.read_text(encoding="utf-8")
         args.docs.write_text(replace_between_markers(text, block), encoding="utf-8")
         print(f"updated the table in {args.docs}")
-    missing = [f"{loss}/seed{s}" for loss in args.losses for s in args.seeds
-               if not (run_dir(args.output_dir, loss, s) / "final_metrics.json").is_file()]
+    elif args.write_docs:
+        print(f"{args.docs} not updated: the comparison is not complete", file=sys.stderr)
     if missing:
         print(f"not finished: {', '.join(missing)}", file=sys.stderr)
     if done["failed"]:

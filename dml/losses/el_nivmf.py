@@ -68,7 +68,8 @@ class ELNivMFLoss(VMFProxyLoss):
     Raises:
         ValueError: if ``num_classes`` < 1, ``embed_dim`` < 2, ``num_samples`` is not a positive integer,
             ``proxy_concentration``, ``temperature`` or ``guidance_alpha`` is not a finite number > 0,
-            or ``guidance_weight`` or a multiplier is not a finite number ≥ 0.
+            ``guidance_weight`` or a multiplier is not a finite number ≥ 0, or ``isotropic_proxies`` is not
+            a bool.
 
     References:
         * M. Kirchhof, K. Roth, Z. Akata, E. Kasneci, "A Non-isotropic Probabilistic Take on Proxy-based

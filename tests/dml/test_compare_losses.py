@@ -169,9 +169,10 @@ def test_learning_rate_search_chooses_on_validation_and_variants_inherit(compare
         assert json.loads((out / loss / "seed0" / "config.json").read_text())["lr"] == chosen
     results = json.loads((out / "results.json").read_text())
     assert results["search"]["proxy_anchor"]["chosen"] == chosen
-    assert results["search"]["proxy_anchor"]["trials"] == {f"{r:g}": s for r, s in scores.items()}
+    assert results["search"]["proxy_anchor"]["trials"] == {repr(r): s for r, s in scores.items()}
     table = (out / "results.md").read_text()
     assert "Learning-rate search (seed 5" in table and f"**{best:.3f}**" in table
+    assert f"| `proxy_anchor` | 0 | {chosen:g} |" in table  # the per-run table names each run's rate
     # the rate is the search's to set, and a finished run with another rate is not silently reused
     with pytest.raises(SystemExit):
         compare.main([*argv, "--lr", "1e-3"])
@@ -179,8 +180,43 @@ def test_learning_rate_search_chooses_on_validation_and_variants_inherit(compare
     config_path = out / "proxy_anchor" / "seed0" / "config.json"
     config = json.loads(config_path.read_text())
     config_path.write_text(json.dumps({**config, "lr": other}))
-    assert compare.main(argv) == 1
-    assert "but the search chose" in capsys.readouterr().err
+    docs = tmp_path / "results.md"
+    docs.write_text(f"{compare.BEGIN}\nold\n{compare.END}\n")
+    assert compare.main([*argv, "--write-docs", "--docs", str(docs)]) == 1
+    err = capsys.readouterr().err
+    assert "but the search chose" in err and "not updated" in err
+    results = json.loads((out / "results.json").read_text())
+    assert "0" not in results["losses"].get("proxy_anchor", {}).get("runs", {})  # the stale run is not tabulated
+    assert "old" in docs.read_text()
+
+
+def test_search_choice_and_validation_score(compare, tmp_path):
+    """The rate of the highest validation score wins, a tie goes to the smaller rate, an unfinished or
+    failed run has no score; the score is the selection metric at the selected epoch, not the last or
+    the largest; a finished run without validation metrics is an error, not a silent None."""
+    assert compare.choose_lr({1e-4: 0.5, 2e-4: 0.7, 4e-4: 0.6}) == 2e-4
+    assert compare.choose_lr({4e-4: 0.7, 1e-4: 0.7, 2e-4: None}) == 1e-4
+    assert compare.choose_lr({1e-4: None}) is None
+    run = tmp_path / "run"
+    run.mkdir()
+    assert compare.validation_score(run) is None
+    (run / "config.json").write_text(json.dumps({"selection_metric": "map@r"}))
+    history = [{"epoch": 1, "val": {"recall@1": 0.9, "map@r": 0.2}},
+               {"epoch": 2, "val": {"recall@1": 0.1, "map@r": 0.4}},
+               {"epoch": 3, "val": {"recall@1": 0.5, "map@r": 0.3}}]
+    (run / "history.jsonl").write_text("\n".join(json.dumps(h) for h in history) + "\n")
+    (run / "final_metrics.json").write_text(json.dumps({"selected_epoch": 2}))
+    assert compare.validation_score(run) == 0.4
+    (run / "final_metrics.json").write_text(json.dumps({"selected_epoch": 4}))
+    with pytest.raises(ValueError, match="validation split"):
+        compare.validation_score(run)
+    assert compare.search_finished(run)
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    assert not compare.search_finished(failed)
+    (failed / compare.FAILED_MARKER).write_text("{}")
+    assert compare.search_finished(failed) and compare.validation_score(failed) is None
+    assert compare.search_dir(tmp_path, "x", 2.5e-05).name == "lr2.5e-05"
 
 
 def test_reserved_flags_and_markers(compare, tmp_path):
