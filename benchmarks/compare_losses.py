@@ -265,9 +265,7 @@ def run_search(args: argparse.Namespace, extra: list[str], done: dict[str, list[
     """
     losses = searched_losses(args.losses)
     runs = [(loss, lr) for loss in losses for lr in args.search_lr]
-    for i, (loss, lr) in enumerate(runs, 1):
-        if args.no_train:
-            break
+    for i, (loss, lr) in enumerate([] if args.no_train else runs, 1):
         directory = search_dir(args.output_dir, loss, lr)
         name = f"search {loss}/lr{lr!r}"
         if (directory / FAILED_MARKER).is_file():
@@ -360,9 +358,10 @@ def aggregate(output: Path, losses: list[str], seeds: list[int],
         metrics = {}
         concentration = kappa_is_concentration(parse_variant(loss)[0])
         detail_keys = [f"rejection@{f:g}" for f in REJECTION_POINTS] + [f"spearman_{k}" for k in DEGRADATIONS]
+        kappa_keys = {"auroc_kappa", "degradation_spearman", *detail_keys}
         for key in [k for k, _ in METRICS] + detail_keys:
             values = [r[key] for r in runs.values() if r[key] is not None]
-            if (key in ("auroc_kappa", "degradation_spearman") or key in detail_keys) and not concentration:
+            if key in kappa_keys and not concentration:
                 values = []  # the norm of a non-vMF loss is not an uncertainty
             mean, std = mean_std(values)
             metrics[key] = {"mean": mean, "std": std, "n": len(values), "values": values}
@@ -545,12 +544,12 @@ def main(argv: list[str] | None = None) -> int:
     bad = [a for a in extra if a.split("=")[0] in RESERVED]
     if bad:
         parser.error(f"{', '.join(bad)}: set by this script for every run")
-    searched = [a for a in extra if a.split("=")[0] in SEARCHED] if args.search_lr else []
-    if searched:
-        parser.error(f"{', '.join(searched)}: chosen per loss by --search-lr")
-    if args.search_lr and any(not lr > 0 for lr in args.search_lr):
-        parser.error(f"--search-lr: every rate must be > 0, got {args.search_lr}")
     if args.search_lr:
+        searched = [a for a in extra if a.split("=")[0] in SEARCHED]
+        if searched:
+            parser.error(f"{', '.join(searched)}: chosen per loss by --search-lr")
+        if any(not lr > 0 for lr in args.search_lr):
+            parser.error(f"--search-lr: every rate must be > 0, got {args.search_lr}")
         args.search_lr = sorted(set(args.search_lr))
     from dml.uncertainty import kappa_is_concentration
 

@@ -224,8 +224,10 @@ def fit_auto_trunk(requested: TrainConfig, resolved: TrainConfig, splits: Splits
     Returns:
         ``resolved``, or ``requested`` resolved with the frozen trunk.
     """
+    if requested.trunk != "auto" or resolved.trunk != "partial":
+        return resolved
     memory = machine_memory_bytes()
-    if requested.trunk != "auto" or resolved.trunk != "partial" or memory is None:
+    if memory is None:
         return resolved
     needed = 2 * processes * partial_cache_bytes(resolved, splits)
     if needed <= AUTO_PARTIAL_MEMORY_FRACTION * memory:
