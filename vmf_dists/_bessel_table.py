@@ -52,6 +52,7 @@ DEGREE = 8
 #: off near their seam at √(ν² + x²) = 24, where interpolation cannot do better than its data).
 _CHECK_ULPS = (16.0, 16.0, 512.0, 512.0, 64.0)
 _BELOW_ONE = 1.0 - 2.0**-53
+_POW_MAX_POINTS = 32
 _EPS = torch.finfo(torch.float64).eps
 
 
@@ -88,9 +89,13 @@ def _evaluate_normalised(table: OrderTable, eta: torch.Tensor) -> torch.Tensor:
     m = table.intervals
     s = eta * m
     index = s.to(torch.int64).clamp(0, m - 1)  # also keeps NaN input (validation off) in range
-    u = s - index  # ∈ [0, 1] within the interval
-    # [..., DEGREE + 1]: u⁰ … u^DEGREE by a running product (a tensor-exponent pow is ~10× slower per element)
-    powers = torch.nn.functional.pad(u.unsqueeze(-1).expand(*u.shape, DEGREE).cumprod(-1), (1, 0), value=1.0)
+    u = s.sub_(index)  # ∈ [0, 1] within the interval
+    # [..., DEGREE + 1]: u⁰ … u^DEGREE, by one pow for a few points (fewest operations) and by a running
+    # product beyond (a tensor-exponent pow costs ~10× more per element)
+    if u.numel() <= _POW_MAX_POINTS:
+        powers = torch.pow(u.unsqueeze(-1), table.exponents)
+    else:
+        powers = torch.nn.functional.pad(u.unsqueeze(-1).expand(*u.shape, DEGREE).cumprod(-1), (1, 0), value=1.0)
     # index_select is several times faster than advanced indexing for the usual 1-D batch
     coefficients = table.coefficients.index_select(0, index) if index.dim() == 1 else table.coefficients[index]
     return (coefficients * powers.unsqueeze(-2)).sum(-1)
@@ -159,7 +164,7 @@ def _evaluate(table: OrderTable, x: torch.Tensor, *, log_scaled: bool, ratio: bo
     ratio_value = None
     if ratio:  # R < 1 for finite x (the product can round up), and exactly 1 at x = ∞ (η = 0)
         assert omega is not None
-        ratio_value = torch.where(eta == 0.0, 1.0, (omega * q_r).clamp(max=_BELOW_ONE))
+        ratio_value = (omega * q_r).clamp(max=_BELOW_ONE).masked_fill_(eta == 0.0, 1.0)
     return BesselParts(
         log_scaled_value if log_scaled else None,
         ratio_value,

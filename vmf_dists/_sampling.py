@@ -93,19 +93,20 @@ def _wood_accept(
     x₀ = (1−b)/(1+b) and D = small + b·big: y = 2b·big/D, and Wood's test
     κw + m log(1 − x₀w) − c ≥ log u becomes, without differences of nearby numbers,
 
-        2κm/(2κ + h + m) + m log1p(b) − m log 2 − κy + m log((small + big)/D) ≥ log u.
+        m [2κ/(2κ + h + m) + log1p(b) + log((small + big)/D)] − κy − m log 2 ≥ log u.
 
-    Returns (y, accepted); shapes broadcast between κ and the parts.
+    Returns (y, accepted); shapes broadcast between κ and the parts. (Per-κ terms first, then the few
+    per-proposal operations: at small batch the operation count is the cost.)
     """
     m = float(dim - 1)
     two_kappa = 2.0 * kappa
     denominator = two_kappa + torch.hypot(two_kappa, torch.full_like(kappa, m))
-    b = m / denominator
-    constant = torch.add(m * two_kappa / (denominator + m), torch.log1p(b), alpha=m) - m * math.log(2.0)
+    b = torch.reciprocal(denominator).mul_(m)
+    constant = torch.div(two_kappa, denominator + m).add_(torch.log1p(b)).mul_(m)
     d = torch.addcmul(small, b, big)
-    y = 2.0 * b * big / d
-    log_ratio = torch.add(constant - kappa * y, torch.log((small + big) / d), alpha=m)
-    accepted = log_ratio + torch.empty_like(y).exponential_() >= 0.0  # −log u ~ Exp(1)
+    y = torch.mul(big, b + b).div_(d)
+    log_ratio = torch.addcmul(constant, kappa, y, value=-1.0).add_(torch.log((small + big).div_(d)), alpha=m)
+    accepted = log_ratio.sub_(m * math.log(2.0)) >= torch.rand_like(y).log_()
     return y, accepted
 
 
@@ -113,8 +114,8 @@ def _wood_round(dim: int, kappa: torch.Tensor, proposals: int) -> tuple[torch.Te
     """One round of Wood's sampler with `proposals` Gamma-based candidates per element: (y, accepted)."""
     alpha = torch.full(kappa.shape + (proposals,), 0.5 * (dim - 1), dtype=kappa.dtype, device=kappa.device)
     y, accepted = _wood_accept(dim, kappa.unsqueeze(-1), torch._standard_gamma(alpha), torch._standard_gamma(alpha))
-    first = torch.argmax(accepted.to(torch.uint8), dim=-1, keepdim=True)
-    return y.gather(-1, first).squeeze(-1), accepted.any(dim=-1)
+    any_accepted, first = accepted.max(dim=-1, keepdim=True)  # the first accepted proposal (True > False)
+    return y.gather(-1, first).squeeze(-1), any_accepted.squeeze(-1)
 
 
 _MASKED_ROUNDS = 6  # on accelerators: rounds run on the full tensor between two host synchronisations
@@ -163,12 +164,14 @@ def _finish_rejected(dim: int, kappa: torch.Tensor, y: torch.Tensor, done: torch
 
 def sample_one_minus_w(dim: int, kappa: torch.Tensor) -> torch.Tensor:
     """Draw y = 1 − μᵀx for x ~ vMF(μ, κ) on S^{dim−1}, one per element of ``kappa`` (float64, no grad)."""
-    kappa = kappa.detach().to(torch.float64)
+    if kappa.requires_grad or kappa.dtype != torch.float64:
+        kappa = kappa.detach().to(torch.float64)
     if dim == 3:
         return _inverse_cdf_p3(kappa, torch.rand_like(kappa))
-    flat = kappa.reshape(-1)
+    flat = kappa if kappa.dim() == 1 else kappa.reshape(-1)
     y, done = _wood_round(dim, flat, first_round_proposals(flat.numel()))
-    return _finish_rejected(dim, flat, y, done).reshape(kappa.shape)
+    y = _finish_rejected(dim, flat, y, done)
+    return y if kappa.dim() == 1 else y.reshape(kappa.shape)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -176,12 +179,13 @@ def sample_one_minus_w(dim: int, kappa: torch.Tensor) -> torch.Tensor:
 
 
 @cache
-def _gauss_legendre(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """n-point Gauss-Legendre nodes and weights on [0, 1] (float64), cached per device: the training
-    step's backward then never copies them from the host (a copy that would wait for the GPU)."""
+def _gauss_legendre(n: int, device: torch.device, batch_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n-point Gauss-Legendre nodes (shape [n, 1, …, 1], ``batch_dims`` ones) and weights ([n]) on [0, 1]
+    (float64), cached per device: the training step's backward then never copies them from the host (a
+    copy that would wait for the GPU), and the nodes broadcast against a batch without reshaping it."""
     nodes, weights = np.polynomial.legendre.leggauss(n)
     with untraced():  # normal tensors even if the first call is under inference mode or a trace
-        return (torch.as_tensor((nodes + 1.0) / 2.0, dtype=torch.float64, device=device),
+        return (torch.as_tensor((nodes + 1.0) / 2.0, dtype=torch.float64, device=device).view((n,) + (1,) * batch_dims),
                 torch.as_tensor(weights / 2.0, dtype=torch.float64, device=device))
 
 
@@ -196,11 +200,15 @@ def d_one_minus_w_d_kappa(
         dy/dκ = −sin θ ∫_0^θ (cos φ − A) e^{κ(cos φ − cos θ)} (sin φ / sin θ)^m dφ      (θ < φ_A)
               = +sin θ ∫_θ^π (cos φ − A) e^{κ(cos φ − cos θ)} (sin φ / sin θ)^m dφ      (θ ≥ φ_A),
 
-    each the side on which cos φ − A keeps its sign, so nothing cancels. `_QUADRATURE_NODES`-point
+    each the side on which cos φ − A keeps its sign, so nothing cancels; both are ≤ 0 (w grows with κ
+    at a fixed CDF value), so the result is −sin θ |∫ …| on either side. `_QUADRATURE_NODES`-point
     Gauss–Legendre on the part of that side within `_WINDOW_SDS` Gaussian widths of the integrand's
     peak (for p = 2, where e^{κ cos φ} is not Gaussian far out, up to where it has dropped by
-    `_WINDOW_NATS`): relative error ≲ 1e-9. Out-of-place throughout, so that it can itself be
-    differentiated. ``one_minus_a`` is 1 − A_p(κ) if already known (the distribution's cached Bessel parts).
+    `_WINDOW_NATS`): relative error ≲ 1e-9. In place only where no derivative needs the overwritten value,
+    so that it can itself be differentiated. The nodes run along a new leading dimension, so that the
+    per-sample quantities broadcast against them without reshaping (a VAE's batch is small: the
+    operation count, not the arithmetic, is the cost). ``kappa``, ``y`` and ``one_minus_a`` (1 − A_p(κ)
+    if already known, e.g. the distribution's cached Bessel parts) have the same shape.
     """
     kappa = kappa.to(torch.float64)
     y = y.to(torch.float64)
@@ -211,8 +219,9 @@ def d_one_minus_w_d_kappa(
     else:
         one_minus_a = one_minus_a.to(torch.float64)
     # in half-angles ψ = φ/2 ∈ [0, π/2], where 1 − cos φ = 2 sin²ψ and sin φ = 2 sin ψ cos ψ
-    half_theta = torch.asin(torch.sqrt(0.5 * y))  # y ∈ [0, 2]
-    sin_theta_sq = (2.0 - y) * y
+    half_y = 0.5 * y  # sin²(θ/2), y ∈ [0, 2]
+    half_theta = torch.asin(torch.sqrt(half_y))
+    quarter = torch.addcmul(half_y, half_y, half_y, value=-1.0)  # sin²(θ/2) cos²(θ/2) = sin²θ / 4
     pole = y < one_minus_a  # θ < φ_A: integrate over [0, θ], else over [θ, π]
     if m > 0:
         # The integrand's peak within the side, and its reach: the mode φ_m of e^{κ cos φ} sin^m φ has
@@ -220,57 +229,62 @@ def d_one_minus_w_d_kappa(
         # half that curvature (at large κ the e^{κ cos φ} part alone), so the window is ±K·√(2/h).
         two_kappa = 2.0 * kappa
         h = torch.hypot(two_kappa, torch.full_like(kappa, m))
-        half_mode = 0.5 * torch.acos(two_kappa / (h + m))
+        half_mode = torch.acos(two_kappa / (h + m)).mul_(0.5)
         reach = torch.rsqrt(h) * (0.5 * _WINDOW_SDS * math.sqrt(2.0))
         start = torch.where(pole, 0.0, half_theta)
         end = torch.where(pole, half_theta, 0.5 * math.pi)
         peak = torch.clamp(half_mode, min=start, max=end)
-        lo = torch.maximum(start, peak - reach)
-        hi = torch.minimum(end, peak + reach)
+        lo = torch.clamp(peak - reach, min=start)
+        hi = torch.clamp(peak + reach, max=end)
     else:  # e^{κ cos φ}: up to where it has dropped by _WINDOW_NATS from its maximum on the side
         drop = _WINDOW_NATS / kappa
         lo = torch.where(pole, 0.0, half_theta)
         hi = 0.5 * torch.where(pole, torch.minimum(2.0 * half_theta, torch.acos((1.0 - drop).clamp(min=-1.0))),
                                torch.acos((1.0 - y - drop).clamp(min=-1.0)))
 
-    nodes, weights = _gauss_legendre(_QUADRATURE_NODES, y.device)
+    nodes, weights = _gauss_legendre(_QUADRATURE_NODES, y.device, y.dim())
     width = hi - lo
-    sin_sq = torch.sin(torch.addcmul(lo.unsqueeze(-1), width.unsqueeze(-1), nodes)).square()  # sin²ψ
-    # log of e^{κ(cos φ − cos θ)} (sin φ / sin θ)^m = κy − 2κ sin²ψ + (m/2) log(4 sin²ψ cos²ψ / sin²θ)
+    sin_sq = torch.sin(torch.addcmul(lo, width, nodes)).square()  # sin²ψ, shape [nodes, *y.shape]
+    # log of e^{κ(cos φ − cos θ)} (sin φ / sin θ)^m = κy − 2κ sin²ψ + (m/2) log(sin²ψ cos²ψ / (sin²θ/4))
     if m > 0:
-        offset = torch.add(kappa * y, torch.log(4.0 / sin_theta_sq), alpha=0.5 * m)
-        log_integrand = torch.addcmul(offset.unsqueeze(-1), kappa.unsqueeze(-1), sin_sq, value=-2.0)
-        log_integrand = log_integrand.add_(torch.log((1.0 - sin_sq).mul_(sin_sq)), alpha=0.5 * m)
+        offset = torch.add(kappa * y, torch.log(quarter), alpha=-0.5 * m)
+        log_integrand = torch.addcmul(offset, kappa, sin_sq, value=-2.0)
+        log_integrand.add_(torch.log(torch.addcmul(sin_sq, sin_sq, sin_sq, value=-1.0)), alpha=0.5 * m)
     else:
-        log_integrand = torch.addcmul((kappa * y).unsqueeze(-1), kappa.unsqueeze(-1), sin_sq, value=-2.0)
-    factor = torch.add(one_minus_a.unsqueeze(-1), sin_sq, alpha=-2.0)  # cos φ − A = (1 − A) − 2 sin²ψ
-    # dφ = 2 dψ
-    integral = ((factor.mul_(log_integrand.exp_())) @ weights).mul_(width).mul_(torch.sqrt(sin_theta_sq).mul_(2.0))
-    return torch.where(pole, -integral, integral)
+        log_integrand = torch.addcmul(kappa * y, kappa, sin_sq, value=-2.0)
+    # (A − cos φ)/2 = sin²ψ − (1 − A)/2; the factors 2 (here), 2 (dφ = 2 dψ) and 2 (sin θ = 2√quarter) make 8
+    integrand = torch.sub(sin_sq, one_minus_a, alpha=0.5).mul_(log_integrand.exp_())
+    integral = weights @ integrand if integrand.dim() <= 2 else torch.tensordot(weights, integrand, dims=1)
+    return integral.abs().mul_((torch.sqrt(quarter) * width).mul_(-8.0))
 
 
 class SampleMap(torch.autograd.Function):
-    r"""The vMF sample as a function of (μ, κ) at fixed noise, with a hand-written backward.
+    r"""The vMF sample as a function of (loc, κ) at fixed noise, with a hand-written backward.
 
-    x = (1 − y) μ + √(y(2−y)) t/‖t‖ with t = g − (μᵀg)μ for a Gaussian g; y = 1 − w depends on κ
-    (at fixed CDF value, i.e. implicitly; for p = 3 through the inverse CDF at fixed u). The inputs are
-    the precomputed pieces: ``direction`` is t (``projected``) or g, ``s`` = μᵀg and ``tangent_norm`` = ‖t‖.
-    With w = 1 − y, ρ = √(y(2−y)), c = ρ/‖t‖, v = t/‖t‖ and the incoming gradient G:
+    x = (1 − y) μ + √(y(2−y)) t/‖t‖ with μ = loc/‖loc‖ and t = g − (μᵀg)μ for a Gaussian g; y = 1 − w
+    depends on κ (at fixed CDF value, i.e. implicitly; for p = 3 through the inverse CDF at fixed u). The
+    inputs are the precomputed pieces: ``mu`` and ``loc_norm`` (no gradient), ``direction`` is t
+    (``projected``) or g, ``s`` = μᵀg and ``tangent_norm`` = ‖t‖. With w = 1 − y, ρ = √(y(2−y)),
+    c = ρ/‖t‖, v = t/‖t‖ and the incoming gradient G:
 
     * ∂L/∂κ = (−Gᵀμ + (w/ρ) Gᵀv) dy/dκ   (dρ/dy = w/ρ);
-    * ∂L/∂μ = w G − c[(Gᵀμ) g + s (G − (Gᵀv) v)]   (dv = −[(gᵀdμ)μ + s(I − vvᵀ)dμ]/‖t‖).
+    * ∂L/∂μ = w G − c[(Gᵀμ) g + s (G − (Gᵀv) v)]   (dv = −[(gᵀdμ)μ + s(I − vvᵀ)dμ]/‖t‖), and
+      ∂L/∂loc = (I − μμᵀ) ∂L/∂μ / ‖loc‖ = [(w − cs)(G − (Gᵀμ)μ) + c(s Gᵀv/‖t‖ − Gᵀμ) t] / ‖loc‖.
 
-    One autograd node instead of ~20 (and their ~40 backward operations). Second derivatives in μ (and
-    in the incoming gradient) are exact: the map is rebuilt from its noise with differentiable
-    operations; one in κ (it would need d²y/dκ²) raises when it is taken.
+    One autograd node instead of ~25 (and their ~50 backward operations), the normalisation of loc
+    included. The second to fourth outputs (w, ρ, c in the sample's dtype) are for the backward only.
+    Second derivatives in loc (and in the incoming gradient) are exact: the map is rebuilt from its noise
+    with differentiable operations; one in κ (it would need d²y/dκ²) raises when it is taken.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(
-        mu: torch.Tensor,
+        loc: torch.Tensor,
         kappa: torch.Tensor,
+        mu: torch.Tensor,
+        loc_norm: torch.Tensor,
         direction: torch.Tensor,
         s: torch.Tensor,
         tangent_norm: torch.Tensor,
@@ -279,45 +293,51 @@ class SampleMap(torch.autograd.Function):
         projected: bool,
         one_minus_a: torch.Tensor | None,
         uniform: torch.Tensor | None,
-    ) -> torch.Tensor:
-        w = (1.0 - y).to(mu.dtype)
-        c = torch.sqrt(y * (2.0 - y)).to(mu.dtype) / tangent_norm
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        w = torch.rsub(y, 1.0).to(mu.dtype)
+        rho = torch.sqrt(torch.rsub(y, 2.0).mul_(y)).to(mu.dtype)
+        c = rho / tangent_norm
         shift = w if projected else torch.addcmul(w, c, s, value=-1.0)  # x = c g + (w − c s) μ
-        return torch.addcmul(shift.unsqueeze(-1) * mu, c.unsqueeze(-1), direction)
+        return torch.addcmul(shift.unsqueeze(-1) * mu, c.unsqueeze(-1), direction), w, rho, c
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-        mu, kappa, direction, s, tangent_norm, y, dim, projected, one_minus_a, uniform = inputs
-        ctx.save_for_backward(mu, kappa, direction, s, tangent_norm, y, one_minus_a, uniform)
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
+        loc, kappa, mu, loc_norm, direction, s, tangent_norm, y, dim, projected, one_minus_a, uniform = inputs
+        _, w, rho, c = output
+        ctx.mark_non_differentiable(w, rho, c)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(loc, kappa, mu, loc_norm, direction, s, tangent_norm, y, w, rho, c, one_minus_a,
+                              uniform)
         ctx.dim, ctx.projected = dim, projected
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        mu, kappa, direction, s, tangent_norm, y, one_minus_a, uniform = ctx.saved_tensors
-        need_mu, need_kappa = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if torch.is_grad_enabled():  # create_graph: exact in μ and G, refused in κ (see _graph_gradients)
-            return SampleMap._graph_gradients(ctx, grad, need_mu, need_kappa) + (None,) * 8
-        w = (1.0 - y).to(mu.dtype)
-        rho = torch.sqrt(y * (2.0 - y)).to(mu.dtype)
+    def backward(ctx: Any, grad: torch.Tensor | None, *_: Any) -> tuple[torch.Tensor | None, ...]:
+        if grad is None:  # only the non-differentiable outputs were used (gradients are not materialised)
+            return (None,) * 12
+        loc, kappa, mu, loc_norm, direction, s, tangent_norm, y, w, rho, c, one_minus_a, uniform = ctx.saved_tensors
+        need_loc, need_kappa = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if torch.is_grad_enabled():  # create_graph: exact in loc and G, refused in κ (see _graph_gradients)
+            return SampleMap._graph_gradients(ctx, grad, need_loc, need_kappa) + (None,) * 10
         grad_mu_dot = (grad * mu).sum(-1)  # Gᵀμ
         grad_dir_dot = (grad * direction).sum(-1)  # Gᵀt or Gᵀg
         grad_v_dot = (
             grad_dir_dot if ctx.projected else torch.addcmul(grad_dir_dot, s, grad_mu_dot, value=-1.0)
         ) / tangent_norm
-        grad_kappa = grad_mu_nu = None
+        grad_kappa = grad_loc = None
         if need_kappa:
             dy = SampleMap._dy_dkappa(ctx, kappa, y, one_minus_a, uniform).to(mu.dtype)
             # (w/ρ)·dy/dκ → 0 as ρ → 0 (dy/dκ vanishes with y); ρ is clamped so that 0/0 does not occur
-            ratio = (w * dy) / rho.clamp(min=torch.finfo(rho.dtype).tiny)
-            grad_kappa = torch.addcmul(ratio * grad_v_dot, dy, grad_mu_dot, value=-1.0)
-        if need_mu:
-            c = rho / tangent_norm
-            # w G − c[(Gᵀμ) g + s G − s (Gᵀv) v], with g = t + sμ (projected) or t = g − sμ
-            alpha = c * (s * grad_v_dot / tangent_norm - grad_mu_dot)
-            beta = -c * s * (grad_mu_dot if ctx.projected else s * grad_v_dot / tangent_norm)
-            grad_mu_nu = torch.addcmul(torch.addcmul((w - c * s).unsqueeze(-1) * grad, alpha.unsqueeze(-1), direction),
-                                       beta.unsqueeze(-1), mu)
-        return grad_mu_nu, grad_kappa, None, None, None, None, None, None, None, None
+            ratio = (w * dy).div_(rho.clamp(min=torch.finfo(rho.dtype).tiny))
+            grad_kappa = torch.addcmul(ratio.mul_(grad_v_dot), dy, grad_mu_dot, value=-1.0)
+        if need_loc:
+            # (w − cs) G + α t + β μ with α = c(s Gᵀv/‖t‖ − Gᵀμ), β = −(w − cs) Gᵀμ; t = g − sμ if not projected
+            shift = torch.addcmul(w, c, s, value=-1.0)
+            alpha = (s * grad_v_dot).div_(tangent_norm).sub_(grad_mu_dot).mul_(c)
+            beta = shift * grad_mu_dot
+            beta = beta.neg_() if ctx.projected else beta.addcmul_(alpha, s).neg_()
+            grad_loc = torch.addcmul(torch.addcmul(shift.unsqueeze(-1) * grad, alpha.unsqueeze(-1), direction),
+                                     beta.unsqueeze(-1), mu).div_(loc_norm)
+        return (grad_loc, grad_kappa) + (None,) * 10
 
     @staticmethod
     def _dy_dkappa(
@@ -330,28 +350,29 @@ class SampleMap(torch.autograd.Function):
 
     @staticmethod
     def _graph_gradients(
-        ctx: Any, grad: torch.Tensor, need_mu: bool, need_kappa: bool
+        ctx: Any, grad: torch.Tensor, need_loc: bool, need_kappa: bool
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(∂L/∂μ, ∂L/∂κ) as differentiable functions of μ and G: x is rebuilt from its noise with y as a
+        """(∂L/∂loc, ∂L/∂κ) as differentiable functions of loc and G: x is rebuilt from its noise with y as a
         leaf; ∂L/∂κ = (∂L/∂y)(dy/dκ) with dy/dκ held fixed, so a further derivative in κ (which would
         need d²y/dκ²) raises, lazily, instead of being silently incomplete."""
-        mu, kappa, direction, s, _, y, one_minus_a, uniform = ctx.saved_tensors
+        loc, kappa, mu, _, direction, s, _, y, _, _, _, one_minus_a, uniform = ctx.saved_tensors
         g = (direction + s.unsqueeze(-1) * mu if ctx.projected else direction).detach()
         y_leaf = y.detach().to(mu.dtype).requires_grad_(need_kappa)
-        tangent = g - (g * mu).sum(-1, keepdim=True) * mu
+        unit = loc / torch.linalg.vector_norm(loc, dim=-1, keepdim=True)
+        tangent = g - (g * unit).sum(-1, keepdim=True) * unit
         rho = torch.sqrt(y_leaf * (2.0 - y_leaf))
-        x = (1.0 - y_leaf).unsqueeze(-1) * mu + (
+        x = (1.0 - y_leaf).unsqueeze(-1) * unit + (
             (rho / torch.linalg.vector_norm(tangent, dim=-1)).unsqueeze(-1) * tangent
         )
-        inputs = [t for t, needed in ((mu, need_mu), (y_leaf, need_kappa)) if needed]
+        inputs = [t for t, needed in ((loc, need_loc), (y_leaf, need_kappa)) if needed]
         grads = list(torch.autograd.grad(x, inputs, grad, create_graph=True))
-        grad_mu = grads.pop(0) if need_mu else None
+        grad_loc = grads.pop(0) if need_loc else None
         grad_kappa = None
         if need_kappa:
             dy = SampleMap._dy_dkappa(ctx, kappa, y, one_minus_a, uniform).to(mu.dtype)
             grad_kappa = apply(Refuse, kappa, grads.pop(0) * dy, "vMF samples in the concentration (second derivative)",
                                compiled=RefuseWithoutJvp)
-        return grad_mu, grad_kappa
+        return grad_loc, grad_kappa
 
 
 def _single_direction(mu: torch.Tensor) -> torch.Tensor | None:
@@ -361,23 +382,27 @@ def _single_direction(mu: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
-def _dot_with_loc(g: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
-    """μᵀg over the last dimension; a matrix-vector product (no n×p temporary) for a single μ."""
-    single = _single_direction(mu)
-    if single is not None:
-        return g @ single
-    return (g * mu).sum(-1)
+def _expanded(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``t.expand(shape)``, skipped when it would be a no-op (an expand of a tensor that requires a gradient
+    adds an autograd node)."""
+    return t if t.shape == shape else t.expand(shape)
+
+
+def _dot_with_loc(g: torch.Tensor, mu: torch.Tensor, single: bool) -> torch.Tensor:
+    """μᵀg over the last dimension; a matrix-vector product (no n×p temporary) for a ``single`` μ of shape [p]."""
+    return g @ mu if single else (g * mu).sum(-1)
 
 
 def rsample_vmf(loc: torch.Tensor, kappa: torch.Tensor, exact_tangent_norm: bool,
                 complement: torch.Tensor | None = None) -> torch.Tensor:
     """Exact samples x = w μ + √(y(2−y)) v of vMF(loc, κ); shape ``kappa.shape + [p]``.
 
-    ``loc`` is unit-norm, broadcastable to ``kappa.shape + [p]`` (κ already expanded to the sample
-    and batch shape). With g ~ N(0, I): s = μᵀg, t = g − sμ and v = t/‖t‖, so no Householder
-    reflection and no degenerate μ; x = c g + (w − c s) μ with c = √(y(2−y))/‖t‖, in place on g when
-    nothing needs a gradient. ``exact_tangent_norm`` takes ‖t‖ from t itself (small p, where
-    ‖g‖² − s² can cancel); otherwise from that difference (one pass over g less). (s, ‖t‖) also give
+    ``loc`` is used as μ = loc/‖loc‖ (the gradients are those of that normalisation), broadcastable to
+    ``kappa.shape + [p]`` (κ already expanded to the sample and batch shape). With g ~ N(0, I):
+    s = μᵀg, t = g − sμ and v = t/‖t‖, so no Householder reflection and no degenerate μ;
+    x = c g + (w − c s) μ with c = √(y(2−y))/‖t‖, in place on g when nothing needs a gradient.
+    ``exact_tangent_norm`` takes ‖t‖ from t itself (small p, where ‖g‖² − s² can cancel); otherwise
+    from that difference (one pass over g less). (s, ‖t‖) also give
     the first Wood proposal, z = (‖g‖ + s)/(2‖g‖), independent of v. ``complement`` is 1 − A_p(κ) of
     shape ``kappa.shape`` if already known (for the κ-gradient), else None.
     """
@@ -385,18 +410,27 @@ def rsample_vmf(loc: torch.Tensor, kappa: torch.Tensor, exact_tangent_norm: bool
     dtype, device = loc.dtype, loc.device
     shape = kappa.shape
     in_place = not (torch.is_grad_enabled() and (loc.requires_grad or kappa.requires_grad))
-    loc_noise = loc.detach()  # s, t and ‖t‖ are noise-side inputs of the map; its backward handles μ
-    single = _single_direction(loc_noise)
-    mu = single if single is not None else loc_noise.expand(shape + (dim,))
-    g = torch.randn(shape + (dim,), dtype=dtype, device=device)
-    s = _dot_with_loc(g, mu)
+    # μ = loc/‖loc‖ without a graph: s, t and ‖t‖ are noise-side inputs of the map, whose backward
+    # differentiates the normalisation too
+    full = shape + (dim,)
+    loc_noise = loc.detach()
+    compact = _single_direction(loc_noise)
+    single = compact is not None
+    if compact is None:
+        compact = loc_noise
+    loc_norm = torch.linalg.vector_norm(compact, dim=-1, keepdim=True)
+    mu = compact / loc_norm  # [p] if single, else broadcastable to `full`
+    if not single and mu.shape != full:
+        mu = mu.expand(full)
+    g = torch.randn(full, dtype=dtype, device=device)
+    s = _dot_with_loc(g, mu, single)
     tangent = None
     if exact_tangent_norm:
         # In place on g: the map's backward recovers g = t + sμ.
         tangent = g.addcmul_(s.unsqueeze(-1), mu, value=-1.0)
         # Project a second time ("twice is enough"): when g is nearly parallel to μ, the first pass
         # leaves a μ-component of order ε|s| that 1/‖t‖ would amplify into a non-unit sample.
-        tangent = tangent.addcmul_(_dot_with_loc(tangent, mu).unsqueeze(-1), mu, value=-1.0)
+        tangent = tangent.addcmul_(_dot_with_loc(tangent, mu, single).unsqueeze(-1), mu, value=-1.0)
         tangent_norm = torch.linalg.vector_norm(tangent, dim=-1)
     else:
         tangent_norm = torch.sqrt((torch.linalg.vector_norm(g, dim=-1).square() - s * s).clamp(min=0.0))
@@ -422,10 +456,10 @@ def rsample_vmf(loc: torch.Tensor, kappa: torch.Tensor, exact_tangent_norm: bool
         y = _finish_rejected(dim, kappa64.reshape(-1), y.reshape(-1), done.reshape(-1)).reshape(shape)
 
     if not in_place:
-        mu_full = loc.expand(shape + (dim,))
         direction = tangent if tangent is not None else g
-        sample: torch.Tensor = apply(SampleMap, mu_full, kappa, direction, s, tangent_norm, y, dim,
-                                     tangent is not None, complement, uniform if kappa.requires_grad else None)
+        sample: torch.Tensor = apply(SampleMap, _expanded(loc, full), kappa, _expanded(mu, full),
+                                     _expanded(loc_norm, shape + (1,)), direction, s, tangent_norm, y, dim,
+                                     tangent is not None, complement, uniform if kappa.requires_grad else None)[0]
         return sample
     w = (1.0 - y).to(dtype)
     c = torch.sqrt(y * (2.0 - y)).to(dtype) / tangent_norm

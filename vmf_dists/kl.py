@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # torch's register_kl is unannotated; it returns the function
 else:
     from torch.distributions.kl import register_kl
 
-from vmf_dists._checks import check_same_sphere
+from vmf_dists._checks import broadcast_shapes, check_same_sphere
 from vmf_dists.special import (
     _RATIO,
     _evaluate,
@@ -61,7 +61,7 @@ __all__ = ["kl_vmf_vmf", "kl_vmf_uniform", "kl_uniform_vmf", "kl_uniform_uniform
 
 def _broadcast_batch_shapes(p: Distribution, q: Distribution) -> torch.Size:
     try:
-        shape: torch.Size = torch.broadcast_shapes(p.batch_shape, q.batch_shape)
+        shape: torch.Size = broadcast_shapes(p.batch_shape, q.batch_shape)
         return shape
     except RuntimeError:
         raise ValueError(f"batch shapes {tuple(p.batch_shape)} and {tuple(q.batch_shape)} do not broadcast") from None
@@ -137,7 +137,8 @@ def kl_vmf_uniform(p: VonMisesFisher, q: HypersphericalUniform) -> torch.Tensor:
     """
     dim = check_same_sphere(p, q)
     shape = _broadcast_batch_shapes(p, q)
-    value = _kl_to_uniform(dim, p.concentration, p._parts()).to(torch.promote_types(p.loc.dtype, q.dtype))
+    dtype = p.loc.dtype if p.loc.dtype == q.dtype else torch.promote_types(p.loc.dtype, q.dtype)
+    value = _kl_to_uniform(dim, p.concentration, p._parts()).to(dtype)
     return value if value.shape == shape else value.expand(shape).clone()
 
 

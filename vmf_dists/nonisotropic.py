@@ -6,7 +6,7 @@ import torch
 from pyro.distributions import TorchDistribution, constraints
 from torch.distributions.utils import lazy_property
 
-from vmf_dists._checks import check_sample_on_sphere, check_unit_and_nonnegative, check_values
+from vmf_dists._checks import broadcast_shapes, check_sample_on_sphere, check_unit_and_nonnegative, check_values
 from vmf_dists.special import _validation_enabled, log_normalizer_plus_kappa
 from vmf_dists.von_mises_fisher import VonMisesFisher, _check_loc, _unit
 
@@ -92,7 +92,7 @@ class NonIsotropicVMF(TorchDistribution):
         dtype = torch.promote_types(loc.dtype, concentration.dtype)
         loc, concentration = loc.to(dtype), concentration.to(dtype)
         try:
-            batch_shape = torch.broadcast_shapes(loc.shape[:-1], concentration.shape[:-1])
+            batch_shape = broadcast_shapes(loc.shape[:-1], concentration.shape[:-1])
         except RuntimeError as error:
             raise ValueError(
                 f"batch shapes of loc {tuple(loc.shape[:-1])} and concentration {tuple(concentration.shape[:-1])} "

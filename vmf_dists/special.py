@@ -238,12 +238,15 @@ class _SpecialFunction(torch.autograd.Function):
         derivative = output[1]
         if derivative is not None:
             ctx.mark_non_differentiable(derivative)
+        ctx.set_materialize_grads(False)  # no zero tensors for the extra outputs' (unused) gradients
         ctx.save_for_backward(x, derivative)
         ctx.save_for_forward(x)
         ctx.kernel, ctx.arg = kernel, arg
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor, _: Any) -> tuple[torch.Tensor, None, None, None]:
+    def backward(ctx: Any, grad: torch.Tensor | None, _: Any) -> tuple[torch.Tensor | None, None, None, None]:
+        if grad is None:  # only the derivative output was used (gradients are not materialised)
+            return None, None, None, None
         x, derivative = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: f' as a differentiable function of x
             derivative = ctx.kernel.graph_derivative(ctx.arg, x)

@@ -7,7 +7,7 @@ import math
 import torch
 from pyro.distributions import TorchDistribution, constraints
 
-from vmf_dists._checks import check_sample_on_sphere
+from vmf_dists._checks import broadcast_shapes, check_sample_on_sphere
 from vmf_dists.special import _check_dim, log_sphere_area
 
 __all__ = ["HypersphericalUniform", "log_sphere_area"]
@@ -158,7 +158,7 @@ class HypersphericalUniform(TorchDistribution):
         """
         if self._validate_args:
             check_sample_on_sphere(self, value)
-        shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
+        shape = broadcast_shapes(value.shape[:-1], self.batch_shape)
         dtype = torch.promote_types(value.dtype, self._dtype) if value.is_floating_point() else self._dtype
         return torch.full(shape, -log_sphere_area(self.dim), dtype=dtype, device=value.device)
 

@@ -2,6 +2,7 @@ r"""The von Mises–Fisher distribution on the unit sphere $S^{p-1} \subset \mat
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -11,6 +12,7 @@ from torch.distributions.utils import lazy_property
 from vmf_dists._bessel import BesselParts
 from vmf_dists._bessel_table import bessel_parts
 from vmf_dists._checks import (
+    broadcast_shapes,
     check_sample_on_sphere,
     check_unit_and_nonnegative,
     check_unit_vectors,
@@ -94,6 +96,7 @@ class _LogDensity(torch.autograd.Function):
         value, loc, kappa, dim, _ = inputs
         _, diff, sq_dist, complement, norm = output
         ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
+        ctx.set_materialize_grads(False)  # no zero tensors for the extra outputs' (unused) gradients
         ctx.save_for_backward(value, loc, kappa, diff, sq_dist, complement, norm)
         ctx.save_for_forward(value, loc, kappa, diff, sq_dist, complement, norm)
         ctx.dim = dim
@@ -102,6 +105,8 @@ class _LogDensity(torch.autograd.Function):
     def backward(
         ctx: Any, grad: torch.Tensor, *_: Any
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None, None]:
+        if grad is None:  # only the non-differentiable outputs were used (gradients are not materialised)
+            return None, None, None, None, None
         value, loc, kappa, diff, sq_dist, complement, norm = ctx.saved_tensors
         need_value, need_loc, need_kappa = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # double backward: the same derivatives, from differentiable operations
@@ -232,14 +237,15 @@ class VonMisesFisher(TorchDistribution):
                 concentration = concentration.to(loc.dtype)
             if concentration.device != loc.device:  # e.g. a CPU scalar with a CUDA loc
                 concentration = concentration.to(device=loc.device)
-            dtype = torch.promote_types(loc.dtype, concentration.dtype)
+            same = loc.dtype == concentration.dtype
+            dtype = loc.dtype if same else torch.promote_types(loc.dtype, concentration.dtype)
         else:  # a Python number takes loc's dtype, as in torch.distributions
             if validate:
                 check_values(torch.tensor(float(concentration), dtype=torch.float64), "concentration")
             concentration = torch.as_tensor(concentration, dtype=loc.dtype, device=loc.device)
             dtype = loc.dtype
         try:
-            batch_shape = torch.broadcast_shapes(loc.shape[:-1], concentration.shape)
+            batch_shape = broadcast_shapes(loc.shape[:-1], concentration.shape)
         except RuntimeError as error:
             raise ValueError(
                 f"concentration of shape {tuple(concentration.shape)} does not broadcast with "
@@ -350,7 +356,7 @@ class VonMisesFisher(TorchDistribution):
         Raises:
             ValueError: with validation, if ``value`` does not lie on the unit sphere.
         """
-        if self._validate_args:
+        if self._validate_args and not self._is_own_sample(value):
             check_sample_on_sphere(self, value)
         log_density: torch.Tensor = apply(_LogDensity, value, self.loc, self.concentration, self.dim, self._parts(),
                                           compiled=_LogDensityWithoutJvp)[0]
@@ -389,11 +395,22 @@ class VonMisesFisher(TorchDistribution):
                 "jvp): its implicit gradient needs eager autograd and its rejection loop host control flow; draw "
                 "the samples outside the transform and pass them in")
         shape = torch.Size(sample_shape) + self.batch_shape
-        kappa = self.concentration.expand(shape)
+        kappa = self.concentration if shape == self.batch_shape else self.concentration.expand(shape)
         parts = self._parts() if kappa.requires_grad else None
-        complement = parts.complement.expand(shape) if parts is not None and parts.complement is not None else None
-        return rsample_vmf(self._unit_loc, kappa, exact_tangent_norm=self.dim <= _EXACT_TANGENT_NORM_MAX_DIM,
-                           complement=complement)
+        complement = None
+        if parts is not None and parts.complement is not None:
+            complement = parts.complement if shape == self.batch_shape else parts.complement.expand(shape)
+        sample = rsample_vmf(self.loc, kappa, exact_tangent_norm=self.dim <= _EXACT_TANGENT_NORM_MAX_DIM,
+                             complement=complement)
+        if self._validate_args and not torch.compiler.is_compiling():
+            self._own_sample = (weakref.ref(sample), sample._version)
+        return sample
+
+    def _is_own_sample(self, value: torch.Tensor) -> bool:
+        """Whether ``value`` is this distribution's latest sample, unmodified: on the sphere by construction,
+        so log_prob need not check it again (a VAE's log q(z) and Pyro's guide term take that path)."""
+        own = self.__dict__.get("_own_sample")
+        return own is not None and own[0]() is value and value._version == own[1]
 
     def entropy(self) -> torch.Tensor:
         r"""Differential entropy $H = -\log C_p(\kappa) - \kappa A_p(\kappa)$ (in nats).
