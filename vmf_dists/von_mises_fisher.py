@@ -103,7 +103,7 @@ class _LogDensity(torch.autograd.Function):
 
     @staticmethod
     def backward(
-        ctx: Any, grad: torch.Tensor, *_: Any
+        ctx: Any, grad: torch.Tensor | None, *_: Any
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None, None]:
         if grad is None:  # only the non-differentiable outputs were used (gradients are not materialised)
             return None, None, None, None, None
