@@ -73,14 +73,15 @@ def _inverse_cdf_p3(kappa: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
 
 
 def _d_inverse_cdf_p3(kappa: torch.Tensor, uniform: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """dy/dκ of `_inverse_cdf_p3` at fixed u: (2u e^{−2κ}/(1 − u(1 − e^{−2κ})) − y)/κ, and below κ = 1e-5
-    its series −2u(1−u) + (8/3)u(1−u)(1−2u)κ (error O(κ²), where the closed form cancels)."""
+    """dy/dκ of `_inverse_cdf_p3` at fixed u: (2u e^{−κ(2−y)} − y)/κ (as 1 − u(1 − e^{−2κ}) = e^{−κy}: no
+    underflow of e^{−2κ} in the far tail), and below κ = 1e-5 its series −2u(1−u) + (8/3)u(1−u)(1−2u)κ
+    (error O(κ²), where the closed form cancels)."""
     small = kappa < 1e-5
     safe_kappa = torch.where(small, 1.0, kappa)
-    decay = torch.exp(-2.0 * safe_kappa)
-    closed = (2.0 * uniform * decay / (1.0 + uniform * (decay - 1.0)) - y) / safe_kappa
-    one_minus_u = 1.0 - uniform
-    series = (uniform * one_minus_u) * ((8.0 / 3.0) * (1.0 - 2.0 * uniform) * kappa - 2.0)
+    decay = torch.exp((y - 2.0).mul_(safe_kappa))
+    closed = torch.addcmul(y, uniform, decay, value=-2.0).div_(safe_kappa).neg_()
+    series = torch.addcmul(kappa, kappa, uniform, value=-2.0).mul_(8.0 / 3.0).sub_(2.0)  # (8/3)κ(1 − 2u) − 2
+    series = series.mul_(torch.addcmul(uniform, uniform, uniform, value=-1.0))  # × u(1 − u)
     return torch.where(small, series, closed)
 
 
