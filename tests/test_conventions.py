@@ -221,3 +221,28 @@ def test_batch_shape_mismatches_are_value_errors():
     for fn in (log_bessel_iv, bessel_iv_ratio):
         with pytest.raises(ValueError, match="does not broadcast"):
             fn(torch.tensor([1.0, 2.0, 3.0], dtype=F64), torch.ones(2, dtype=F64))
+
+
+@pytest.mark.parametrize("p", [3, 5])
+def test_distributions_built_and_used_under_inference_mode(p):
+    """Evaluation code (e.g. a Lightning validate/predict step) runs under torch.inference_mode with
+    validation on: inference tensors have no version counter, so nothing may read one."""
+    with torch.inference_mode():  # the parameters are inference tensors too (a network's outputs)
+        loc = torch.nn.functional.normalize(torch.randn(4, p), dim=-1)
+        kappa = torch.rand(4) * 10.0
+        d = VonMisesFisher(loc, kappa, validate_args=True)
+        x = d.sample((2,))
+        assert torch.isfinite(d.log_prob(x)).all() and torch.isfinite(d.log_prob(d.rsample())).all()
+        assert torch.isfinite(d.entropy()).all()
+        assert torch.isfinite(kl_divergence(d, HypersphericalUniform(p))).all()
+        assert torch.isfinite(kl_divergence(d, VonMisesFisher(loc.flip(0), kappa))).all()
+
+
+def test_distributions_pickle_after_sampling():
+    """A distribution that has sampled and evaluated (and cached its Bessel parts) still pickles."""
+    import pickle
+
+    d = VonMisesFisher(torch.nn.functional.normalize(torch.randn(3, 4), dim=-1), torch.rand(3).requires_grad_())
+    d.log_prob(d.rsample())
+    copy = pickle.loads(pickle.dumps(d))
+    torch.testing.assert_close(copy.entropy(), d.entropy())

@@ -114,3 +114,42 @@ def test_second_derivatives_through_samples_in_loc_are_exact():
     (g_plus,) = torch.autograd.grad(loss(m_plus), m_plus)
     (g_minus,) = torch.autograd.grad(loss(m_minus), m_minus)
     torch.testing.assert_close(h, (g_plus - g_minus) / (2 * eps), rtol=1e-5, atol=1e-7)
+
+
+def test_mixed_second_derivative_through_samples_matches_differences():
+    """d/dκ of ∂L/∂loc through rsample (p = 3: the inverse CDF, so a fixed seed is a fixed CDF value and
+    central differences in κ at the same noise are a reference) — kept, not silently dropped."""
+    torch.manual_seed(0)
+    p = 3
+    loc = torch.nn.functional.normalize(torch.randn(2, p, dtype=torch.float64), dim=-1).requires_grad_()
+    a = torch.randn(2, p, dtype=torch.float64)
+
+    def loc_gradient(kappa, create_graph):
+        torch.manual_seed(11)
+        x = VonMisesFisher(loc, kappa, validate_args=False).rsample()
+        return torch.autograd.grad(((x * a).sum(-1) ** 2).sum(), loc, create_graph=create_graph)[0]
+
+    kappa = torch.tensor([3.0, 40.0], dtype=torch.float64, requires_grad=True)
+    (mixed,) = torch.autograd.grad((loc_gradient(kappa, True) * a).sum(), kappa)
+    eps = 1e-6
+    reference = torch.stack([
+        ((loc_gradient(kappa.detach() + eps * e, False) - loc_gradient(kappa.detach() - eps * e, False)) * a).sum()
+        / (2 * eps)
+        for e in torch.eye(2, dtype=torch.float64)
+    ])
+    assert mixed.abs().min() > 1e-4  # both entries matter
+    torch.testing.assert_close(mixed, reference, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("p", [2, 3, 5, 20])
+def test_log_prob_second_derivatives_match_gradgradcheck(p):
+    """Every second derivative of log_prob in (loc, κ, x), with a loc that is not unit-norm (it is used as
+    loc/‖loc‖, whose own curvature the loc-Hessian must include)."""
+    torch.manual_seed(p)
+    loc = torch.nn.functional.normalize(torch.randn(3, p, dtype=torch.float64), dim=-1)
+    kappa = torch.rand(3, dtype=torch.float64) * 10.0
+    value = VonMisesFisher(loc, kappa).sample()
+    inputs = ((1.3 * loc).requires_grad_(), kappa.requires_grad_(), value.requires_grad_())
+    assert torch.autograd.gradgradcheck(
+        lambda m, k, x: VonMisesFisher(m, k, validate_args=False).log_prob(x), inputs
+    )

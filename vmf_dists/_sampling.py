@@ -353,27 +353,56 @@ class SampleMap(torch.autograd.Function):
     def _graph_gradients(
         ctx: Any, grad: torch.Tensor, need_loc: bool, need_kappa: bool
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(∂L/∂loc, ∂L/∂κ) as differentiable functions of loc and G: x is rebuilt from its noise with y as a
-        leaf; ∂L/∂κ = (∂L/∂y)(dy/dκ) with dy/dκ held fixed, so a further derivative in κ (which would
-        need d²y/dκ²) raises, lazily, instead of being silently incomplete."""
+        """(∂L/∂loc, ∂L/∂κ) as differentiable functions of loc, κ and G: x is rebuilt from its noise, with
+        y tied to κ to first order (`_ImplicitY`), so that ∂L/∂loc keeps its dependence on κ (the mixed
+        second derivative); ∂L/∂κ = (∂L/∂y)(dy/dκ) with dy/dκ held fixed, so a further derivative of it
+        (which would need d²y/dκ²) raises, lazily, instead of being silently incomplete."""
         loc, kappa, mu, _, direction, s, _, y, _, _, _, one_minus_a, uniform = ctx.saved_tensors
         g = (direction + s.unsqueeze(-1) * mu if ctx.projected else direction).detach()
-        y_leaf = y.detach().to(mu.dtype).requires_grad_(need_kappa)
+        y_node = y.detach().to(mu.dtype)
+        dy = None
+        if need_kappa:
+            dy = SampleMap._dy_dkappa(ctx, kappa, y, one_minus_a, uniform).to(mu.dtype)
+            y_node = apply(_ImplicitY, kappa, y_node, dy)
         unit = loc / torch.linalg.vector_norm(loc, dim=-1, keepdim=True)
         tangent = g - (g * unit).sum(-1, keepdim=True) * unit
-        rho = torch.sqrt(y_leaf * (2.0 - y_leaf))
-        x = (1.0 - y_leaf).unsqueeze(-1) * unit + (
+        rho = torch.sqrt(y_node * (2.0 - y_node))
+        x = (1.0 - y_node).unsqueeze(-1) * unit + (
             (rho / torch.linalg.vector_norm(tangent, dim=-1)).unsqueeze(-1) * tangent
         )
-        inputs = [t for t, needed in ((loc, need_loc), (y_leaf, need_kappa)) if needed]
+        inputs = [t for t, needed in ((loc, need_loc), (y_node, need_kappa)) if needed]
         grads = list(torch.autograd.grad(x, inputs, grad, create_graph=True))
         grad_loc = grads.pop(0) if need_loc else None
         grad_kappa = None
-        if need_kappa:
-            dy = SampleMap._dy_dkappa(ctx, kappa, y, one_minus_a, uniform).to(mu.dtype)
+        if dy is not None:  # need_kappa
             grad_kappa = apply(Refuse, kappa, grads.pop(0) * dy, "vMF samples in the concentration (second derivative)",
                                compiled=RefuseWithoutJvp)
         return grad_loc, grad_kappa
+
+
+class _ImplicitY(torch.autograd.Function):
+    """y = 1 − w as a function of κ at a fixed CDF value, to first order: the value ``y`` with the slope
+    ``slope`` = dy/dκ (`SampleMap._graph_gradients`). A derivative of the slope (d²y/dκ², a third
+    derivative of the sample) raises."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(kappa: torch.Tensor, y: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
+        return y.clone()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        ctx.save_for_backward(inputs[0], inputs[2])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        kappa, slope = ctx.saved_tensors
+        grad_kappa = grad * slope
+        if torch.is_grad_enabled():
+            grad_kappa = apply(Refuse, kappa, grad_kappa, "vMF samples in the concentration (third derivative)",
+                               compiled=RefuseWithoutJvp)
+        return grad_kappa, None, None
 
 
 def _single_direction(mu: torch.Tensor) -> torch.Tensor | None:

@@ -2,7 +2,6 @@ r"""The von Mises–Fisher distribution on the unit sphere $S^{p-1} \subset \mat
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import torch
@@ -110,7 +109,8 @@ class _LogDensity(torch.autograd.Function):
         value, loc, kappa, diff, sq_dist, complement, norm = ctx.saved_tensors
         need_value, need_loc, need_kappa = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # double backward: the same derivatives, from differentiable operations
-            diff = value - loc / torch.linalg.vector_norm(loc, dim=-1, keepdim=True)
+            norm = torch.linalg.vector_norm(loc, dim=-1, keepdim=True)  # ‖loc‖ too: the loc-Hessian needs it
+            diff = value - loc / norm
             sq_dist = diff.square().sum(-1)
             complement = mean_resultant_length_complement(ctx.dim, kappa) if need_kappa else None
         elif need_kappa and complement is None:
@@ -330,6 +330,8 @@ class VonMisesFisher(TorchDistribution):
         if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling() or torch.jit.is_tracing():
             return None
         kappa = self.concentration
+        if kappa.is_inference():  # no version counter to tell an in-place change: not cached
+            return vmf_parts(self.dim, kappa.to(torch.float64), False)
         key = (kappa._version, kappa.requires_grad)
         cached = self.__dict__.get("_parts_cache")
         if cached is None or cached[0] != key:
@@ -356,7 +358,7 @@ class VonMisesFisher(TorchDistribution):
         Raises:
             ValueError: with validation, if ``value`` does not lie on the unit sphere.
         """
-        if self._validate_args and not self._is_own_sample(value):
+        if self._validate_args:
             check_sample_on_sphere(self, value)
         log_density: torch.Tensor = apply(_LogDensity, value, self.loc, self.concentration, self.dim, self._parts(),
                                           compiled=_LogDensityWithoutJvp)[0]
@@ -400,17 +402,8 @@ class VonMisesFisher(TorchDistribution):
         complement = None
         if parts is not None and parts.complement is not None:
             complement = parts.complement if shape == self.batch_shape else parts.complement.expand(shape)
-        sample = rsample_vmf(self.loc, kappa, exact_tangent_norm=self.dim <= _EXACT_TANGENT_NORM_MAX_DIM,
-                             complement=complement)
-        if self._validate_args and not torch.compiler.is_compiling():
-            self._own_sample = (weakref.ref(sample), sample._version)
-        return sample
-
-    def _is_own_sample(self, value: torch.Tensor) -> bool:
-        """Whether ``value`` is this distribution's latest sample, unmodified: on the sphere by construction,
-        so log_prob need not check it again (a VAE's log q(z) and Pyro's guide term take that path)."""
-        own = self.__dict__.get("_own_sample")
-        return own is not None and own[0]() is value and value._version == own[1]
+        return rsample_vmf(self.loc, kappa, exact_tangent_norm=self.dim <= _EXACT_TANGENT_NORM_MAX_DIM,
+                           complement=complement)
 
     def entropy(self) -> torch.Tensor:
         r"""Differential entropy $H = -\log C_p(\kappa) - \kappa A_p(\kappa)$ (in nats).
