@@ -259,6 +259,15 @@ def d_one_minus_w_d_kappa(
     return integral.abs().mul_((torch.sqrt(quarter) * width).mul_(-8.0))
 
 
+def _map_weights(
+    y: torch.Tensor, tangent_norm: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(w, ρ, c) = (1 − y, √(y(2−y)), ρ/‖t‖) of the sample map x = w μ + c t, from float64 y, in ``dtype``."""
+    w = torch.rsub(y, 1.0).to(dtype)
+    rho = torch.sqrt(torch.rsub(y, 2.0).mul_(y)).to(dtype)
+    return w, rho, rho / tangent_norm
+
+
 class SampleMap(torch.autograd.Function):
     r"""The vMF sample as a function of (loc, κ) at fixed noise, with a hand-written backward.
 
@@ -295,9 +304,7 @@ class SampleMap(torch.autograd.Function):
         one_minus_a: torch.Tensor | None,
         uniform: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        w = torch.rsub(y, 1.0).to(mu.dtype)
-        rho = torch.sqrt(torch.rsub(y, 2.0).mul_(y)).to(mu.dtype)
-        c = rho / tangent_norm
+        w, rho, c = _map_weights(y, tangent_norm, mu.dtype)
         shift = w if projected else torch.addcmul(w, c, s, value=-1.0)  # x = c g + (w − c s) μ
         return torch.addcmul(shift.unsqueeze(-1) * mu, c.unsqueeze(-1), direction), w, rho, c
 
@@ -450,8 +457,8 @@ def rsample_vmf(loc: torch.Tensor, kappa: torch.Tensor, exact_tangent_norm: bool
         compact = loc_noise
     loc_norm = torch.linalg.vector_norm(compact, dim=-1, keepdim=True)
     mu = compact / loc_norm  # [p] if single, else broadcastable to `full`
-    if not single and mu.shape != full:
-        mu = mu.expand(full)
+    if not single:
+        mu = _expanded(mu, full)
     g = torch.randn(full, dtype=dtype, device=device)
     s = _dot_with_loc(g, mu, single)
     tangent = None
@@ -491,8 +498,7 @@ def rsample_vmf(loc: torch.Tensor, kappa: torch.Tensor, exact_tangent_norm: bool
                                      _expanded(loc_norm, shape + (1,)), direction, s, tangent_norm, y, dim,
                                      tangent is not None, complement, uniform if kappa.requires_grad else None)[0]
         return sample
-    w = (1.0 - y).to(dtype)
-    c = torch.sqrt(y * (2.0 - y)).to(dtype) / tangent_norm
+    w, _, c = _map_weights(y, tangent_norm, dtype)
     if tangent is not None:
         return tangent.mul_(c.unsqueeze(-1)).addcmul_(w.unsqueeze(-1), mu)
     return g.mul_(c.unsqueeze(-1)).addcmul_((w - c * s).unsqueeze(-1), mu)

@@ -19,7 +19,7 @@ from vmf_dists._checks import (
     finite_nonnegative,
 )
 from vmf_dists._function import apply, without_jvp
-from vmf_dists._sampling import rsample_vmf
+from vmf_dists._sampling import _expanded, rsample_vmf
 from vmf_dists.special import (
     _LOG_2PI,
     _validation_enabled,
@@ -397,11 +397,9 @@ class VonMisesFisher(TorchDistribution):
                 "jvp): its implicit gradient needs eager autograd and its rejection loop host control flow; draw "
                 "the samples outside the transform and pass them in")
         shape = torch.Size(sample_shape) + self.batch_shape
-        kappa = self.concentration if shape == self.batch_shape else self.concentration.expand(shape)
+        kappa = _expanded(self.concentration, shape)
         parts = self._parts() if kappa.requires_grad else None
-        complement = None
-        if parts is not None and parts.complement is not None:
-            complement = parts.complement if shape == self.batch_shape else parts.complement.expand(shape)
+        complement = _expanded(parts.complement, shape) if parts is not None and parts.complement is not None else None
         return rsample_vmf(self.loc, kappa, exact_tangent_norm=self.dim <= _EXACT_TANGENT_NORM_MAX_DIM,
                            complement=complement)
 
