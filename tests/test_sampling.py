@@ -570,7 +570,7 @@ def test_kappa_gradient_after_sampling_under_inference_mode():
     torch.inference_mode must not cache inference tensors that a later autograd step cannot save."""
     import vmf_dists._sampling as sampling
 
-    sampling._gauss_legendre.cache_clear()
+    sampling._cached_legendre_tensors.cache_clear()
     mu = _loc(16, "random")
     with torch.inference_mode():
         sampling.d_one_minus_w_d_kappa(

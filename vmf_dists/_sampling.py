@@ -115,6 +115,9 @@ def _wood_round(dim: int, kappa: torch.Tensor, proposals: int) -> tuple[torch.Te
     """One round of Wood's sampler with `proposals` Gamma-based candidates per element: (y, accepted)."""
     alpha = torch.full(kappa.shape + (proposals,), 0.5 * (dim - 1), dtype=kappa.dtype, device=kappa.device)
     y, accepted = _wood_accept(dim, kappa.unsqueeze(-1), torch._standard_gamma(alpha), torch._standard_gamma(alpha))
+    if torch.compiler.is_compiling():  # inductor's C++ for a max over bool does not build (torch 2.13): uint8
+        any_accepted, first = accepted.to(torch.uint8).max(dim=-1, keepdim=True)
+        return y.gather(-1, first).squeeze(-1), any_accepted.squeeze(-1).bool()
     any_accepted, first = accepted.max(dim=-1, keepdim=True)  # the first accepted proposal (True > False)
     return y.gather(-1, first).squeeze(-1), any_accepted.squeeze(-1)
 
@@ -179,15 +182,29 @@ def sample_one_minus_w(dim: int, kappa: torch.Tensor) -> torch.Tensor:
 # implicit reparameterisation: dy/dκ
 
 
+_LEGENDRE_NODES, _LEGENDRE_WEIGHTS = np.polynomial.legendre.leggauss(_QUADRATURE_NODES)  # on [−1, 1]
+
+
+def _gauss_legendre(device: torch.device, batch_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_QUADRATURE_NODES`-point Gauss–Legendre nodes (shape [n, 1, …, 1], ``batch_dims`` ones) and weights
+    ([n]) on [0, 1] (float64), cached per device: the training step's backward then never copies them from
+    the host (a copy that would wait for the GPU), and the nodes broadcast against a batch without
+    reshaping it. Under torch.compile they are graph constants instead (Dynamo cannot trace a cache)."""
+    if torch.compiler.is_compiling():
+        return _legendre_tensors(device, batch_dims)
+    return _cached_legendre_tensors(device, batch_dims)
+
+
+def _legendre_tensors(device: torch.device, batch_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (_QUADRATURE_NODES,) + (1,) * batch_dims
+    return (torch.as_tensor((_LEGENDRE_NODES + 1.0) / 2.0, dtype=torch.float64, device=device).view(shape),
+            torch.as_tensor(_LEGENDRE_WEIGHTS / 2.0, dtype=torch.float64, device=device))
+
+
 @cache
-def _gauss_legendre(n: int, device: torch.device, batch_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """n-point Gauss-Legendre nodes (shape [n, 1, …, 1], ``batch_dims`` ones) and weights ([n]) on [0, 1]
-    (float64), cached per device: the training step's backward then never copies them from the host (a
-    copy that would wait for the GPU), and the nodes broadcast against a batch without reshaping it."""
-    nodes, weights = np.polynomial.legendre.leggauss(n)
+def _cached_legendre_tensors(device: torch.device, batch_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
     with untraced():  # normal tensors even if the first call is under inference mode or a trace
-        return (torch.as_tensor((nodes + 1.0) / 2.0, dtype=torch.float64, device=device).view((n,) + (1,) * batch_dims),
-                torch.as_tensor(weights / 2.0, dtype=torch.float64, device=device))
+        return _legendre_tensors(device, batch_dims)
 
 
 def d_one_minus_w_d_kappa(
@@ -243,7 +260,7 @@ def d_one_minus_w_d_kappa(
         hi = 0.5 * torch.where(pole, torch.minimum(2.0 * half_theta, torch.acos((1.0 - drop).clamp(min=-1.0))),
                                torch.acos((1.0 - y - drop).clamp(min=-1.0)))
 
-    nodes, weights = _gauss_legendre(_QUADRATURE_NODES, y.device, y.dim())
+    nodes, weights = _gauss_legendre(y.device, y.dim())
     width = hi - lo
     sin_sq = torch.sin(torch.addcmul(lo, width, nodes)).square()  # sin²ψ, shape [nodes, *y.shape]
     # log of e^{κ(cos φ − cos θ)} (sin φ / sin θ)^m = κy − 2κ sin²ψ + (m/2) log(sin²ψ cos²ψ / (sin²θ/4))
