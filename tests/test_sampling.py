@@ -718,3 +718,75 @@ def test_sample_has_no_grad_and_rsample_has():
     d = VonMisesFisher(mu, conc)
     assert not d.sample((3,)).requires_grad
     assert d.rsample((3,)).requires_grad
+
+
+# --------------------------------------------------------------------------------------------------
+# the sampler's form for torch.compile (`_wood_compiled`), run eagerly here; compiled in test_compile.py
+
+
+@pytest.mark.parametrize("p", [2, 4, 10, 64, 513])
+def test_symmetric_beta_parts_follow_the_beta_law(p):
+    """Ulrich's uniform-based proposal: z = big/(big + small) ~ Beta((p−1)/2, (p−1)/2) (scipy's CDF)."""
+    from vmf_dists._sampling import _symmetric_beta_parts
+
+    gen = torch.Generator().manual_seed(_seed(p, "ulrich"))
+    u, v = (torch.rand(N_GRID, generator=gen, dtype=torch.float64) for _ in range(2))
+    big, small = _symmetric_beta_parts(p, u, v)
+    z = (big / (big + small)).numpy()
+    ks = scipy.stats.kstest(z, scipy.stats.beta(0.5 * (p - 1), 0.5 * (p - 1)).cdf)
+    assert ks.pvalue >= ALPHA, f"KS against Beta: p-value {ks.pvalue:.3g}"
+
+
+@pytest.mark.parametrize("p", [2, 4, 10, 513])
+def test_symmetric_beta_parts_keep_relative_precision(p):
+    """The smaller part 1 ∓ t keeps its relative precision where t → ±1 (u → 0, v → 0, ½ or 1): against
+    mpmath at 700 digits, within 8 ulp of each part."""
+    from vmf_dists._sampling import _symmetric_beta_parts
+
+    us = [1e-300, 1e-30, 1e-8, 0.3, 0.999999]
+    vs = [0.0, 1e-12, 1e-6, 0.25 - 1e-9, 0.5 - 1e-10, 0.5, 0.5 + 1e-7, 0.75, 0.9, 1.0 - 1e-13]
+    u = torch.tensor([a for a in us for _ in vs], dtype=torch.float64)
+    v = torch.tensor([b for _ in us for b in vs], dtype=torch.float64)
+    big, small = _symmetric_beta_parts(p, u, v)
+    mpmath.mp.dps = 700  # 1 − t down to ~1e-600 (u = 1e-300)
+    for i in range(u.numel()):
+        power = mpmath.mpf(0) if p == 2 else mpmath.mpf(float(u[i])) ** (mpmath.mpf(2) / (p - 2))
+        vi = mpmath.mpf(float(v[i]))
+        f = 2 * vi if vi < 0.5 else 2 * vi - 1  # the law-preserving substitute for cos 2πv that the code uses
+        t = mpmath.sqrt(1 - power) * mpmath.sin(mpmath.pi * (1 - f) / 2) * (1 if vi < 0.5 else -1)
+        for value, exact in ((big[i], 1 + t), (small[i], 1 - t)):
+            error = abs(mpmath.mpf(float(value)) - exact)
+            assert error <= 8 * 2.0**-52 * exact, (float(u[i]), float(v[i]), float(value), float(exact))
+
+
+@pytest.mark.parametrize("p,kappa", [(2, 5.0), (4, 0.0), (4, 30.0), (16, 1.0), (16, 1e4), (128, 300.0)])
+@pytest.mark.parametrize("n", [100, N_GRID])
+def test_compiled_form_of_the_sampler_follows_the_exact_law(p, kappa, n, monkeypatch):
+    """`_wood_compiled` as torch.compile runs it (uniform-based proposals, a fixed-size second round for the
+    pending rows, no host synchronisation), executed eagerly: the law of θ is exact (KS). n = 100 takes
+    the wide first round and a second round on every row; N_GRID the narrow one with a second round on
+    the few hundred pending rows."""
+    from vmf_dists import _sampling
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.manual_seed(_seed(p, kappa, n, "compiled"))
+    y = torch.cat([_sampling._wood_compiled(p, torch.full((n,), kappa, dtype=torch.float64))
+                   for _ in range(max(1, 2000 // n))]).numpy()
+    theta = 2.0 * np.arcsin(np.sqrt(0.5 * y))
+    ks = scipy.stats.kstest(_angle_law(p, kappa).cdf(theta), "uniform")
+    assert ks.pvalue >= ALPHA, f"KS of w marginal: D = {ks.statistic:.4g}, p-value = {ks.pvalue:.3g}"
+
+
+def test_compiled_form_of_the_sampler_raises_when_a_sample_is_unfinished(monkeypatch):
+    """If no proposal is accepted (forced here), the compiled form raises instead of returning a sample."""
+    from vmf_dists import _sampling
+
+    def never(dim, kappa, big, small):
+        y, accepted = accept(dim, kappa, big, small)
+        return y, torch.zeros_like(accepted)
+
+    accept = _sampling._wood_accept
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(_sampling, "_wood_accept", never)
+    with pytest.raises(RuntimeError, match="rejection sampler"):
+        _sampling._wood_compiled(10, torch.full((50,), 3.0, dtype=torch.float64))

@@ -31,12 +31,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    from torch._library.custom_ops import CustomOpDef
 
 from vmf_dists._bessel import BesselParts, expansion_parts
 from vmf_dists._function import untraced
@@ -90,6 +86,14 @@ def _evaluate_normalised(table: OrderTable, eta: torch.Tensor) -> torch.Tensor:
     s = eta * m
     index = s.to(torch.int64).clamp(0, m - 1)  # also keeps NaN input (validation off) in range
     u = s.sub_(index)  # ∈ [0, 1] within the interval
+    if torch.compiler.is_compiling():  # Horner: one fused loop (inductor's code for the powers and the
+        # product-sum below is ~3× slower than eager at batch 1024; eagerly Horner costs 2·DEGREE operations)
+        coefficients = table.coefficients[index]
+        u = u.unsqueeze(-1)
+        value = coefficients[..., DEGREE]
+        for degree in range(DEGREE - 1, -1, -1):
+            value = value * u + coefficients[..., degree]
+        return value
     # [..., DEGREE + 1]: u⁰ … u^DEGREE, by one pow for a few points (fewest operations) and by a running
     # product beyond (a tensor-exponent pow costs ~10× more per element)
     if u.numel() <= _POW_MAX_POINTS:
@@ -107,10 +111,14 @@ def _chebyshev_nodes() -> torch.Tensor:
     return 0.5 * (1.0 + torch.cos(math.pi * (k + 0.5) / (DEGREE + 1)))
 
 
-def _build(nu: float, device: torch.device) -> OrderTable:
-    c = nu + 1.0
-    gap_offset = nu * math.log(2.0) + math.lgamma(nu + 1.0)
+def _order_constants(nu: float) -> tuple[float, float, float]:
+    """(c, gap_offset, gap_eta) of `OrderTable` for order ν."""
     gap_eta = 1.0 / 9.0  # x ≤ 8c: beyond, G ≳ 7c and L-based G loses at most a factor |L|/G ~ log(8ν)/7
+    return nu + 1.0, nu * math.log(2.0) + math.lgamma(nu + 1.0), gap_eta
+
+
+def _build(nu: float, device: torch.device) -> OrderTable:
+    c, gap_offset, gap_eta = _order_constants(nu)
     nodes = _chebyshev_nodes()
     exponents = torch.arange(DEGREE + 1, dtype=torch.float64)
     vandermonde = nodes.unsqueeze(-1) ** exponents
@@ -220,32 +228,30 @@ def bessel_parts(
     if isinstance(order, torch.Tensor):
         return expansion_parts(order, x, log_scaled=log_scaled, ratio=ratio, complement=complement,
                                derivative=derivative, log_series=log_series)
-    flags = (log_scaled, ratio, complement, derivative, log_series)
-    if _PARTS_OP is not None and torch.compiler.is_compiling():
-        # one opaque operator for torch.compile: no tracing into the tables (or their first-use build)
-        values = iter(_PARTS_OP(x, float(order), list(flags)))
-        return BesselParts(*(next(values) if flag else None for flag in flags))
-    return _evaluate(order_table(float(order), x.device), x, **dict(zip(_FLAGS, flags)))
+    flags = dict(log_scaled=log_scaled, ratio=ratio, complement=complement, derivative=derivative,
+                 log_series=log_series)
+    if torch.compiler.is_compiling():
+        return _evaluate(_compiled_table(float(order), x.device), x, **flags)
+    return _evaluate(order_table(float(order), x.device), x, **flags)
 
 
-_FLAGS = ("log_scaled", "ratio", "complement", "derivative", "log_series")
+def _coefficient_values(nu: float, device: torch.device) -> tuple[float, ...]:
+    """The coefficients of order ν's table as Python floats (flat), building the table if it is new. Marked as
+    a constant result, so that Dynamo calls it for real while it traces (a table is never built inside a
+    graph) and keeps its result as a constant of the graph. (Floats, not the cached tensor: Dynamo names a
+    constant result after the function, and two tensors under one name clash in a graph with two orders.)"""
+    return tuple(order_table(nu, device).coefficients.reshape(-1).tolist())
 
 
-def _register_operator() -> CustomOpDef | None:
-    """``vmf_dists::bessel_parts`` (torch ≥ 2.4): `bessel_parts` of a Python-number order as a custom op."""
-    if not hasattr(torch.library, "custom_op"):
-        return None
-
-    @torch.library.custom_op("vmf_dists::bessel_parts", mutates_args=())
-    def parts_op(x: torch.Tensor, order: float, flags: list[bool]) -> list[torch.Tensor]:
-        parts = _evaluate(order_table(order, x.device), x, **dict(zip(_FLAGS, flags)))
-        return [part for part in parts if part is not None]
-
-    @parts_op.register_fake
-    def _(x: torch.Tensor, order: float, flags: list[bool]) -> list[torch.Tensor]:
-        return [torch.empty_like(x) for flag in flags if flag]
-
-    return parts_op
+# What torch.compiler.assume_constant_result does, without importing Dynamo when vmf_dists is imported
+# (~1.5 s): the decorator only sets this attribute (tests/test_compile.py checks that it still does).
+_coefficient_values._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
-_PARTS_OP = _register_operator()
+def _compiled_table(nu: float, device: torch.device) -> OrderTable:
+    """Order ν's table inside torch.compile: its coefficients a constant of the graph, the rest rebuilt from ν,
+    so that the evaluation around them is traced and fused like any other code."""
+    coefficients = torch.tensor(_coefficient_values(nu, device), dtype=torch.float64, device=device)
+    coefficients = coefficients.view(-1, 5, DEGREE + 1)  # [intervals, parts, DEGREE + 1]
+    exponents = torch.arange(DEGREE + 1, dtype=torch.float64, device=device)
+    return OrderTable(nu, *_order_constants(nu), coefficients, exponents, coefficients.shape[0])

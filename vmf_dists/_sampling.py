@@ -22,7 +22,11 @@ float64); √(1−w²) = √(y(2−y)).
   cost less); large batches take fewer, where the draws rather than a second round on the few
   rejected samples are the cost.) The rejected samples are finished with
   `LATER_ROUND_PROPOSALS` Gamma-based proposals per sample per round: compacted after every round on
-  the CPU, masked blocks of rounds with one host synchronisation per block on accelerators.
+  the CPU, masked blocks of rounds with one host synchronisation per block on accelerators. Under
+  torch.compile (`_wood_compiled`) there is no host check: the proposals come from uniforms (Ulrich's
+  form of the symmetric Beta, fused into the compiled kernel), a second round runs on a fixed number of
+  rows, the pending ones first, and the call raises in the (< 3e-15 per pending sample) case that this
+  did not finish.
 * The gradient dy/dκ is implicit (Figurnov et al., 2018): with the angle θ = arccos(w),
   dθ/dκ = −∫₀^θ (cos φ − A_p(κ)) e^{κ(cos φ − cos θ)} (sin φ / sin θ)^{p−2} dφ and dy/dκ = sin θ · dθ/dκ,
   or the same integral over [θ, π] with the opposite sign (the two add to zero): we take the side on
@@ -61,6 +65,16 @@ _WINDOW_NATS = 40.0
 # y = 1 − w
 
 
+def _expm1_nonpositive(x: torch.Tensor) -> torch.Tensor:
+    """e^x − 1 for x ≤ 0 with relative precision. Under torch.compile as 2τ/(1 − τ), τ = tanh(x/2): inductor's
+    vectorised CPU code lowers expm1 to exp(x) − 1 (pytorch/pytorch#189803, fixed after torch 2.13), which
+    is 0 for |x| < 1e-16 (at p = 3 every sample would be μ at κ = 0)."""
+    if torch.compiler.is_compiling():
+        tau = torch.tanh(x * 0.5)
+        return 2.0 * tau / (1.0 - tau)
+    return torch.expm1(x)
+
+
 def _inverse_cdf_p3(kappa: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """y = 1 − w for p = 3 from u ∈ [0, 1): w = 1 + log(1 − u(1 − e^{−2κ}))/κ (u = 0 ↦ w = 1).
 
@@ -69,7 +83,7 @@ def _inverse_cdf_p3(kappa: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     `_d_inverse_cdf_p3`.
     """
     kappa = kappa.clamp(min=1e-300)
-    return torch.log1p(uniform * torch.expm1(-2.0 * kappa)).div_(kappa).neg_()
+    return torch.log1p(uniform * _expm1_nonpositive(-2.0 * kappa)).div_(kappa).neg_()
 
 
 def _d_inverse_cdf_p3(kappa: torch.Tensor, uniform: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -112,12 +126,22 @@ def _wood_accept(
 
 
 def _wood_round(dim: int, kappa: torch.Tensor, proposals: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One round of Wood's sampler with `proposals` Gamma-based candidates per element: (y, accepted)."""
-    alpha = torch.full(kappa.shape + (proposals,), 0.5 * (dim - 1), dtype=kappa.dtype, device=kappa.device)
+    """One round of Wood's sampler with `proposals` candidates per element: (y, accepted). The candidates
+    come from Gamma draws, and under torch.compile from uniforms (`_symmetric_beta_parts`), which inductor
+    fuses into its kernel (it calls out to eager code for Gamma draws)."""
+    shape = kappa.shape + (proposals,)
+    if torch.compiler.is_compiling():
+        # proposals along a leading dimension: inductor vectorises the contiguous batch dimension (with
+        # them last, its fused kernel runs the transcendental functions one element at a time, ~4× slower)
+        lead = (proposals,) + kappa.shape
+        u = torch.rand(lead, dtype=kappa.dtype, device=kappa.device)
+        v = torch.rand(lead, dtype=kappa.dtype, device=kappa.device)
+        y, accepted = _wood_accept(dim, kappa, *_symmetric_beta_parts(dim, u, v))
+        # uint8, not bool: inductor's C++ for a max over bool does not build (torch 2.13)
+        any_accepted, first = accepted.to(torch.uint8).max(dim=0, keepdim=True)
+        return y.gather(0, first).squeeze(0), any_accepted.squeeze(0).bool()
+    alpha = torch.full(shape, 0.5 * (dim - 1), dtype=kappa.dtype, device=kappa.device)
     y, accepted = _wood_accept(dim, kappa.unsqueeze(-1), torch._standard_gamma(alpha), torch._standard_gamma(alpha))
-    if torch.compiler.is_compiling():  # inductor's C++ for a max over bool does not build (torch 2.13): uint8
-        any_accepted, first = accepted.to(torch.uint8).max(dim=-1, keepdim=True)
-        return y.gather(-1, first).squeeze(-1), any_accepted.squeeze(-1).bool()
     any_accepted, first = accepted.max(dim=-1, keepdim=True)  # the first accepted proposal (True > False)
     return y.gather(-1, first).squeeze(-1), any_accepted.squeeze(-1)
 
@@ -127,8 +151,8 @@ _MASKED_ROUNDS = 6  # on accelerators: rounds run on the full tensor between two
 
 def _compacts_rows(device: torch.device) -> bool:
     """Whether rejected rows are compacted after every round (CPU) or finished in masked blocks
-    (accelerators, and under torch.compile, which cannot trace data-dependent shapes)."""
-    return device.type == "cpu" and not torch.compiler.is_compiling()
+    (accelerators). (Under torch.compile `_wood_compiled` runs instead.)"""
+    return device.type == "cpu"
 
 
 def _finish_rejected(dim: int, kappa: torch.Tensor, y: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
@@ -166,6 +190,69 @@ def _finish_rejected(dim: int, kappa: torch.Tensor, y: torch.Tensor, done: torch
     )
 
 
+def _symmetric_beta_parts(dim: int, u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Beta((p−1)/2, (p−1)/2) variate z = big/(big + small) from two uniforms, for compiled code.
+
+    Ulrich (1984): z = (1 + t)/2 with t = √(1 − u^{2/(p−2)}) cos 2πv (for p = 2, t = cos 2πv); t < 0 for
+    v ≥ ½ here (cos 2πv is replaced by a variable of the same law, ±sin(π(1 − f)/2)). The parts are
+    1 ± t, the smaller formed as (1 − t²)/(the larger) with 1 − t² = sin²2πv + u^{2/(p−2)} cos²2πv, so
+    that it keeps its relative precision as z → 0 or 1 (where the samples near the mode come from); both
+    are within a few ulp of exact for every u, v (tests/test_sampling.py).
+    """
+    # |cos 2πv| and |sin 2πv| from a first-quadrant angle πf/2, f = 2v mod 1 (exact), each as a sine of a
+    # small argument where it is small (no rounding of an angle near π/2 or π); the sign from v < ½
+    negative = v >= 0.5
+    f = torch.where(negative, v * 2.0 - 1.0, v * 2.0)
+    cos, sin = torch.sin((1.0 - f) * (0.5 * math.pi)), torch.sin(f * (0.5 * math.pi))
+    if dim == 2:
+        power, complement = torch.zeros_like(u), torch.ones_like(u)
+    else:  # u^e, and 1 − u^e as −expm1(e log u), which does not cancel as u^e → 1
+        exponent = 2.0 / (dim - 2)
+        power, complement = u.pow(exponent), -_expm1_nonpositive(torch.log(u) * exponent)
+    larger = 1.0 + torch.sqrt(complement) * cos  # 1 + |t|
+    smaller = (sin * sin + power * cos * cos) / larger  # 1 − |t| = (1 − t²)/(1 + |t|)
+    return torch.where(negative, smaller, larger), torch.where(negative, larger, smaller)
+
+
+#: Proposals per pending sample in the second stage of `_wood_compiled`: each is left without an accepted
+#: one with probability < 0.35³² ≈ 3e-15.
+COMPILED_SECOND_PROPOSALS = 32
+
+
+def _second_stage_capacity(n: int, proposals: int) -> int:
+    """Rows the second stage of `_wood_compiled` takes: more than that many of n are left pending by a first
+    round of ``proposals`` (8 or 4) per sample, each accepted with probability ≥ 0.65, with probability
+    < 1e-16 for every n (the binomial tail, evaluated for n ≤ 400 and at 13 sizes up to 1e8: ≤ 3e-17)."""
+    mean = n * 0.35**proposals
+    return min(n, math.ceil(mean + 10.0 * math.sqrt(mean) + 6.0))
+
+
+def _wood_compiled(dim: int, kappa: torch.Tensor) -> torch.Tensor:
+    """y for every element of a flat float64 ``kappa`` without a host synchronisation: the form for torch.compile.
+
+    Compiled code cannot branch on whether every sample was accepted without splitting the graph (a split
+    in the sampler becomes one in every caller's frame: ~10 graphs per VAE step) nor compact the pending
+    rows (a data-dependent shape). So: a first round (`first_round_proposals`), then a second round of
+    `COMPILED_SECOND_PROPOSALS` proposals for a fixed number of rows, the pending ones first (by ``topk``
+    of the pending flag; `_second_stage_capacity` of them, enough with probability > 1 − 1e-16). If the
+    pending rows did not fit (< 1e-16) or one of them is still pending (< 3e-15 each), the call raises (a
+    device-side assert) instead of returning it.
+    """
+    n = kappa.numel()
+    first = 8 if n <= 128 else 4  # a wider first round than eagerly: its arithmetic is fused, not its count
+    y, done = _wood_round(dim, kappa, first)
+    capacity = _second_stage_capacity(n, first)
+    pending = ~done
+    _, rows = torch.topk(pending.to(kappa.dtype), capacity)
+    y_rows, accepted = _wood_round(dim, kappa[rows], COMPILED_SECOND_PROPOSALS)
+    filled = pending[rows]
+    y = y.scatter(0, rows, torch.where(filled, y_rows, y[rows]))
+    finished = (pending.sum() <= capacity) & (accepted | ~filled).all()
+    torch._assert_async(finished, f"vMF rejection sampler (compiled, dim={dim}): a sample had no accepted proposal "
+                        "(probability < 3e-15 per sample); please report this")
+    return y
+
+
 def sample_one_minus_w(dim: int, kappa: torch.Tensor) -> torch.Tensor:
     """Draw y = 1 − μᵀx for x ~ vMF(μ, κ) on S^{dim−1}, one per element of ``kappa`` (float64, no grad)."""
     if kappa.requires_grad or kappa.dtype != torch.float64:
@@ -173,8 +260,11 @@ def sample_one_minus_w(dim: int, kappa: torch.Tensor) -> torch.Tensor:
     if dim == 3:
         return _inverse_cdf_p3(kappa, torch.rand_like(kappa))
     flat = kappa if kappa.dim() == 1 else kappa.reshape(-1)
-    y, done = _wood_round(dim, flat, first_round_proposals(flat.numel()))
-    y = _finish_rejected(dim, flat, y, done)
+    if torch.compiler.is_compiling():
+        y = _wood_compiled(dim, flat)
+    else:
+        y, done = _wood_round(dim, flat, first_round_proposals(flat.numel()))
+        y = _finish_rejected(dim, flat, y, done)
     return y if kappa.dim() == 1 else y.reshape(kappa.shape)
 
 
@@ -182,7 +272,14 @@ def sample_one_minus_w(dim: int, kappa: torch.Tensor) -> torch.Tensor:
 # implicit reparameterisation: dy/dκ
 
 
-_LEGENDRE_NODES, _LEGENDRE_WEIGHTS = np.polynomial.legendre.leggauss(_QUADRATURE_NODES)  # on [−1, 1]
+def _legendre_rule(n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """n-point Gauss–Legendre nodes and weights on [0, 1] as Python floats, which compiled code takes as
+    constants (numpy arrays would be guarded by converting them on every call)."""
+    nodes, weights = np.polynomial.legendre.leggauss(n)
+    return tuple(((nodes + 1.0) / 2.0).tolist()), tuple((weights / 2.0).tolist())
+
+
+_LEGENDRE_NODES, _LEGENDRE_WEIGHTS = _legendre_rule(_QUADRATURE_NODES)
 
 
 def _gauss_legendre(device: torch.device, batch_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,8 +294,8 @@ def _gauss_legendre(device: torch.device, batch_dims: int) -> tuple[torch.Tensor
 
 def _legendre_tensors(device: torch.device, batch_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
     shape = (_QUADRATURE_NODES,) + (1,) * batch_dims
-    return (torch.as_tensor((_LEGENDRE_NODES + 1.0) / 2.0, dtype=torch.float64, device=device).view(shape),
-            torch.as_tensor(_LEGENDRE_WEIGHTS / 2.0, dtype=torch.float64, device=device))
+    return (torch.tensor(_LEGENDRE_NODES, dtype=torch.float64, device=device).view(shape),
+            torch.tensor(_LEGENDRE_WEIGHTS, dtype=torch.float64, device=device))
 
 
 @cache
@@ -496,9 +593,10 @@ def rsample_vmf(loc: torch.Tensor, kappa: torch.Tensor, exact_tangent_norm: bool
     if dim == 3:
         uniform = torch.rand(shape, dtype=torch.float64, device=device)
         y = _inverse_cdf_p3(kappa64, uniform)
-    elif torch.is_grad_enabled() and loc.requires_grad:
+    elif (torch.is_grad_enabled() and loc.requires_grad) or torch.compiler.is_compiling():
         # Reusing μᵀg for the proposal would make the noise (g, y) depend on μ and bias the loc
-        # gradient; with a loc gradient the w-sampler draws its own proposals.
+        # gradient; with a loc gradient the w-sampler draws its own proposals (so does compiled code:
+        # its one round of uniform-based proposals is `_wood_compiled`).
         y = sample_one_minus_w(dim, kappa64)
     else:
         s64, t64 = s.detach().to(torch.float64), tangent_norm.detach().to(torch.float64)
