@@ -41,7 +41,7 @@ def untraced() -> Iterator[None]:
     later operation of it break the tracer), and outside inference mode (so later autograd can save them)."""
     state = torch._C._get_tracing_state()
     # Only touch the tracer state when tracing: setting it at all (even to None) is refused inside
-    # compiled code, where a custom operator may build a table on its first call.
+    # compiled code (a table first needed while Dynamo traces is built then, see _bessel_table).
     if state is not None:
         torch._C._set_tracing_state(None)  # type: ignore[attr-defined]  # exists at run time, missing from torch's stubs
     try:

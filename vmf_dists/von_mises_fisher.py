@@ -182,7 +182,8 @@ class VonMisesFisher(TorchDistribution):
 
     Sampling (`rsample`) is exact: $w = \mu^\top x$ by the inverse CDF for $p = 3$ and by Wood's
     (1994) rejection sampler otherwise, vectorised (all proposals of a round drawn at once; on
-    accelerators the rounds run in masked blocks with ~2 host synchronisations per call), then
+    accelerators the rounds run in masked blocks with ~2 host synchronisations per call; under
+    ``torch.compile`` a form without host synchronisation, see the sampling guide), then
     $x = w\mu + \sqrt{1-w^2}\,v$ with $v$ the normalised tangent part of a Gaussian (no Householder
     reflection). Gradients: in ``loc`` by the reparameterisation; in ``concentration`` by implicit
     reparameterisation (Figurnov et al., 2018), unbiased. ``loc`` is used as ``loc / ‖loc‖``, which
@@ -383,7 +384,8 @@ class VonMisesFisher(TorchDistribution):
         Raises:
             RuntimeError: on a second derivative in ``concentration`` through the samples (not
                 implemented), or if the rejection sampler has not finished after 64 rounds (its
-                acceptance rate is at least 0.65 per proposal, so in practice never).
+                acceptance rate is at least 0.65 per proposal, so in practice never; compiled code
+                raises if a sample is pending after its two rounds, probability < 3e-15 per sample).
             NotImplementedError: inside a ``torch.func`` transform (sample outside it).
 
         References:
