@@ -763,9 +763,8 @@ def test_symmetric_beta_parts_keep_relative_precision(p):
 @pytest.mark.parametrize("n", [100, N_GRID])
 def test_compiled_form_of_the_sampler_follows_the_exact_law(p, kappa, n, monkeypatch):
     """`_wood_compiled` as torch.compile runs it (uniform-based proposals, a fixed-size second round for the
-    pending rows, no host synchronisation), executed eagerly: the law of θ is exact (KS). n = 100 takes
-    the wide first round and a second round on every row; N_GRID the narrow one with a second round on
-    the few hundred pending rows."""
+    pending rows, no host synchronisation), executed eagerly: the law of θ is exact (KS), with the wide
+    (n = 100) and the narrow (N_GRID) first round."""
     from vmf_dists import _sampling
 
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
@@ -777,8 +776,34 @@ def test_compiled_form_of_the_sampler_follows_the_exact_law(p, kappa, n, monkeyp
     assert ks.pvalue >= ALPHA, f"KS of w marginal: D = {ks.statistic:.4g}, p-value = {ks.pvalue:.3g}"
 
 
-def test_compiled_form_of_the_sampler_raises_when_a_sample_is_unfinished(monkeypatch):
-    """If no proposal is accepted (forced here), the compiled form raises instead of returning a sample."""
+@pytest.mark.parametrize("p,kappa", [(2, 5.0), (16, 1.0), (128, 300.0)])
+def test_compiled_form_second_round_follows_the_exact_law(p, kappa, monkeypatch):
+    """Every sample through the second round of `_wood_compiled` (the first round made to reject everything,
+    the capacity every row): the topk selection and scatter return exact samples (KS of θ)."""
+    from vmf_dists import _sampling
+
+    round_of = _sampling._wood_round
+
+    def first_rejects(dim, k, proposals):  # the first round returns no sample: y = 2 (w = −1), not accepted
+        y, accepted = round_of(dim, k, proposals)
+        if proposals == _sampling.COMPILED_SECOND_PROPOSALS:
+            return y, accepted
+        return torch.full_like(y, 2.0), torch.zeros_like(accepted)
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(_sampling, "_wood_round", first_rejects)
+    monkeypatch.setattr(_sampling, "_second_stage_capacity", lambda n, proposals: n)
+    torch.manual_seed(_seed(p, kappa, "second round"))
+    y = _sampling._wood_compiled(p, torch.full((N_GRID,), kappa, dtype=torch.float64)).numpy()
+    theta = 2.0 * np.arcsin(np.sqrt(0.5 * y))
+    ks = scipy.stats.kstest(_angle_law(p, kappa).cdf(theta), "uniform")
+    assert ks.pvalue >= ALPHA, f"KS of w marginal: D = {ks.statistic:.4g}, p-value = {ks.pvalue:.3g}"
+
+
+@pytest.mark.parametrize("n", [5, 50])
+def test_compiled_form_of_the_sampler_raises_when_a_sample_is_unfinished(n, monkeypatch):
+    """If no proposal is accepted (forced here), the compiled form raises instead of returning a sample: at
+    n = 5 every pending row fits the second round (which then fails), at n = 50 they do not fit."""
     from vmf_dists import _sampling
 
     def never(dim, kappa, big, small):
@@ -788,5 +813,6 @@ def test_compiled_form_of_the_sampler_raises_when_a_sample_is_unfinished(monkeyp
     accept = _sampling._wood_accept
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     monkeypatch.setattr(_sampling, "_wood_accept", never)
+    assert (n <= _sampling._second_stage_capacity(n, 8)) == (n == 5)
     with pytest.raises(RuntimeError, match="rejection sampler"):
-        _sampling._wood_compiled(10, torch.full((50,), 3.0, dtype=torch.float64))
+        _sampling._wood_compiled(10, torch.full((n,), 3.0, dtype=torch.float64))

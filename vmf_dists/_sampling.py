@@ -17,10 +17,10 @@ float64); √(1−w²) = √(y(2−y)).
   gives z = (1 + μᵀg/‖g‖)/2, which is Beta((p−1)/2, (p−1)/2) and independent of the tangent direction
   of g. (With a μ-gradient this reuse would make the noise depend on μ and bias that gradient, so
   the proposals are then drawn from Gamma variates, `first_round_proposals(n)` per sample: with
-  acceptance ≳ 0.69 per proposal, 8 of them leave a second round to ~7e-5 of the samples, which
-  keeps small batches at one round (a round costs ~25 tensor operations, 16 Gamma draws per sample
-  cost less); large batches take fewer, where the draws rather than a second round on the few
-  rejected samples are the cost.) The rejected samples are finished with
+  acceptance ≳ 0.69 per proposal for p ≥ 4 (≳ 0.66 at p = 2), 8 of them leave a second round to
+  ~1e-4 of the samples, which keeps small batches at one round (a round costs ~25 tensor operations,
+  16 Gamma draws per sample cost less); large batches take fewer, where the draws rather than a
+  second round on the few rejected samples are the cost.) The rejected samples are finished with
   `LATER_ROUND_PROPOSALS` Gamma-based proposals per sample per round: compacted after every round on
   the CPU, masked blocks of rounds with one host synchronisation per block on accelerators. Under
   torch.compile (`_wood_compiled`) there is no host check: the proposals come from uniforms (Ulrich's
@@ -68,7 +68,7 @@ _WINDOW_NATS = 40.0
 def _expm1_nonpositive(x: torch.Tensor) -> torch.Tensor:
     """e^x − 1 for x ≤ 0 with relative precision. Under torch.compile as 2τ/(1 − τ), τ = tanh(x/2): inductor's
     vectorised CPU code lowers expm1 to exp(x) − 1 (pytorch/pytorch#189803, fixed after torch 2.13), which
-    is 0 for |x| < 1e-16 (at p = 3 every sample would be μ at κ = 0)."""
+    is 0 for |x| < 2⁻⁵⁴ and inaccurate up to |x| ~ 1e-8 (at p = 3 every sample would be μ at κ = 0)."""
     if torch.compiler.is_compiling():
         tau = torch.tanh(x * 0.5)
         return 2.0 * tau / (1.0 - tau)
@@ -232,11 +232,12 @@ def _wood_compiled(dim: int, kappa: torch.Tensor) -> torch.Tensor:
 
     Compiled code cannot branch on whether every sample was accepted without splitting the graph (a split
     in the sampler becomes one in every caller's frame: ~10 graphs per VAE step) nor compact the pending
-    rows (a data-dependent shape). So: a first round (`first_round_proposals`), then a second round of
+    rows (a data-dependent shape). So: a first round of 8 (n ≤ 128) or 4 proposals, then a second round of
     `COMPILED_SECOND_PROPOSALS` proposals for a fixed number of rows, the pending ones first (by ``topk``
     of the pending flag; `_second_stage_capacity` of them, enough with probability > 1 − 1e-16). If the
-    pending rows did not fit (< 1e-16) or one of them is still pending (< 3e-15 each), the call raises (a
-    device-side assert) instead of returning it.
+    pending rows did not fit (< 1e-16) or one of them is still pending (< 3e-15 each), the call raises
+    (``torch._assert_async``: a RuntimeError on the CPU, a device-side assert on CUDA, which ends the
+    process's CUDA context) instead of returning it.
     """
     n = kappa.numel()
     first = 8 if n <= 128 else 4  # a wider first round than eagerly: its arithmetic is fused, not its count
@@ -596,7 +597,7 @@ def rsample_vmf(loc: torch.Tensor, kappa: torch.Tensor, exact_tangent_norm: bool
     elif (torch.is_grad_enabled() and loc.requires_grad) or torch.compiler.is_compiling():
         # Reusing μᵀg for the proposal would make the noise (g, y) depend on μ and bias the loc
         # gradient; with a loc gradient the w-sampler draws its own proposals (so does compiled code:
-        # its one round of uniform-based proposals is `_wood_compiled`).
+        # its two rounds of uniform-based proposals are `_wood_compiled`).
         y = sample_one_minus_w(dim, kappa64)
     else:
         s64, t64 = s.detach().to(torch.float64), tangent_norm.detach().to(torch.float64)

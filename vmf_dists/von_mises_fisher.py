@@ -385,7 +385,8 @@ class VonMisesFisher(TorchDistribution):
             RuntimeError: on a second derivative in ``concentration`` through the samples (not
                 implemented), or if the rejection sampler has not finished after 64 rounds (its
                 acceptance rate is at least 0.65 per proposal, so in practice never; compiled code
-                raises if a sample is pending after its two rounds, probability < 3e-15 per sample).
+                raises if a sample is pending after its two rounds, probability < 3e-15 per sample,
+                on CUDA as a device-side assert).
             NotImplementedError: inside a ``torch.func`` transform (sample outside it).
 
         References:
