@@ -256,3 +256,27 @@ def test_graph_with_two_bessel_orders_and_a_new_one():
     dynamo.reset()
     compiled = torch.compile(fn, fullgraph=True)
     torch.testing.assert_close(compiled(K), fn(K), rtol=1e-14, atol=0)
+
+
+@pytest.mark.slow
+def test_inductor_compiled_vae_step_with_changing_batch_size():
+    """The compiled step at p = 10 called with three batch sizes (the second recompiles with a dynamic batch,
+    the third reuses it: the sampler's first-round width and second-round size are then symbolic): unit
+    samples, finite losses and gradients."""
+    p = 10
+
+    def step(loc, kappa):
+        q = VonMisesFisher(loc / loc.norm(dim=-1, keepdim=True), kappa)
+        z = q.rsample()
+        return z, q.log_prob(z).sum() + kl_divergence(q, HypersphericalUniform(p)).sum()
+
+    dynamo.reset()
+    compiled = torch.compile(step)
+    torch.manual_seed(0)
+    for batch in (16, 11, 13):
+        loc = torch.randn(batch, p).requires_grad_()
+        kappa = (torch.rand(batch) * 50 + 1).requires_grad_()
+        z, loss = compiled(loc, kappa)
+        loss.backward()
+        torch.testing.assert_close(z.norm(dim=-1), torch.ones(batch))
+        assert torch.isfinite(loss) and torch.isfinite(loc.grad).all() and torch.isfinite(kappa.grad).all()
