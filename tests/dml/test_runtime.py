@@ -18,7 +18,7 @@ if sys.argv[1] == "on":
 x = torch.ones(1)
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(6):  # warm up: the heap settles within the first few blocks (see the test)
+for _ in range(12):  # warm up: the heap settles within the first few blocks (see the test)
     torch.empty(16 * 1024 * 1024).fill_(1.0)
 counts = []
 for _ in range(20):  # 64 MiB freed and allocated again, as activations are at every step
@@ -32,10 +32,12 @@ print(sum(count > 16000 for count in counts))  # blocks faulted in afresh
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_allocator_settings_stop_the_page_faults():
     """Without the settings every 64 MiB block is a fresh mmap that faults in all its 16384 pages; with
-    them the block is reused from the heap. With the settings the heap still grows afresh for the first two
-    to four blocks of a process (over 50 processes, torch 2.13 and 2.3; it depends on where the
-    interpreter's small allocations land), so the count starts after six blocks. The fewest of three runs
-    per mode guards against a page the kernel reclaims now and then."""
+    them the block is reused from the heap. With the settings the heap still grows afresh for the first
+    few blocks of a process, and in some processes once more later: how often depends on the process's
+    memory layout (measured with the earlier six-block warm-up on torch 2.3.1: one late growth in 1 of 16
+    processes with address-space randomisation off, in 11 of 16 with it on and PYTHONHASHSEED=0, never
+    two). So the count starts after twelve blocks and allows one growth; without the settings all 20
+    blocks fault. The fewest of three runs per mode guards against a page the kernel reclaims now and then."""
     counts = {}
     for mode in ("off", "on"):
         runs = []
@@ -46,7 +48,7 @@ def test_allocator_settings_stop_the_page_faults():
             runs.append(int(result.stdout.split()[-1]))
         counts[mode] = min(runs)
     assert counts["off"] == 20, counts  # every block faulted in again
-    assert counts["on"] == 0, counts
+    assert counts["on"] <= 1, counts  # at most one late growth of the heap (see above)
 
 
 @pytest.mark.parametrize("module", ["dml.train", "dml.evaluate"])
