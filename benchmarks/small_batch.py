@@ -81,8 +81,8 @@ def make_steps(dim: int, batch: int, dtype: torch.dtype, seed: int = 0, compiled
         # eager steps keep the default they are measured with otherwise
         torch.distributions.Distribution.set_default_validate_args(validate)
 
-    def ours_compiled():
-        compiled_loss(loc, kappa).backward()
+        def ours_compiled():
+            compiled_loss(loc, kappa).backward()
 
     def normal():
         q = Normal(loc, scale)

@@ -179,6 +179,13 @@ def test_inductor_compile_of_a_training_objective():
     torch.testing.assert_close(g_k, r_k, rtol=1e-5, atol=1e-5)
 
 
+def _vae_step(loc, kappa):
+    """One VAE step's sample and loss: rsample, log_prob of it and KL to the uniform."""
+    q = VonMisesFisher(loc / loc.norm(dim=-1, keepdim=True), kappa)
+    z = q.rsample()
+    return z, q.log_prob(z).sum() + kl_divergence(q, HypersphericalUniform(loc.shape[-1])).sum()
+
+
 @pytest.mark.slow
 def test_inductor_compile_of_a_vae_step_matches_eager():
     """A real compile (inductor, the default backend) of a VAE step at p = 3 — rsample (the exact inverse CDF),
@@ -192,20 +199,15 @@ def test_inductor_compile_of_a_vae_step_matches_eager():
     loc = torch.randn(16, p).requires_grad_()
     kappa = (torch.rand(16) * 50 + 1).requires_grad_()
 
-    def step(loc, kappa):
-        q = VonMisesFisher(loc / loc.norm(dim=-1, keepdim=True), kappa)
-        z = q.rsample()
-        return z, q.log_prob(z).sum() + kl_divergence(q, HypersphericalUniform(p)).sum()
-
     dynamo.reset()
     with inductor_config.patch(fallback_random=True), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.manual_seed(1)
-        z, loss = torch.compile(step)(loc, kappa)
+        z, loss = torch.compile(_vae_step)(loc, kappa)
         grads = torch.autograd.grad(loss, (loc, kappa))
     assert not [str(w.message) for w in caught if "cache" in str(w.message) or "vmf_dists" in w.filename]
     torch.manual_seed(1)
-    ref_z, ref_loss = step(loc, kappa)
+    ref_z, ref_loss = _vae_step(loc, kappa)
     ref_grads = torch.autograd.grad(ref_loss, (loc, kappa))
     torch.testing.assert_close(z, ref_z)
     torch.testing.assert_close(loss, ref_loss)
@@ -265,13 +267,8 @@ def test_inductor_compiled_vae_step_with_changing_batch_size():
     samples, finite losses and gradients."""
     p = 10
 
-    def step(loc, kappa):
-        q = VonMisesFisher(loc / loc.norm(dim=-1, keepdim=True), kappa)
-        z = q.rsample()
-        return z, q.log_prob(z).sum() + kl_divergence(q, HypersphericalUniform(p)).sum()
-
     dynamo.reset()
-    compiled = torch.compile(step)
+    compiled = torch.compile(_vae_step)
     torch.manual_seed(0)
     for batch in (16, 11, 13):
         loc = torch.randn(batch, p).requires_grad_()

@@ -230,9 +230,8 @@ def bessel_parts(
                                derivative=derivative, log_series=log_series)
     flags = dict(log_scaled=log_scaled, ratio=ratio, complement=complement, derivative=derivative,
                  log_series=log_series)
-    if torch.compiler.is_compiling():
-        return _evaluate(_compiled_table(float(order), x.device), x, **flags)
-    return _evaluate(order_table(float(order), x.device), x, **flags)
+    table = (_compiled_table if torch.compiler.is_compiling() else order_table)(float(order), x.device)
+    return _evaluate(table, x, **flags)
 
 
 def _coefficient_values(nu: float, device: torch.device) -> tuple[float, ...]:
@@ -252,6 +251,6 @@ def _compiled_table(nu: float, device: torch.device) -> OrderTable:
     """Order ν's table inside torch.compile: its coefficients a constant of the graph, the rest rebuilt from ν,
     so that the evaluation around them is traced and fused like any other code."""
     coefficients = torch.tensor(_coefficient_values(nu, device), dtype=torch.float64, device=device)
-    coefficients = coefficients.view(-1, 5, DEGREE + 1)  # [intervals, parts, DEGREE + 1]
+    coefficients = coefficients.view(-1, len(BesselParts._fields), DEGREE + 1)  # [intervals, parts, DEGREE + 1]
     exponents = torch.arange(DEGREE + 1, dtype=torch.float64, device=device)
     return OrderTable(nu, *_order_constants(nu), coefficients, exponents, coefficients.shape[0])

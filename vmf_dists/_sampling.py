@@ -129,7 +129,6 @@ def _wood_round(dim: int, kappa: torch.Tensor, proposals: int) -> tuple[torch.Te
     """One round of Wood's sampler with `proposals` candidates per element: (y, accepted). The candidates
     come from Gamma draws, and under torch.compile from uniforms (`_symmetric_beta_parts`), which inductor
     fuses into its kernel (it calls out to eager code for Gamma draws)."""
-    shape = kappa.shape + (proposals,)
     if torch.compiler.is_compiling():
         # proposals along a leading dimension: inductor vectorises the contiguous batch dimension (with
         # them last, its fused kernel runs the transcendental functions one element at a time, ~4× slower)
@@ -140,7 +139,7 @@ def _wood_round(dim: int, kappa: torch.Tensor, proposals: int) -> tuple[torch.Te
         # uint8, not bool: inductor's C++ for a max over bool does not build (torch 2.13)
         any_accepted, first = accepted.to(torch.uint8).max(dim=0, keepdim=True)
         return y.gather(0, first).squeeze(0), any_accepted.squeeze(0).bool()
-    alpha = torch.full(shape, 0.5 * (dim - 1), dtype=kappa.dtype, device=kappa.device)
+    alpha = torch.full(kappa.shape + (proposals,), 0.5 * (dim - 1), dtype=kappa.dtype, device=kappa.device)
     y, accepted = _wood_accept(dim, kappa.unsqueeze(-1), torch._standard_gamma(alpha), torch._standard_gamma(alpha))
     any_accepted, first = accepted.max(dim=-1, keepdim=True)  # the first accepted proposal (True > False)
     return y.gather(-1, first).squeeze(-1), any_accepted.squeeze(-1)
